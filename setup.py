@@ -1,0 +1,40 @@
+"""Swin Transformer V2 at scale: a faithful model library and a DeepSpeed/Hydra trainer."""
+from setuptools import find_packages, setup
+
+setup(
+    name="swinv2-scale",
+    version="0.1.0",
+    description="Swin Transformer V2 (T/S/B/L/H/G) with a Hydra + DeepSpeed ZeRO-1 trainer, "
+    "webdataset streaming and SLURM launch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["swinv2", "swinv2.*", "train", "train.*", "launch", "launch.*", "scripts", "scripts.*"]),
+    include_package_data=True,
+    package_data={"": ["*.yaml", "*.sbatch", "*.sh"]},
+    # torch>=2.4: 2.13.0 satisfies it, so a pre-installed CPU build is kept (an unpinned
+    # newer torch would pull several GB of CUDA wheels on a CPU machine).
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "webdataset>=0.2.100",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "wandb>=0.17",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
+        "pillow>=10",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        # transformers is a test-only, independent reference implementation of SwinV2.
+        "dev": ["pytest>=8", "transformers>=4.40"],
+    },
+    entry_points={
+        "console_scripts": [
+            "swinv2-train=train.main:main",
+            "swinv2-make-shards=scripts.make_shards:main",
+        ],
+    },
+)
