@@ -1,0 +1,343 @@
+#!/usr/bin/env python
+"""Side-by-side speed and peak-memory benchmark: this project's SwinV2 vs HF transformers' Swinv2.
+
+Every configuration runs in its own CHILD process (same machine, same inputs, same thread count),
+so peak memory is that child's alone:
+
+* CPU: peak resident set size of the child (``os.wait4`` rusage ``ru_maxrss``, cross-checked with
+  the child's own ``VmHWM``); it includes the interpreter, torch and the model weights, for both
+  models alike (``base_rss_gb`` is the RSS after building the model, before the first step).
+* CUDA: ``torch.cuda.max_memory_allocated`` inside the child.
+
+Timing: forward (incl. loss) and backward are timed separately, each the median over ``repeats``
+steps after ``warmup`` untimed steps. ``train`` configs also time an AdamW step and report
+images/s for the whole train step. The HF peer is ``Swinv2ForImageClassification`` built from a
+local ``Swinv2Config`` (random weights, nothing downloaded) with the same variant geometry.
+
+Examples::
+
+    python scripts/bench.py                       # the full set (1536^2 runs: ~17 GB for the HF peer)
+    python scripts/bench.py --quick --out q.json  # seconds; what the tests run
+    python scripts/bench.py --configs t256_fused,t256_hf --repeats 5
+    python scripts/bench.py --list
+    python scripts/bench.py --configs hr_seq_ckpt --reuse bench.json --out bench.json  # rerun one, keep the rest
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_TAG = "BENCH_RESULT "
+
+# name -> config. group: rows of one group are compared with the group's HF ("peer") row.
+# mode "train": forward + backward + AdamW step; "fwdbwd": forward + backward only.
+_T256 = dict(group="train256_b8", variant="tiny", img=256, window=8, batch=8, mode="train", warmup=1, repeats=3)
+_HR = dict(group="hires1536_b1", variant="tiny", img=1536, window=24, batch=1, mode="fwdbwd", warmup=0, repeats=1)
+_Q = dict(group="quick", variant="tiny", img=64, window=4, batch=2, mode="fwdbwd", warmup=0, repeats=1)
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "t256_hf": dict(_T256, model="hf"),
+    "t256_reference": dict(_T256, model="ours", attention="reference"),
+    "t256_fused": dict(_T256, model="ours", attention="fused"),
+    "t256_sequential": dict(_T256, model="ours", attention="sequential"),
+    "hr_hf": dict(_HR, model="hf"),
+    "hr_hf_ckpt": dict(_HR, model="hf", ckpt=True),
+    "hr_reference": dict(_HR, model="ours", attention="reference"),
+    "hr_reference_ckpt": dict(_HR, model="ours", attention="reference", ckpt=True),
+    "hr_fused": dict(_HR, model="ours", attention="fused"),
+    "hr_fused_ckpt": dict(_HR, model="ours", attention="fused", ckpt=True),
+    "hr_sequential": dict(_HR, model="ours", attention="sequential"),
+    "hr_sequential_ckpt": dict(_HR, model="ours", attention="sequential", ckpt=True),
+    "quick_hf": dict(_Q, model="hf"),
+    "quick_fused": dict(_Q, model="ours", attention="fused"),
+    "quick_sequential": dict(_Q, model="ours", attention="sequential", ckpt=True),
+}
+# The default run: everything except the optional HF-with-checkpointing row (another ~17 GB run).
+DEFAULT = [n for n in CONFIGS if not n.startswith("quick") and n != "hr_hf_ckpt"]
+QUICK = [n for n in CONFIGS if n.startswith("quick")]
+
+
+# ---------------------------------------------------------------------------------------------
+# child side: build one model, run the steps, print one JSON line
+# ---------------------------------------------------------------------------------------------
+def _vm_hwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def build_model(cfg: dict[str, Any]):
+    """(model, forward(x) -> logits) for a config; weights random, same geometry for both models."""
+    import torch  # noqa: F401
+    import swinv2
+
+    v = swinv2.VARIANTS[cfg["variant"]]
+    if cfg["model"] == "hf":
+        from transformers import Swinv2Config, Swinv2ForImageClassification
+
+        hc = Swinv2Config(image_size=cfg["img"], patch_size=4, num_channels=3, embed_dim=v["embed_dim"],
+                          depths=list(v["depths"]), num_heads=list(v["num_heads"]), window_size=cfg["window"],
+                          mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.1, num_labels=1000)
+        model = Swinv2ForImageClassification(hc)
+        if cfg.get("ckpt"):
+            model.gradient_checkpointing_enable()
+        return model, lambda x: model(pixel_values=x).logits
+    model = swinv2.create_model(cfg["variant"], img_size=cfg["img"], window_size=cfg["window"], num_classes=1000,
+                                attention=cfg["attention"], drop_path_rate=0.1,
+                                **({"sequential_chunk": cfg["chunk"]} if cfg.get("chunk") else {}))
+    if cfg.get("ckpt"):
+        swinv2.apply_activation_checkpointing(model, every=1)
+    return model, model
+
+
+def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device(cfg.get("device", "cpu"))
+    torch.manual_seed(0)
+    model, fwd = build_model(cfg)
+    model.to(device).train()
+    nparams = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg["batch"], 3, cfg["img"], cfg["img"], generator=g).to(device)
+    y = torch.randint(0, 1000, (cfg["batch"],), generator=g).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if cfg["mode"] == "train" else None
+    amp = cfg.get("precision", "fp32") == "bf16"
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    base_rss = _rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    fw, bw, st = [], [], []
+    for i in range(cfg["warmup"] + cfg["repeats"]):
+        sync(); t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(fwd(x).float(), y)
+        sync(); t1 = time.perf_counter()
+        loss.backward()
+        sync(); t2 = time.perf_counter()
+        if opt is not None:
+            opt.step()
+        for p in model.parameters():  # zero_grad(set_to_none) for both modes
+            p.grad = None
+        sync(); t3 = time.perf_counter()
+        if i >= cfg["warmup"]:
+            fw.append(t1 - t0); bw.append(t2 - t1); st.append(t3 - t0)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {loss.item()}")
+    out = dict(
+        fwd_s=statistics.median(fw), bwd_s=statistics.median(bw), step_s=statistics.median(st),
+        fwd_all=fw, bwd_all=bw, step_all=st, loss=float(loss), params=nparams,
+        threads=torch.get_num_threads(), base_rss_gb=(base_rss or 0) / 1e9,
+        vm_hwm_gb=(_vm_hwm_bytes() or 0) / 1e9,
+    )
+    out["images_per_s"] = cfg["batch"] / out["step_s"]
+    if cuda:
+        out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side
+# ---------------------------------------------------------------------------------------------
+def spawn(cfg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run one config in a fresh interpreter; returns its result plus the child's peak RSS."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryFile("w+") as out:
+        t0 = time.time()
+        p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(cfg)],
+                             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        deadline = None if timeout is None else t0 + timeout
+        while True:  # wait4 gives THIS child's rusage (RUSAGE_CHILDREN would be the max over all)
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.time() > deadline:
+                p.kill()
+                pid, status, ru = os.wait4(p.pid, 0)
+                break
+            time.sleep(0.05)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    res: dict[str, Any] = dict(cfg)
+    res["wall_s"] = time.time() - t0
+    res["peak_rss_gb"] = ru.ru_maxrss * 1024 / 1e9  # Linux: KiB
+    lines = [ln for ln in text.splitlines() if ln.startswith(RESULT_TAG)]
+    if p.returncode != 0 or not lines:
+        res["error"] = f"exit {p.returncode}: " + "\n".join(text.strip().splitlines()[-15:])
+        return res
+    res.update(json.loads(lines[-1][len(RESULT_TAG):]))
+    return res
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = dict(
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
+        torch=torch.__version__, platform=platform.platform(), cores=os.cpu_count(),
+        command=" ".join([Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv)]),
+    )
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except Exception as e:  # pragma: no cover - reported, not fatal
+        info["transformers"] = f"unavailable: {e}"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
+                                  if ln.startswith("Model name")), platform.processor())
+    except Exception:
+        info["cpu_model"] = platform.processor()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """time_ratio = ours/peer (lower is better); mem_ratio = peak ours/peer; speedup = peer/ours."""
+    peers = {r["group"]: r for r in results if r["model"] == "hf" and not r.get("ckpt") and "error" not in r}
+    for r in results:
+        p = peers.get(r["group"])
+        if p is None or "error" in r:
+            continue
+        r["time_ratio_vs_peer"] = r["step_s"] / p["step_s"]
+        r["fwdbwd_ratio_vs_peer"] = (r["fwd_s"] + r["bwd_s"]) / (p["fwd_s"] + p["bwd_s"])
+        r["images_per_s_ratio_vs_peer"] = r["images_per_s"] / p["images_per_s"]
+        mem = "peak_cuda_gb" if "peak_cuda_gb" in r else "peak_rss_gb"
+        r["mem_ratio_vs_peer"] = r[mem] / p[mem]
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    hdr = ["config", "model", "kernel", "ckpt", "fwd s", "bwd s", "step s", "img/s", "peak GB", "base GB",
+           "fwd+bwd/peer", "img/s/peer", "mem/peer"]
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["name"], r["model"], r.get("attention", "-"), "y" if r.get("ckpt") else "n"] +
+                        ["ERROR"] + [""] * (len(hdr) - 5))
+            continue
+        peak = r.get("peak_cuda_gb", r["peak_rss_gb"])
+
+        def f(k, fmt="{:.2f}"):
+            return fmt.format(r[k]) if k in r else "-"
+        rows.append([r["name"], r["model"], r.get("attention", "-"), "y" if r.get("ckpt") else "n",
+                     f("fwd_s"), f("bwd_s"), f("step_s"), f("images_per_s"), f"{peak:.2f}", f("base_rss_gb"),
+                     f("fwdbwd_ratio_vs_peer", "{:.3f}x"), f("images_per_s_ratio_vs_peer", "{:.2f}x"),
+                     f("mem_ratio_vs_peer", "{:.3f}x")])
+    widths = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(hdr), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=None, help="comma-separated config names (see --list); default: full set")
+    ap.add_argument("--quick", action="store_true", help="tiny 64x64 inputs, 1 repeat: a smoke run (tests)")
+    ap.add_argument("--list", action="store_true", help="print the config names and exit")
+    ap.add_argument("--repeats", type=int, default=None, help="override timed repeats of every config")
+    ap.add_argument("--warmup", type=int, default=None, help="override untimed warm-up steps of every config")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--chunk", type=int, default=None, help="sequential_chunk for our model")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per config (killed after)")
+    ap.add_argument("--reuse", default=None, help="JSON of an earlier run: keep its rows for configs not rerun")
+    ap.add_argument("--out", default=None, help="write results JSON here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child is not None:
+        res = run_child(json.loads(args.child))
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+    if args.list:
+        for n, c in CONFIGS.items():
+            print(f"{n:22s} {c}")
+        return 0
+    names = QUICK if args.quick else DEFAULT
+    if args.configs:
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown config(s) {unknown}; valid: {', '.join(CONFIGS)}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("bench.py: --device cuda requested but torch.cuda.is_available() is False", file=sys.stderr)
+            return 2
+
+    info = machine_info()
+    results: list[dict[str, Any]] = []
+    for n in names:
+        cfg = dict(CONFIGS[n], name=n, device=args.device, precision=args.precision)
+        for k in ("repeats", "warmup", "chunk"):
+            if getattr(args, k) is not None:
+                cfg[k] = getattr(args, k)
+        load_before = os.getloadavg()
+        print(f"[bench] {n}: {cfg['model']} {cfg['variant']} {cfg['img']}^2/W{cfg['window']} b{cfg['batch']} "
+              f"{cfg.get('attention', '')} ckpt={bool(cfg.get('ckpt'))} load={load_before[0]:.2f}", flush=True)
+        r = spawn(cfg, timeout=args.timeout)
+        r["loadavg_before"], r["loadavg_after"] = list(load_before), list(os.getloadavg())
+        if "error" in r:
+            print(f"[bench] {n} FAILED: {r['error']}", flush=True)
+        else:
+            print(f"[bench] {n}: fwd {r['fwd_s']:.2f}s bwd {r['bwd_s']:.2f}s step {r['step_s']:.2f}s "
+                  f"peak {r.get('peak_cuda_gb', r['peak_rss_gb']):.2f} GB", flush=True)
+        results.append(r)
+    if args.reuse:
+        old = json.loads(Path(args.reuse).read_text())
+        kept = [r for r in old.get("results", []) if r.get("name") not in names]
+        results = kept + results
+        info["reused_rows_from"] = {"file": args.reuse, "meta": old.get("meta"),
+                                    "names": [r["name"] for r in kept]}
+    order = {n: i for i, n in enumerate(CONFIGS)}
+    results.sort(key=lambda r: order.get(r.get("name"), 1 << 30))
+    add_ratios(results)
+    print()
+    print(f"{info['date']}  {info['cpu_model']}  {info['cores']} cores  torch {info['torch']}  "
+          f"transformers {info.get('transformers')}  loadavg now {os.getloadavg()}")
+    print(format_table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"meta": info, "results": results}, indent=1))
+        print(f"wrote {args.out}")
+    return 1 if any("error" in r for r in results if r.get("name") in names) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""CUDA training benchmark: bf16 throughput, MFU and the giant 1536^2 memory check.
+
+Needs a CUDA GPU; on a machine without one it exits with status 2 and says so (nothing is faked).
+
+What it measures (bf16 autocast, fp32 master weights, AdamW on the GPU, channels as in the model):
+
+1. ``peak``: the achievable bf16 matmul rate of THIS GPU, measured (not a datasheet number) with
+   a loop of large ``torch.matmul`` calls; MFU uses it as the denominator.
+2. ``throughput``: for SwinV2-B 256/W8, SwinV2-B 256/W16 and SwinV2-L 192/W12, the largest batch
+   that fits (doubling from ``--start-batch`` until CUDA OOM), then images/s of full train steps
+   (forward + backward + AdamW) at that batch, with and without ``torch.compile``.
+   MFU = 3 x model FLOPs x images/s / peak, where model FLOPs = 2 x the multiply-accumulates that
+   ``swinv2.flops`` counts (the official formula counts MACs), and 3 = forward + backward.
+3. ``giant``: peak ``torch.cuda.max_memory_allocated`` of one SwinV2-G 1536^2 batch-1 training step
+   (activation checkpointing on every block + the ``sequential`` attention kernel, AdamW state on
+   the same GPU, no ZeRO). W24 by default: the classification model rejects W32 at 1536 because the
+   last stage is 48x48 (the paper's W32 is a detection setting with padding).
+4. The same throughput rows for timm's SwinV2 as the peer, when ``import timm`` works there.
+
+Examples::
+
+    python scripts/bench_gpu.py --out bench_gpu.json
+    python scripts/bench_gpu.py --parts peak,throughput --configs base256_w8 --no-compile
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+THROUGHPUT = {
+    "base256_w8": dict(variant="base", img=256, window=8, timm="swinv2_base_window8_256"),
+    "base256_w16": dict(variant="base", img=256, window=16, timm="swinv2_base_window16_256"),
+    "large192_w12": dict(variant="large", img=192, window=12, timm="swinv2_large_window12_192"),
+}
+NO_CUDA_MESSAGE = ("bench_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
+                   "(torch {ver}). Nothing was measured. Run it on a GPU node, e.g. "
+                   "`python scripts/bench_gpu.py --out bench_gpu.json`; for CPU numbers use scripts/bench.py.")
+
+
+def require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        print(NO_CUDA_MESSAGE.format(ver=torch.__version__), file=sys.stderr)
+        sys.exit(2)
+
+
+def measure_matmul_peak(n: int = 8192, iters: int = 50) -> float:
+    """Best observed bf16 matmul FLOP/s over a few timed loops of n x n @ n x n."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
+    del a, b
+    torch.cuda.empty_cache()
+    return best
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _train_step_fn(model, compile_: bool) -> Callable:
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compile_ else model
+
+    def step(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(fwd(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _try_batch(step, img: int, batch: int, steps: int) -> float | None:
+    """Seconds per step at `batch` (median of `steps` after 2 warm-ups), or None on OOM."""
+    import torch
+
+    try:
+        x = torch.randn(batch, 3, img, img, device="cuda")
+        y = torch.randint(0, 1000, (batch,), device="cuda")
+        for _ in range(2):
+            step(x, y)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step(x, y)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        x = y = None  # noqa: F841
+        _free()
+
+
+def build(impl: str, cfg: dict[str, Any], attention: str):
+    import torch
+
+    if impl == "timm":
+        import timm  # optional peer; only ever imported here, on CUDA machines
+
+        return timm.create_model(cfg["timm"], pretrained=False, num_classes=1000).cuda()
+    import swinv2
+
+    return swinv2.create_model(cfg["variant"], img_size=cfg["img"], window_size=cfg["window"], num_classes=1000,
+                               attention=attention).to("cuda")
+
+
+def throughput_row(name: str, impl: str, compile_: bool, args, peak: float) -> dict[str, Any]:
+    import swinv2
+
+    cfg = THROUGHPUT[name]
+    row: dict[str, Any] = dict(part="throughput", config=name, impl=impl, compile=compile_,
+                               attention=None if impl == "timm" else args.attention, **cfg)
+    try:
+        model = build(impl, cfg, args.attention)
+    except Exception as e:  # timm missing or model not buildable: recorded, not fatal
+        row["error"] = f"{type(e).__name__}: {e}"
+        return row
+    model.train()
+    step = _train_step_fn(model, compile_)
+    best_b, best_t, b = None, None, args.start_batch
+    while b <= args.max_batch:  # double until OOM: the last batch that fitted is the one reported
+        t = _try_batch(step, cfg["img"], b, steps=2)
+        if t is None:
+            break
+        best_b, best_t = b, t
+        b *= 2
+    if best_b is None:
+        row["error"] = f"OOM already at batch {args.start_batch}"
+    else:
+        t = _try_batch(step, cfg["img"], best_b, steps=args.steps) or best_t
+        fl = 2 * swinv2.flops(swinv2.SwinV2Config.from_variant(cfg["variant"], img_size=cfg["img"],
+                                                               window_size=cfg["window"]))
+        ips = best_b / t
+        row.update(batch=best_b, step_s=t, images_per_s=ips, model_flops_per_image_fwd=fl,
+                   achieved_tflops=3 * fl * ips / 1e12, mfu=3 * fl * ips / peak)
+    del model, step
+    _free()
+    return row
+
+
+def giant_row(args) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    import swinv2
+
+    row: dict[str, Any] = dict(part="giant", variant="giant", img=1536, window=args.giant_window, batch=1,
+                               attention="sequential", checkpointing=True, optimizer="AdamW (same GPU)")
+    _free()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        model = swinv2.create_model("giant", img_size=1536, window_size=args.giant_window, num_classes=1000,
+                                    attention="sequential").cuda().train()
+        swinv2.apply_activation_checkpointing(model, every=1)
+        row["params"] = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
+        x = torch.randn(1, 3, 1536, 1536, device="cuda")
+        y = torch.randint(0, 1000, (1,), device="cuda")
+        for i in range(2):  # the second step has AdamW's state allocated: that is the steady-state peak
+            torch.cuda.synchronize(); t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            row[f"step{i}_s"] = time.perf_counter() - t0
+        row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        row["reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    except torch.cuda.OutOfMemoryError as e:
+        row["error"] = f"CUDA OOM: {str(e).splitlines()[0]}"
+        row["peak_gb_before_oom"] = torch.cuda.max_memory_allocated() / 1e9
+    finally:
+        model = opt = x = y = loss = None  # noqa: F841
+        _free()
+    return row
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = [f"GPU {res['meta'].get('gpu')}; measured bf16 matmul peak {res.get('peak_tflops', 0):.1f} TFLOP/s", "",
+             "| config | impl | compile | batch | img/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if r["part"] != "throughput":
+            continue
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['impl']} | {r['compile']} | - | ERROR: {r['error'][:60]} | | |")
+        else:
+            lines.append(f"| {r['config']} | {r['impl']} | {r['compile']} | {r['batch']} | {r['images_per_s']:.1f} "
+                         f"| {r['achieved_tflops']:.1f} | {100 * r['mfu']:.1f}% |")
+    for r in res["rows"]:
+        if r["part"] == "giant":
+            lines.append("")
+            what = f"SwinV2-G 1536^2/W{r['window']} b1, ckpt + sequential, AdamW on GPU"
+            lines.append(f"{what}: " + (f"peak {r['peak_gb']:.1f} GB allocated ({r['reserved_gb']:.1f} GB reserved), "
+                                        f"step {r.get('step1_s', 0):.1f} s" if "error" not in r else r["error"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="peak,throughput,giant", help="comma list of peak,throughput,giant")
+    ap.add_argument("--configs", default=",".join(THROUGHPUT), help=f"throughput configs: {', '.join(THROUGHPUT)}")
+    ap.add_argument("--attention", default="fused", help="our kernel for the throughput rows")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--no-timm", action="store_true", help="skip the timm peer rows")
+    ap.add_argument("--start-batch", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps at the chosen batch")
+    ap.add_argument("--giant-window", type=int, default=24)
+    ap.add_argument("--out", default=None, help="write results JSON here")
+    args = ap.parse_args(argv)
+    require_cuda()
+
+    import torch
+
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    res: dict[str, Any] = {"meta": dict(
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), gpu=torch.cuda.get_device_name(0),
+        gpu_mem_gb=torch.cuda.get_device_properties(0).total_memory / 1e9, torch=torch.__version__,
+        cuda=torch.version.cuda, python=platform.python_version(), host=platform.node(),
+        command=" ".join(["scripts/bench_gpu.py"] + sys.argv[1:]), loadavg=list(os.getloadavg())),
+        "rows": []}
+    peak = measure_matmul_peak() if (parts & {"peak", "throughput"}) else float("nan")
+    res["peak_tflops"] = peak / 1e12
+    print(f"measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s", flush=True)
+    if "throughput" in parts:
+        impls = ["ours"]
+        if not args.no_timm:
+            try:
+                import timm  # noqa: F401
+
+                impls.append("timm")
+            except Exception as e:
+                res["meta"]["timm"] = f"not importable: {type(e).__name__}: {e}"
+        for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+            for impl in impls:
+                for comp in ([False] if args.no_compile else [False, True]):
+                    row = throughput_row(name, impl, comp, args, peak)
+                    print(json.dumps(row), flush=True)
+                    res["rows"].append(row)
+    if "giant" in parts:
+        row = giant_row(args)
+        print(json.dumps(row), flush=True)
+        res["rows"].append(row)
+    print(format_table(res))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

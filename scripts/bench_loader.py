@@ -1,0 +1,128 @@
+"""Data-loader throughput: images/s of ONE worker (decode + full transform) per crop size.
+
+    python scripts/bench_loader.py                       # temporary 500x375 JPEG shards
+    python scripts/bench_loader.py --shards '/d/train-{000000..000009}.tar' --json out.json
+
+One worker = one process, so a node needs about (GPU images/s) / (images/s per worker)
+workers. `--loader-workers N` additionally times the real train loader with N workers.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import numpy as np
+
+
+def make_bench_shards(out_dir: str, n: int, width: int = 500, height: int = 375,
+                      per_shard: int = 64) -> str:
+    """Photo-like JPEGs (smooth colour fields + fine noise, ~ImageNet file sizes)."""
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    n_shards = (n + per_shard - 1) // per_shard
+    idx = 0
+    for sh in range(n_shards):
+        with wds.TarWriter(os.path.join(out_dir, f"bench-{sh:06d}.tar"), encoder=False) as tw:
+            for _ in range(min(per_shard, n - idx)):
+                low = rng.uniform(0, 255, size=(12, 16, 3)).astype(np.uint8)
+                img = Image.fromarray(low).resize((width, height), Image.BICUBIC)
+                arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 12, (height, width, 3))
+                buf = io.BytesIO()
+                Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+                tw.write({"__key__": f"b{idx:07d}", "jpg": buf.getvalue(), "cls": str(idx % 1000).encode()})
+                idx += 1
+    return os.path.join(out_dir, f"bench-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def per_worker_rate(samples, transform, seconds_min: float = 0.0) -> float:
+    t0 = time.perf_counter()
+    n = 0
+    for i, s in enumerate(samples):
+        transform(s["jpg"], random.Random(i))
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--shards", help="shard pattern (default: generate temporary shards)")
+    ap.add_argument("--num-images", type=int, default=256, help="images per measurement")
+    ap.add_argument("--crops", type=int, nargs="+", default=[192, 256, 384])
+    ap.add_argument("--augment", default="imagenet", help="DataConfig.augment preset")
+    ap.add_argument("--loader-workers", type=int, default=0,
+                    help="also time build_train_loader with this many workers (0: skip)")
+    ap.add_argument("--json", help="write the results to this JSON file")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from train.data.config import DataConfig
+    from train.data.shards import expand_shards, iter_shard
+    from train.data.transforms import build_transform
+
+    torch.set_num_threads(1)  # a loader worker runs single-threaded
+    tmp = None
+    pattern = args.shards
+    if pattern is None:
+        tmp = tempfile.TemporaryDirectory(prefix="swinv2-bench-")
+        pattern = make_bench_shards(tmp.name, args.num_images)
+    samples = []
+    for url in expand_shards(pattern):
+        for s in iter_shard(url, Counter()):
+            samples.append(s)
+            if len(samples) >= args.num_images:
+                break
+        if len(samples) >= args.num_images:
+            break
+    avg_kb = sum(len(s.get("jpg", b"")) for s in samples) / max(1, len(samples)) / 1024
+    cfg = DataConfig(augment=args.augment).resolved()
+    rows = []
+    for crop in args.crops:
+        row = {"crop": crop}
+        for name, c, train in (("train", cfg, True),
+                               ("train_nodraft", DataConfig(augment=args.augment, jpeg_draft=False).resolved(), True),
+                               ("eval", cfg, False)):
+            tf = build_transform(c, crop, train=train)
+            per_worker_rate(samples[:8], tf)  # warm-up
+            row[name] = round(per_worker_rate(samples, tf), 1)
+        if args.loader_workers:
+            from train.data import build_train_loader
+
+            lc = DataConfig(augment=args.augment, train_shards=pattern, num_workers=args.loader_workers,
+                            train_samples=len(samples), num_classes=1000, shuffle_buffer=64)
+            loader = build_train_loader(lc, img_size=crop, global_batch_size=16, rank=0,
+                                        world_size=1, seed=0)
+            t0 = time.perf_counter()
+            n = sum(len(y) for _, y in loader)
+            row[f"loader_{args.loader_workers}w"] = round(n / (time.perf_counter() - t0), 1)
+        rows.append(row)
+    meta = {"images": len(samples), "avg_jpeg_kb": round(avg_kb, 1), "augment": args.augment,
+            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "pillow": __import__("PIL").__version__}
+    cols = list(rows[0].keys())
+    print(f"images/s per worker ({meta['images']} images, avg {meta['avg_jpeg_kb']} KB, "
+          f"augment={args.augment}, 1 thread)")
+    print(" | ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:>14}" for c in cols))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

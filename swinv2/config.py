@@ -1,0 +1,137 @@
+"""SwinV2 configuration: one dataclass plus the paper's variant table (T/S/B/L/H/G)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+NORM_STYLES = ("res_post", "pre")
+ATTN_TYPES = ("cosine", "dot")
+ATTENTION_KERNELS = ("reference", "fused", "sequential")
+
+# Head dim is 32 everywhere. H/G head counts are not given in the paper (unverified; these
+# follow timm's swinv2_cr guesses). H/G get the paper's extra main-branch LayerNorm every 6 blocks.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    "huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), extra_norm_every=6),
+    "giant": dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), extra_norm_every=6),
+}
+
+
+@dataclass
+class SwinV2Config:
+    img_size: int = 256
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 8
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)
+    norm_style: str = "res_post"
+    attn_type: str = "cosine"
+    extra_norm_every: int = 0
+    attention: str = "reference"
+    sequential_chunk: int = 32  # windows per chunk for the "sequential" kernel
+
+    def __post_init__(self) -> None:
+        # Hydra/OmegaConf hand over lists; keep tuples so configs compare and hash predictably.
+        for name in ("depths", "num_heads", "pretrained_window_sizes"):
+            setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        self.validate()
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides: Any) -> "SwinV2Config":
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown SwinV2Config field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**{**VARIANTS[variant], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # ---- derived geometry (shared by the model, flops and validation) ----
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @property
+    def patches_resolution(self) -> int:
+        return self.img_size // self.patch_size
+
+    def stage_dim(self, i: int) -> int:
+        return self.embed_dim * 2**i
+
+    def stage_resolution(self, i: int) -> int:
+        return self.patches_resolution // 2**i
+
+    def stage_window(self, i: int) -> tuple[int, int]:
+        """(window, shift) used by stage i's odd blocks after the official clipping rule."""
+        res = self.stage_resolution(i)
+        if res <= self.window_size:  # window covers the whole map: global attention, no shift
+            return res, 0
+        return self.window_size, self.window_size // 2
+
+    @property
+    def num_features(self) -> int:
+        return self.stage_dim(self.num_stages - 1)
+
+    def validate(self) -> "SwinV2Config":
+        def bad(field: str, msg: str) -> None:
+            raise ValueError(f"{field}: {msg}")
+
+        if self.norm_style not in NORM_STYLES:
+            bad("norm_style", f"unknown norm style {self.norm_style!r}; valid: {', '.join(NORM_STYLES)}")
+        if self.attn_type not in ATTN_TYPES:
+            bad("attn_type", f"unknown attention type {self.attn_type!r}; valid: {', '.join(ATTN_TYPES)}")
+        if self.attention not in ATTENTION_KERNELS:
+            bad("attention", f"unknown attention kernel {self.attention!r}; valid: {', '.join(ATTENTION_KERNELS)}")
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "window_size", "sequential_chunk"):
+            if int(getattr(self, name)) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            bad("num_classes", f"must be >= 0 (0 = no head), got {self.num_classes}")
+        if self.extra_norm_every < 0:
+            bad("extra_norm_every", f"must be >= 0 (0 = off), got {self.extra_norm_every}")
+        if self.mlp_ratio <= 0:
+            bad("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, f"must be in [0, 1), got {getattr(self, name)}")
+        n = len(self.depths)
+        if n == 0:
+            bad("depths", "needs at least one stage")
+        if len(self.num_heads) != n:
+            bad("num_heads", f"has {len(self.num_heads)} entries but depths has {n}")
+        if len(self.pretrained_window_sizes) != n:
+            bad("pretrained_window_sizes", f"has {len(self.pretrained_window_sizes)} entries but depths has {n}")
+        if any(d < 1 for d in self.depths):
+            bad("depths", f"every stage needs >= 1 block, got {self.depths}")
+        if any(p < 0 for p in self.pretrained_window_sizes):
+            bad("pretrained_window_sizes", f"must be >= 0 (0 = this window), got {self.pretrained_window_sizes}")
+        for i, h in enumerate(self.num_heads):
+            if h < 1 or self.stage_dim(i) % h:
+                bad("num_heads", f"stage {i} dim {self.stage_dim(i)} is not divisible by {h} heads")
+        if self.img_size % self.patch_size:
+            bad("img_size", f"{self.img_size} is not divisible by patch_size {self.patch_size}")
+        pr = self.patches_resolution
+        if pr % 2 ** (n - 1):
+            bad("img_size", f"{self.img_size}: patch grid {pr} must be divisible by {2 ** (n - 1)} "
+                "so every patch merging sees an even resolution")
+        for i in range(n):
+            res, (win, _) = self.stage_resolution(i), self.stage_window(i)
+            if res % win:
+                bad("window_size", f"stage {i} resolution {res} is neither <= window {self.window_size} "
+                    f"nor divisible by it (img_size={self.img_size})")
+        return self

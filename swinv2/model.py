@@ -1,0 +1,323 @@
+"""SwinV2 network: blocks (res-post-norm), stages, patch merging, patch embedding, head.
+
+Module names follow the official `models/swin_transformer_v2.py`, so `state_dict()` is the official
+checkpoint format. One addition (paper only, H/G): `layers.{i}.blocks.{j}.extra_norm`, a LayerNorm on
+the main branch at the end of every `extra_norm_every`-th block of a stage; no official key collides.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import WindowAttention
+from .config import VARIANTS, SwinV2Config
+from .windows import cyclic_shift, reverse_cyclic_shift, shifted_window_mask, window_partition, window_reverse
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (drops the whole residual branch)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SwinTransformerV2Block(nn.Module):
+    """(S)W-MSA + MLP block. norm_style "res_post" (V2): x + DropPath(LN(f(x))); "pre" (V1): x + DropPath(f(LN(x)))."""
+
+    def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: int = 8,
+                 shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, pretrained_window_size: int = 0,
+                 norm_style: str = "res_post", attn_type: str = "cosine", attention: str = "reference",
+                 sequential_chunk: int = 32, extra_norm: bool = False):
+        super().__init__()
+        self.dim, self.input_resolution, self.num_heads = dim, tuple(input_resolution), num_heads
+        self.mlp_ratio, self.norm_style = mlp_ratio, norm_style
+        if min(self.input_resolution) <= window_size:  # official clipping: one global window, no shift
+            window_size, shift_size = min(self.input_resolution), 0
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size must be in [0, window_size), got {shift_size} for window {window_size}")
+        self.window_size, self.shift_size = window_size, shift_size
+
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                    proj_drop=drop, pretrained_window_size=pretrained_window_size,
+                                    attn_type=attn_type, kernel=attention, sequential_chunk=sequential_chunk)
+        self.norm1 = nn.LayerNorm(dim)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.extra_norm = nn.LayerNorm(dim) if extra_norm else None
+        # Persistent buffer like the official code (key layers.i.blocks.j.attn_mask); None when unshifted.
+        H, W = self.input_resolution
+        mask = shifted_window_mask(H, W, window_size, shift_size) if shift_size > 0 else None
+        self.register_buffer("attn_mask", mask)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        self.attn.reset_buffers()
+        if self.attn_mask is not None and self.attn_mask.device.type != "meta":
+            H, W = self.input_resolution
+            self.attn_mask.copy_(shifted_window_mask(H, W, self.window_size, self.shift_size, device="cpu"))
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = self.input_resolution
+        B, _, C = x.shape
+        ws = self.window_size
+        x = cyclic_shift(x.view(B, H, W, C), self.shift_size)
+        windows = window_partition(x, ws).view(-1, ws * ws, C)
+        windows = self.attn(windows, mask=self.attn_mask)
+        x = window_reverse(windows.view(-1, ws, ws, C), ws, H, W)
+        return reverse_cyclic_shift(x, self.shift_size).reshape(B, H * W, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = self.input_resolution
+        if x.ndim != 3 or x.shape[1] != H * W or x.shape[2] != self.dim:
+            raise ValueError(f"block expects (B, {H * W}, {self.dim}) tokens, got {tuple(x.shape)}")
+        if self.norm_style == "res_post":
+            x = x + self.drop_path(self.norm1(self._attention(x)))
+            x = x + self.drop_path(self.norm2(self.mlp(x)))
+        else:
+            x = x + self.drop_path(self._attention(self.norm1(x)))
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.extra_norm is not None:
+            x = self.extra_norm(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, "
+                f"window_size={self.window_size}, shift_size={self.shift_size}, norm_style={self.norm_style}")
+
+
+class PatchMerging(nn.Module):
+    """V2 merging: 2x2 neighbourhood concat (4C) -> Linear(4C, 2C, no bias) -> LayerNorm(2C) (norm after)."""
+
+    def __init__(self, input_resolution: tuple[int, int], dim: int):
+        super().__init__()
+        self.input_resolution, self.dim = tuple(input_resolution), dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        x = x.view(B, H, W, C)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.norm(self.reduction(x.view(B, -1, 4 * C)))
+
+
+class PatchEmbed(nn.Module):
+    """Conv(in_chans, C, p, stride p) + LayerNorm, with clear errors for wrong input geometry."""
+
+    def __init__(self, img_size: int = 256, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96):
+        super().__init__()
+        self.img_size, self.patch_size, self.in_chans, self.embed_dim = img_size, patch_size, in_chans, embed_dim
+        self.patches_resolution = (img_size // patch_size, img_size // patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected an image batch (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        if C != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels (in_chans), got {C} (input shape {tuple(x.shape)})")
+        if (H, W) != (self.img_size, self.img_size):
+            raise ValueError(
+                f"input size {H}x{W} does not match the configured img_size {self.img_size}x{self.img_size}; "
+                f"the model (window masks, stage resolutions) is built for one resolution: resize the input "
+                f"or create the model with img_size={H}" + ("" if H == W else " (square inputs only)"))
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class BasicLayer(nn.Module):
+    """One stage: `blocks`, then (official layout) this stage's `downsample` at its end."""
+
+    def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int, window_size: int,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: Sequence[float] | float = 0.0, downsample: bool = False, pretrained_window_size: int = 0,
+                 norm_style: str = "res_post", attn_type: str = "cosine", attention: str = "reference",
+                 sequential_chunk: int = 32, extra_norm_every: int = 0):
+        super().__init__()
+        self.dim, self.input_resolution, self.depth = dim, tuple(input_resolution), depth
+        dp = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        self.blocks = nn.ModuleList([
+            SwinTransformerV2Block(
+                dim, input_resolution, num_heads, window_size=window_size,
+                shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop=drop, attn_drop=attn_drop, drop_path=dp[j], pretrained_window_size=pretrained_window_size,
+                norm_style=norm_style, attn_type=attn_type, attention=attention, sequential_chunk=sequential_chunk,
+                extra_norm=extra_norm_every > 0 and (j + 1) % extra_norm_every == 0)
+            for j in range(depth)])
+        self.downsample = PatchMerging(input_resolution, dim) if downsample else None
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_blocks(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+    @torch.no_grad()
+    def init_respostnorm(self) -> None:
+        # Official detail (not in the paper): zero the post-norms so every block starts as the identity.
+        for blk in self.blocks:
+            for norm in (blk.norm1, blk.norm2):
+                nn.init.zeros_(norm.weight)
+                nn.init.zeros_(norm.bias)
+
+
+class SwinTransformerV2(nn.Module):
+    def __init__(self, config: SwinV2Config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        self.num_classes, self.num_layers, self.embed_dim = c.num_classes, c.num_stages, c.embed_dim
+        self.num_features = c.num_features
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
+        self.pos_drop = nn.Dropout(c.drop_rate)
+        dpr = torch.linspace(0, c.drop_path_rate, sum(c.depths), device="cpu").tolist()
+        self.layers = nn.ModuleList()
+        for i in range(c.num_stages):
+            res = c.stage_resolution(i)
+            start = sum(c.depths[:i])
+            self.layers.append(BasicLayer(
+                c.stage_dim(i), (res, res), c.depths[i], c.num_heads[i], c.window_size, mlp_ratio=c.mlp_ratio,
+                qkv_bias=c.qkv_bias, drop=c.drop_rate, attn_drop=c.attn_drop_rate,
+                drop_path=dpr[start:start + c.depths[i]], downsample=i < c.num_stages - 1,
+                pretrained_window_size=c.pretrained_window_sizes[i], norm_style=c.norm_style, attn_type=c.attn_type,
+                attention=c.attention, sequential_chunk=c.sequential_chunk, extra_norm_every=c.extra_norm_every))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(self.num_features, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Official init: Linear trunc_normal(.02) / bias 0, LayerNorm 1/0, then res-post zero norms.
+
+        Works on the meta device (init ops are shape-only there).
+        """
+        def _init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(_init)
+        if self.config.norm_style == "res_post":
+            for layer in self.layers:
+                layer.init_respostnorm()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute every geometry buffer (coords tables, indices, masks), e.g. after
+        `model.to_empty(device=...)` of a model built on the meta device."""
+        for _, _, blk in iter_blocks(self):
+            blk.reset_buffers()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stage outputs (before each stage's downsample) as (B, C_i, H_i, W_i) maps for dense tasks."""
+        self._check_input(x)
+        x = self.pos_drop(self.patch_embed(x))
+        outs = []
+        for layer in self.layers:
+            x = layer.forward_blocks(x)
+            H, W = layer.input_resolution
+            outs.append(x.transpose(1, 2).reshape(x.shape[0], layer.dim, H, W))
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return outs
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Final normalised tokens (B, L, 8C)."""
+        self._check_input(x)
+        x = self.pos_drop(self.patch_embed(x))
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, 8C)."""
+        return self.avgpool(self.forward_tokens(x).transpose(1, 2)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def iter_blocks(model: nn.Module) -> Iterator[tuple[int, str, SwinTransformerV2Block]]:
+    """(index, qualified name, block) for every block in forward order; index 0..sum(depths)-1."""
+    idx = 0
+    for i, layer in enumerate(model.layers):
+        for j, blk in enumerate(layer.blocks):
+            yield idx, f"layers.{i}.blocks.{j}", blk
+            idx += 1
+
+
+_NO_DECAY_NAMES = ("absolute_pos_embed",)
+_NO_DECAY_KEYWORDS = ("cpb_mlp", "logit_scale", "relative_position_bias_table")
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Official exclusions: 1-D params, *.bias, absolute_pos_embed, names with a CPB/scale keyword."""
+    return (param.ndim <= 1 or name.endswith(".bias") or name in _NO_DECAY_NAMES
+            or any(k in name for k in _NO_DECAY_KEYWORDS))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """[{params with decay, weight_decay}, {params without, weight_decay 0}] (official exclusions)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def create_model(variant: str, img_size: int = 256, window_size: int = 8, num_classes: int = 1000,
+                 pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0), attention: str = "reference",
+                 drop_path_rate: float = 0.1, **config_overrides: Any) -> SwinTransformerV2:
+    """Build a paper variant (tiny/small/base/large/huge/giant). Works under `with torch.device("meta")`."""
+    config = SwinV2Config.from_variant(
+        variant, img_size=img_size, window_size=window_size, num_classes=num_classes,
+        pretrained_window_sizes=tuple(pretrained_window_sizes), attention=attention,
+        drop_path_rate=drop_path_rate, **config_overrides)
+    return SwinTransformerV2(config)
+
+
+__all__ = ["DropPath", "Mlp", "SwinTransformerV2Block", "PatchMerging", "PatchEmbed", "BasicLayer",
+           "SwinTransformerV2", "iter_blocks", "param_groups", "no_weight_decay", "create_model", "VARIANTS"]

@@ -1,0 +1,201 @@
+"""The three attention kernels compute the same function (forward and every gradient), and the
+sequential kernel's memory is bounded by its chunk, not by the number of windows."""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from swinv2 import SwinTransformerV2, SwinV2Config
+from swinv2.attention import WindowAttention, reference_attention, sequential_attention
+from swinv2.windows import shifted_window_mask
+
+TOL = 1e-5
+
+
+def _small_config(**kw):
+    # 64px, window 4: stage 1 (16x16) and 2 (8x8) have shifted windows with masks; 3 and 4 are clipped.
+    base = dict(img_size=64, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), window_size=4,
+                drop_path_rate=0.0, num_classes=10)
+    base.update(kw)
+    return base
+
+
+@torch.no_grad()
+def _randomise(model, seed=0):
+    # The official init zeroes the res-post norms, which would make every attention gradient zero
+    # and the comparison vacuous; give every parameter a generic value instead.
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "logit_scale" in name:
+            p.copy_(torch.rand(p.shape, generator=g) * 3.5 + 0.5)  # scales e^0.5..e^4 (some hit the clamp)
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+        elif p.ndim == 1:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _run(model, x, seed=1):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (out * w).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attn_type", ["cosine", "dot"])
+@pytest.mark.parametrize("pretrained", [(0, 0, 0, 0), (3, 3, 3, 2)])
+def test_kernels_agree_on_full_model(attn_type, pretrained):
+    # chunk 5 divides neither 16 windows x 2 images (stage 1) nor 4 x 2 (stage 2).
+    cfg = _small_config(attn_type=attn_type, pretrained_window_sizes=pretrained, sequential_chunk=5)
+    torch.manual_seed(0)
+    ref = SwinTransformerV2(SwinV2Config(**cfg, attention="reference"))
+    _randomise(ref)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    r_out, r_dx, r_grads = _run(ref, x)
+    assert ref.layers[0].blocks[1].attn_mask is not None and ref.layers[1].blocks[1].attn_mask is not None
+    # the gradients we compare are real, not zeros
+    for key in ("layers.0.blocks.1.attn.cpb_mlp.0.weight", "layers.0.blocks.1.attn.cpb_mlp.2.weight",
+                "layers.1.blocks.1.attn.qkv.weight"):
+        assert r_grads[key].abs().max() > 1e-4, key
+    if attn_type == "cosine":
+        assert r_grads["layers.0.blocks.1.attn.logit_scale"].abs().max() > 1e-5
+    for kernel in ("fused", "sequential"):
+        m = SwinTransformerV2(SwinV2Config(**cfg, attention=kernel))
+        m.load_state_dict(ref.state_dict())
+        out, dx, grads = _run(m, x)
+        torch.testing.assert_close(out, r_out, atol=TOL, rtol=TOL, msg=f"{kernel} logits")
+        torch.testing.assert_close(dx, r_dx, atol=TOL, rtol=TOL, msg=f"{kernel} input grad")
+        assert grads.keys() == r_grads.keys()
+        for name in r_grads:
+            torch.testing.assert_close(grads[name], r_grads[name], atol=TOL, rtol=TOL,
+                                       msg=lambda m, n=name: f"{kernel} grad {n}: {m}")
+
+
+def _attention_inputs(n_img, n_win, n_heads=3, n_tok=16, hd=8, seed=0, with_mask=True):
+    g = torch.Generator().manual_seed(seed)
+    B_ = n_img * n_win
+    q, k, v = (torch.randn(B_, n_heads, n_tok, hd, generator=g, dtype=torch.float64) for _ in range(3))
+    scale = (torch.rand(n_heads, 1, 1, generator=g, dtype=torch.float64) * 5 + 1)
+    bias = torch.rand(n_heads, n_tok, n_tok, generator=g, dtype=torch.float64) * 16
+    mask = None
+    if with_mask:
+        mask = torch.where(torch.rand(n_win, n_tok, n_tok, generator=g) < 0.3, -100.0, 0.0).double()
+    return q, k, v, scale, bias, mask
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 100])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_sequential_function_gradcheck_against_reference(chunk, with_mask):
+    # float64 so the only difference allowed is rounding: every input's gradient, incl. the bias
+    # (summed over all windows and chunks) and the per-head scale.
+    q, k, v, scale, bias, mask = _attention_inputs(2, 6, with_mask=with_mask)
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v, scale, bias)]
+    ins2 = [t.clone().requires_grad_(True) for t in (q, k, v, scale, bias)]
+    out_r = reference_attention(*ins, mask)
+    out_s = sequential_attention(*ins2, mask, chunk=chunk)
+    torch.testing.assert_close(out_s, out_r, atol=1e-12, rtol=1e-10)
+    w = torch.randn_like(out_r)
+    grads_r = torch.autograd.grad((out_r * w).sum(), ins)
+    grads_s = torch.autograd.grad((out_s * w).sum(), ins2)
+    for name, a, b in zip("q k v scale bias".split(), grads_s, grads_r):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=name)
+
+
+def test_sequential_gradcheck_small():
+    q, k, v, scale, bias, mask = _attention_inputs(1, 3, n_heads=2, n_tok=4, hd=3)
+    ins = tuple(t.requires_grad_(True) for t in (q, k, v, scale, bias))
+    assert torch.autograd.gradcheck(lambda *a: sequential_attention(*a, mask, chunk=2), ins)
+
+
+def test_sequential_dropout_backward_matches_its_forward():
+    # With attention dropout the sequential kernel must replay the same dropout mask in backward.
+    # Check its gradient against finite differences of its own (seeded) forward via gradcheck on
+    # a function that re-seeds the global RNG each call.
+    q, k, v, scale, bias, mask = _attention_inputs(1, 3, n_heads=2, n_tok=4, hd=3)
+    ins = tuple(t.requires_grad_(True) for t in (q, k, v, scale, bias))
+
+    def f(*a):
+        torch.manual_seed(123)
+        return sequential_attention(*a, mask, attn_drop=0.3, chunk=2)
+
+    out1, out2 = f(*ins), f(*ins)
+    assert torch.equal(out1, out2)
+    assert torch.autograd.gradcheck(f, ins)
+
+
+class _LargestScores(TorchDispatchMode):
+    """Largest tensor produced (forward or backward) whose last two dims are (N, N): scores,
+    probabilities, their gradients, bias+mask slices."""
+
+    def __init__(self, n_tok):
+        super().__init__()
+        self.n_tok, self.largest = n_tok, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.ndim >= 3 and tuple(t.shape[-2:]) == (self.n_tok, self.n_tok):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _largest_scores(kernel, res, chunk=3, ws=4, dim=24, heads=2):
+    torch.manual_seed(0)
+    attn = WindowAttention(dim, ws, heads, kernel=kernel, sequential_chunk=chunk)
+    mask = shifted_window_mask(res, res, ws, ws // 2)
+    x = torch.randn(mask.shape[0], ws * ws, dim, requires_grad=True)  # dim != N so x never matches
+    with _LargestScores(ws * ws) as probe:
+        attn(x, mask).sum().backward()
+    assert x.grad is not None and attn.cpb_mlp[0].weight.grad is not None
+    return probe.largest, mask.shape[0]
+
+
+def test_sequential_memory_bounded_by_chunk_not_windows():
+    chunk, heads, n_tok = 3, 2, 16
+    seq_small, nw_small = _largest_scores("sequential", 16, chunk)
+    seq_big, nw_big = _largest_scores("sequential", 32, chunk)
+    assert nw_big == 4 * nw_small == 64
+    assert seq_small == seq_big <= chunk * heads * n_tok * n_tok
+    # the materialised kernel grows with the window count: this is what the test can detect
+    ref_small, _ = _largest_scores("reference", 16)
+    ref_big, _ = _largest_scores("reference", 32)
+    assert ref_big == 4 * ref_small == nw_big * heads * n_tok * n_tok
+
+
+def test_bias_computed_once_per_forward():
+    calls = []
+    attn = WindowAttention(24, 4, 2, kernel="sequential", sequential_chunk=2)
+    attn.cpb_mlp.register_forward_hook(lambda *a: calls.append(1))
+    mask = shifted_window_mask(16, 16, 4, 2)
+    attn(torch.randn(32, 16, 24), mask).sum().backward()
+    assert len(calls) == 1
+
+
+def test_unknown_kernel_lists_valid_ones():
+    with pytest.raises(ValueError, match="reference, fused, sequential"):
+        WindowAttention(24, 4, 2, kernel="flash")
+    with pytest.raises(ValueError, match=r"attention.*'flash'.*reference, fused, sequential"):
+        SwinV2Config(attention="flash")
+
+
+def test_fused_matches_reference_in_eval_no_grad():
+    # inference path: bias does not require grad, so CPU SDPA may use its fast kernel
+    cfg = _small_config(sequential_chunk=3)
+    ref = SwinTransformerV2(SwinV2Config(**cfg, attention="reference")).eval()
+    _randomise(ref, seed=5)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        r = ref(x)
+        for kernel in ("fused", "sequential"):
+            m = SwinTransformerV2(SwinV2Config(**cfg, attention=kernel)).eval()
+            m.load_state_dict(ref.state_dict())
+            torch.testing.assert_close(m(x), r, atol=TOL, rtol=TOL)
+
+
+def test_logit_scale_clamped_at_ln100():
+    q, k, v, _, bias, mask = _attention_inputs(1, 2, n_heads=2, with_mask=False)
+    attn = WindowAttention(24, 4, 2)
+    with torch.no_grad():
+        attn.logit_scale.fill_(math.log(1000.0))
+    assert torch.allclose(attn.logit_scale_value(), torch.full((2, 1, 1), 100.0))

@@ -1,0 +1,494 @@
+"""Streaming train/eval loaders over webdataset-style tar shards.
+
+Train stream of one rank (non-resampled), per epoch:
+  shards --(shuffle with (seed, epoch))--> shards[rank::world] --> logical worker lw gets
+  rank_shards[lw::W] (or, if the rank has fewer shards than workers, all of them and keeps
+  every W-th sample) --> encoded samples --(seeded shuffle buffer, drained per pass)-->
+  chunks of `local_batch` samples --> decode+augment (rng from (seed, epoch, key)) --> batch.
+
+Why "logical" workers: torch's DataLoader takes batch i from worker i % W (round robin, in
+order). Logical worker lw owns the rank's batches j with j % W == lw and yields exactly that
+many (repeating its shards if short, truncating if long), so every rank yields exactly
+`batches_per_epoch` batches and the rank's batch order is a pure function of (seed, epoch,
+rank, W). Resuming at `start_batch` maps DataLoader worker d to logical worker
+(d + start_batch) % W, so DataLoader's first batch is batch `start_batch`; each logical
+worker skips, *before decode*, the encoded samples of the batches it already produced.
+
+Batches are positional: batch j of a logical worker is made of encoded samples
+[j*B, (j+1)*B) of its shuffled stream. A bad sample in the chunk is counted and its slot is
+refilled with a copy of a good sample of the same chunk, so skipping on resume is exact (only
+a chunk with *no* good sample is dropped, which shifts that worker's later batches).
+
+Bad-sample counts: each worker attaches its cumulative counts to every batch it yields; the
+loader keeps the latest per logical worker and sums them (no shared memory, works with fork or
+spawn, and a dead worker's counts up to its last batch are kept).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter, deque
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import shards as S
+from .config import DataConfig, as_data_config
+from .transforms import CorruptImageError, build_transform
+
+log = logging.getLogger(__name__)
+
+
+class DataPipelineError(RuntimeError):
+    """Raised for data problems that must stop training (no samples, too many bad samples)."""
+
+
+def mix_seed(*parts: Any) -> int:
+    """Stable 63-bit seed from arbitrary parts (Python's hash() is salted per process)."""
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+# ----------------------------------------------------------------------------- bad samples
+class BadSampleTracker:
+    """Counts bad samples per reason; raises when the bad fraction in a sliding window of
+    `window` samples exceeds `max_fraction`, or when no sample decodes for very long."""
+
+    def __init__(self, max_fraction: float, window: int, where: str):
+        self.counts: Counter = Counter()
+        self.max_fraction, self.window, self.where = max_fraction, window, where
+        self.recent: deque = deque(maxlen=window)
+        self.n_bad_recent = 0
+        self.seen = 0
+        self.consecutive_bad = 0
+        self.dead_limit = max(10 * window, 10000)
+
+    def _push(self, bad: bool):
+        if len(self.recent) == self.window:
+            self.n_bad_recent -= self.recent[0]
+        self.recent.append(bad)
+        self.n_bad_recent += bad
+        self.seen += 1
+
+    def good(self):
+        self._push(False)
+        self.consecutive_bad = 0
+
+    def bad(self, reason: str):
+        self.counts[reason] += 1
+        self._push(True)
+        self.consecutive_bad += 1
+        if self.n_bad_recent > self.max_fraction * self.window:
+            raise DataPipelineError(
+                f"too many bad samples in {self.where}: {self.n_bad_recent} of the last "
+                f"{len(self.recent)} samples are bad (max_bad_fraction={self.max_fraction} of "
+                f"bad_window={self.window}); counts so far: {dict(self.counts)}")
+        if self.consecutive_bad >= self.dead_limit:
+            raise DataPipelineError(
+                f"no decodable sample in the last {self.consecutive_bad} samples in "
+                f"{self.where}; counts: {dict(self.counts)}")
+
+
+def load_class_map(path: str) -> Dict[int, int]:
+    """22K->1K map. Text (official map22kto1k.txt: line i holds the 22K index of 1K class i),
+    JSON list (same meaning) or JSON dict {"22k_index": 1k_index}."""
+    import json
+
+    with open(path) as f:
+        text = f.read()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = [int(tok) for tok in text.split()]
+    if isinstance(obj, dict):
+        return {int(k): int(v) for k, v in obj.items()}
+    return {int(src): dst for dst, src in enumerate(obj)}
+
+
+def parse_label(sample: Dict[str, bytes], num_classes: int, class_map: Optional[Dict[int, int]]
+                ) -> Tuple[Optional[int], Optional[str]]:
+    raw = sample.get("cls")
+    if raw is None:
+        return None, S.BAD_LABEL
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return None, S.BAD_LABEL
+    if class_map is not None:
+        if label not in class_map:
+            return None, S.UNMAPPED_LABEL
+        label = class_map[label]
+    if not 0 <= label < num_classes:
+        return None, S.LABEL_OUT_OF_RANGE
+    return label, None
+
+
+def image_bytes(sample: Dict[str, bytes]) -> Optional[bytes]:
+    for ext in S.IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+class _Decoder:
+    """Encoded sample -> (tensor, label) or None (counted)."""
+
+    def __init__(self, cfg: DataConfig, transform, tracker: BadSampleTracker, seed_parts):
+        self.cfg, self.transform, self.tracker = cfg, transform, tracker
+        self.seed_parts = seed_parts
+        self.class_map = load_class_map(cfg.class_map) if cfg.class_map else None
+
+    def __call__(self, sample, extra=()) -> Optional[Tuple[torch.Tensor, int]]:
+        label, reason = parse_label(sample, self.cfg.num_classes, self.class_map)
+        if reason is None:
+            data = image_bytes(sample)
+            if data is None:
+                reason = S.MISSING_IMAGE
+        if reason is not None:
+            self.tracker.bad(reason)
+            return None
+        rng = random.Random(mix_seed(*self.seed_parts, *extra, sample["__key__"]))
+        try:
+            x = self.transform(data, rng)
+        except CorruptImageError:
+            self.tracker.bad(S.CORRUPT_IMAGE)
+            return None
+        self.tracker.good()
+        return x, label
+
+
+def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Seeded buffer shuffle of encoded samples (cheap: bytes, not decoded images)."""
+    if bufsize <= 1:
+        yield from samples
+        return
+    buf: List[dict] = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(bufsize)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _worker_id() -> Tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def assign_shards(urls: Sequence[str], rank: int, world_size: int, worker: int,
+                  num_workers: int) -> Tuple[List[str], int, int]:
+    """Node-then-worker split: (shards to read, sample modulus, sample remainder).
+
+    With >= world*W shards (per rank: >= W) each worker reads disjoint shards (modulus 1).
+    If a rank has fewer shards than workers, its workers read all of the rank's shards and
+    keep every W-th sample; if there are fewer shards than ranks, every reader reads all
+    shards and keeps every (world*W)-th sample (eval only: train refuses this case)."""
+    if len(urls) >= world_size:
+        mine = list(urls[rank::world_size])
+        if len(mine) >= num_workers:
+            return mine[worker::num_workers], 1, 0
+        return mine, num_workers, worker
+    g = world_size * num_workers
+    return list(urls), g, rank * num_workers + worker
+
+
+def _read(urls: Sequence[str], counts: Counter, modulus: int, remainder: int) -> Iterator[dict]:
+    i = 0
+    for url in urls:
+        for s in S.iter_shard(url, counts):
+            if modulus == 1 or i % modulus == remainder:
+                yield s
+            i += 1
+
+
+# ----------------------------------------------------------------------------- train
+class _TrainStream(IterableDataset):
+    def __init__(self, urls, cfg, transform, *, pattern, rank, world_size, num_workers, seed,
+                 epoch, local_batch, batches_per_epoch, start_batch):
+        self.urls, self.cfg, self.transform, self.pattern = list(urls), cfg, transform, pattern
+        self.rank, self.world_size, self.W = rank, world_size, max(1, num_workers)
+        self.seed, self.epoch = seed, epoch
+        self.local_batch, self.batches, self.start_batch = local_batch, batches_per_epoch, start_batch
+
+    # encoded-sample source for one logical worker: pass 0 is the "real" epoch, later passes
+    # only pad (re-reading the worker's own shards); never an endless loop of nothing.
+    def _source(self, lw: int, counts: Counter) -> Iterator[dict]:
+        cfg = self.cfg
+        if cfg.resampled:
+            yield from self._resampled(lw, counts, "resampled")
+            return
+        order = list(self.urls)
+        if cfg.shard_shuffle:
+            random.Random(mix_seed("shards", self.seed, self.epoch)).shuffle(order)
+        mine, mod, rem = assign_shards(order, self.rank, self.world_size, lw, self.W)
+        p = 0
+        while True:
+            shards = list(mine)
+            if p > 0 and cfg.shard_shuffle:
+                random.Random(mix_seed("pad", self.seed, self.epoch, self.rank, lw, p)).shuffle(shards)
+            rng = random.Random(mix_seed("buf", self.seed, self.epoch, self.rank, lw, p))
+            got = False
+            for s in _shuffled(_read(shards, counts, mod, rem), cfg.shuffle_buffer, rng):
+                got = True
+                s["__pass__"] = p
+                yield s
+            if not got:
+                break
+            p += 1
+        # this worker's shards gave nothing (all unreadable/empty): pad from the whole set
+        log.warning("rank %d worker %d: its shards of %r gave no sample; padding from all shards",
+                    self.rank, lw, self.pattern)
+        yield from self._resampled(lw, counts, "fallback")
+
+    def _resampled(self, lw: int, counts: Counter, tag: str) -> Iterator[dict]:
+        rng = random.Random(mix_seed(tag, self.seed, self.epoch, self.rank, lw))
+        limit = min(max(3 * len(self.urls), 10), 1000)
+        empty, n = 0, 0
+        shard_iter = iter(lambda: rng.choice(self.urls), None)
+
+        def gen():
+            nonlocal empty
+            for url in shard_iter:
+                got = False
+                for s in S.iter_shard(url, counts):
+                    got = True
+                    yield s
+                empty = 0 if got else empty + 1
+                if empty >= limit:
+                    raise DataPipelineError(
+                        f"shard pattern {self.pattern!r} yielded no sample: {empty} shards in a "
+                        f"row were empty or unreadable (counts: {dict(counts)})")
+
+        for s in _shuffled(gen(), self.cfg.shuffle_buffer, rng):
+            s["__pass__"] = n  # seeds augmentation; resampled draws may repeat keys
+            n += 1
+            yield s
+
+    def __iter__(self):
+        d, nw = _worker_id()
+        W = self.W
+        if nw != W:
+            raise RuntimeError(f"expected {W} DataLoader workers, got {nw}")
+        lw = (d + self.start_batch) % W
+        total = len(range(lw, self.batches, W))
+        done = len(range(lw, min(self.start_batch, self.batches), W))
+        tracker = BadSampleTracker(self.cfg.max_bad_fraction, self.cfg.bad_window,
+                                   f"train shards {self.pattern!r} (rank {self.rank}, worker {lw})")
+        decoder = _Decoder(self.cfg, self.transform, tracker, ("aug", self.seed, self.epoch))
+        B = self.local_batch
+        src = self._source(lw, tracker.counts)
+        for _ in range(done * B):  # resume: drop encoded samples before decode
+            if next(src, None) is None:
+                break
+        produced = 0
+        while produced < total - done:
+            chunk = [s for _, s in zip(range(B), src)]
+            if not chunk:
+                raise DataPipelineError(f"train shards {self.pattern!r} ran out of samples")
+            out = []
+            for s in chunk:
+                extra = (s["__pass__"],) if s.get("__pass__") else ()
+                r = decoder(s, extra)
+                if r is not None:
+                    out.append(r)
+            if not out:
+                tracker.counts["dropped_batch"] += 1
+                continue
+            while len(out) < B:  # refill bad slots with good samples of this chunk
+                out.append(out[len(out) % max(1, len(out))])
+            images = torch.stack([x for x, _ in out])
+            targets = torch.tensor([y for _, y in out], dtype=torch.int64)
+            produced += 1
+            yield images, targets, {"worker": lw, "counts": dict(tracker.counts), "seen": tracker.seen}
+
+
+class StreamingLoader:
+    """Iterable of (images, targets); wraps a torch DataLoader(batch_size=None)."""
+
+    def __init__(self, dataset, *, num_workers, pin_memory, prefetch_factor, num_batches,
+                 batches_per_epoch, pattern, start_batch=0, require_samples=True):
+        self.dataset = dataset
+        self.batches_per_epoch = batches_per_epoch
+        self.start_batch = start_batch
+        self.num_batches = num_batches  # batches this loader yields (None: unknown, eval)
+        self.pattern = pattern
+        self.require_samples = require_samples
+        self._counts: Dict[int, Dict[str, int]] = {}
+        self._seen: Dict[int, int] = {}
+        kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                  worker_init_fn=_worker_init)
+        if num_workers > 0:
+            kw["prefetch_factor"] = prefetch_factor
+        self.loader = DataLoader(dataset, **kw)
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("eval loader length is not known in advance")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        self._counts, self._seen = {}, {}
+        n = 0
+        it = iter(self.loader)
+        try:
+            for images, targets, stats in it:
+                self._counts[stats["worker"]] = stats["counts"]
+                self._seen[stats["worker"]] = stats["seen"]
+                if targets.numel() == 0:  # count-only message from a worker at its end
+                    continue
+                n += 1
+                yield images, targets
+        finally:
+            # Stop workers now: a worker error's traceback keeps the iterator alive, and
+            # workers forked later would inherit it (and try to reap it at exit).
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del it
+        if n == 0 and self.require_samples:
+            raise DataPipelineError(
+                f"shard pattern {self.pattern!r} yielded no sample on this rank "
+                f"(bad counts: {self.bad_samples()})")
+
+    def bad_samples(self) -> Dict[str, int]:
+        """Bad-sample counts by reason, summed over workers, for the batches yielded so far."""
+        total: Counter = Counter()
+        for c in self._counts.values():
+            total.update(c)
+        return dict(total)
+
+    def samples_seen(self) -> int:
+        return sum(self._seen.values())
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # decode is per-sample; avoid W x cores oversubscription
+
+
+def _epoch_samples(cfg: DataConfig, pattern: str, urls: List[str], explicit: Optional[int],
+                   split: str) -> int:
+    if explicit:
+        return int(explicit)
+    n = S.info_num_samples(pattern, split, urls)
+    if n is None:
+        log.warning("no _info.json beside %r: counting samples by reading every shard", pattern)
+        n = S.count_samples(urls)
+    if n == 0:
+        raise DataPipelineError(f"shard pattern {pattern!r} contains no samples")
+    return n
+
+
+def _resolve_sources(cfg: DataConfig, split: str) -> Tuple[DataConfig, str, Optional[int]]:
+    pattern = cfg.train_shards if split == "train" else cfg.val_shards
+    if cfg.train_shards is None and cfg.val_shards is None:
+        from .synthetic import ensure_synthetic_shards
+
+        syn = ensure_synthetic_shards(cfg.synthetic_dir)
+        pattern = syn[f"{'train' if split == 'train' else 'val'}_shards"]
+        n = cfg.train_samples if split == "train" else cfg.val_samples
+        n = n or syn[f"{'train' if split == 'train' else 'val'}_samples"]
+        if cfg.num_classes != syn["num_classes"]:
+            raise ValueError(f"data.num_classes={cfg.num_classes}: the synthetic default "
+                             f"dataset has {syn['num_classes']} classes")
+        return cfg, pattern, n
+    if pattern is None:
+        raise ValueError(f"data.{'train' if split == 'train' else 'val'}_shards is null")
+    return cfg, pattern, (cfg.train_samples if split == "train" else cfg.val_samples)
+
+
+def build_train_loader(cfg, *, img_size: int, global_batch_size: int, rank: int,
+                       world_size: int, seed: int, epoch: int = 0, start_batch: int = 0
+                       ) -> StreamingLoader:
+    """Train loader of one rank for one epoch; see module docstring for the guarantees."""
+    cfg = as_data_config(cfg).resolved()
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad rank/world_size: {rank}/{world_size}")
+    if global_batch_size < world_size or global_batch_size % world_size:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple "
+                         f"of world_size={world_size}")
+    cfg, pattern, explicit = _resolve_sources(cfg, "train")
+    urls = S.expand_shards(pattern)
+    if not cfg.resampled and len(urls) < world_size:
+        raise ValueError(
+            f"shard pattern {pattern!r} has {len(urls)} shards for {world_size} ranks: need at "
+            f"least one shard per rank (re-shard finer, or set data.resampled=true)")
+    W = max(1, cfg.num_workers)
+    if not cfg.resampled and len(urls) < world_size * W:
+        log.warning("%d shards < %d ranks x %d workers: workers of a rank share shards and "
+                    "split them by sample (more I/O per worker)", len(urls), world_size, W)
+    n = _epoch_samples(cfg, pattern, urls, explicit, cfg.info_split_train)
+    bpe = n // global_batch_size
+    if bpe < 1:
+        raise ValueError(f"{n} samples per epoch < global_batch_size={global_batch_size}")
+    if not 0 <= start_batch <= bpe:
+        raise ValueError(f"start_batch={start_batch} outside [0, {bpe}]")
+    ds = _TrainStream(urls, cfg, build_transform(cfg, img_size, train=True), pattern=pattern,
+                      rank=rank, world_size=world_size, num_workers=cfg.num_workers, seed=seed,
+                      epoch=epoch, local_batch=global_batch_size // world_size,
+                      batches_per_epoch=bpe, start_batch=start_batch)
+    loader = StreamingLoader(ds, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                             prefetch_factor=cfg.prefetch_factor, num_batches=bpe - start_batch,
+                             batches_per_epoch=bpe, pattern=pattern, start_batch=start_batch)
+    loader.samples_per_epoch = n
+    return loader
+
+
+# ----------------------------------------------------------------------------- eval
+class _EvalStream(IterableDataset):
+    def __init__(self, urls, cfg, transform, *, pattern, rank, world_size, num_workers, batch_size):
+        self.urls, self.cfg, self.transform, self.pattern = list(urls), cfg, transform, pattern
+        self.rank, self.world_size, self.W, self.batch_size = rank, world_size, max(1, num_workers), batch_size
+
+    def __iter__(self):
+        d, _ = _worker_id()
+        tracker = BadSampleTracker(self.cfg.max_bad_fraction, self.cfg.bad_window,
+                                   f"eval shards {self.pattern!r} (rank {self.rank}, worker {d})")
+        decoder = _Decoder(self.cfg, self.transform, tracker, ("eval",))
+        mine, mod, rem = assign_shards(self.urls, self.rank, self.world_size, d, self.W)
+        out: list = []
+
+        def emit():
+            images = torch.stack([x for x, _ in out])
+            targets = torch.tensor([y for _, y in out], dtype=torch.int64)
+            return images, targets, {"worker": d, "counts": dict(tracker.counts), "seen": tracker.seen}
+
+        for s in _read(mine, tracker.counts, mod, rem):
+            r = decoder(s)
+            if r is None:
+                continue
+            out.append(r)
+            if len(out) == self.batch_size:
+                yield emit()
+                out = []
+        if out:  # partial last batch: eval never drops samples
+            yield emit()
+        elif tracker.counts:  # no batch left to carry the final counts: send an empty one
+            yield (torch.empty(0), torch.empty(0, dtype=torch.int64),
+                   {"worker": d, "counts": dict(tracker.counts), "seen": tracker.seen})
+
+
+def build_eval_loader(cfg, *, img_size: int, batch_size: int, rank: int, world_size: int
+                      ) -> StreamingLoader:
+    """Eval loader of one rank: every sample exactly once across ranks, in fixed shard order,
+    partial last batches (per worker), nothing dropped except counted bad samples. Ranks may
+    yield different numbers of batches: reduce metrics once at the end."""
+    cfg = as_data_config(cfg).resolved()
+    if world_size < 1 or not 0 <= rank < world_size or batch_size < 1:
+        raise ValueError(f"bad rank/world_size/batch_size: {rank}/{world_size}/{batch_size}")
+    cfg, pattern, explicit = _resolve_sources(cfg, "val")
+    urls = S.expand_shards(pattern)
+    loader = StreamingLoader(
+        _EvalStream(urls, cfg, build_transform(cfg, img_size, train=False), pattern=pattern,
+                    rank=rank, world_size=world_size, num_workers=cfg.num_workers,
+                    batch_size=batch_size),
+        num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+        prefetch_factor=cfg.prefetch_factor, num_batches=None, batches_per_epoch=None,
+        pattern=pattern)
+    loader.num_samples = explicit  # may be None (not needed: partial batches)
+    return loader

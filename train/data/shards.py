@@ -1,0 +1,177 @@
+"""Shard lists and a fault-tolerant tar reader.
+
+We read tars ourselves (tarfile in stream mode over `webdataset.gopen`, so local paths, `pipe:`
+and http(s) work as in webdataset) instead of using `wds.tarfile_samples`, because every failure
+must be *counted by reason* and a truncated archive must cost only the rest of that shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections import Counter
+from typing import Dict, Iterator, List, Optional, Tuple
+from urllib.parse import urlparse
+
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+
+# Reasons used in bad-sample counts (public: loader.bad_samples() keys).
+CORRUPT_IMAGE = "corrupt_image"
+MISSING_IMAGE = "missing_image"
+BAD_LABEL = "bad_label"              # missing or non-integer .cls
+LABEL_OUT_OF_RANGE = "label_out_of_range"
+UNMAPPED_LABEL = "unmapped_label"    # class_map given and the class is not in it
+TRUNCATED_TAR = "truncated_tar"      # per shard: rest of the shard lost
+UNREADABLE_SHARD = "unreadable_shard"  # per shard: could not be opened / not a tar
+# Per-shard events are not samples: they do not enter the bad-fraction window.
+SHARD_REASONS = (TRUNCATED_TAR, UNREADABLE_SHARD)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def is_local(url: str) -> bool:
+    scheme = urlparse(url).scheme
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+def expand_shards(pattern: str, *, check_local: bool = True) -> List[str]:
+    """Brace-expand `pattern` ('::' joins several). Local paths must exist (clear error)."""
+    if not pattern or not str(pattern).strip():
+        raise ValueError(f"empty shard pattern {pattern!r}")
+    urls = expand_urls(str(pattern))
+    if not urls:
+        raise FileNotFoundError(f"shard pattern {pattern!r} expands to no shards")
+    if check_local:
+        local = [u for u in urls if is_local(u)]
+        missing = [u for u in local if not os.path.exists(_local_path(u))]
+        if local and len(missing) == len(local):
+            raise FileNotFoundError(
+                f"shard pattern {pattern!r} matches no existing file ({len(urls)} expanded, "
+                f"e.g. {missing[0]!r} does not exist)")
+    return urls
+
+
+def _local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file:") else url
+
+
+def info_path(pattern: str) -> Optional[str]:
+    """`_info.json` beside the shards (timm convention), for local shards only."""
+    first = expand_urls(str(pattern))[0]
+    if not is_local(first):
+        return None
+    p = os.path.join(os.path.dirname(_local_path(first)), "_info.json")
+    return p if os.path.exists(p) else None
+
+
+def info_num_samples(pattern: str, split: str, urls: List[str]) -> Optional[int]:
+    """Samples of `urls` per `_info.json` (sum of shard_lengths of the listed files)."""
+    p = info_path(pattern)
+    if p is None:
+        return None
+    with open(p) as f:
+        info = json.load(f)
+    splits = info.get("splits", {})
+    if isinstance(splits, list):  # tolerate a list of split dicts
+        splits = {s.get("name"): s for s in splits}
+    names = {os.path.basename(_local_path(u)) for u in urls}
+    for sp in ([splits[split]] if split in splits else []) + list(splits.values()):
+        files = sp.get("filenames") or []
+        lengths = sp.get("shard_lengths") or []
+        if files and len(files) == len(lengths) and names <= set(files):
+            return int(sum(n for fn, n in zip(files, lengths) if fn in names))
+    return None
+
+
+def count_samples(urls: List[str]) -> int:
+    """Count samples by reading the shards (slow path when no `_info.json`)."""
+    n = 0
+    for url in urls:
+        for _ in iter_shard(url, Counter()):
+            n += 1
+    return n
+
+
+class _CountingReader:
+    """Byte-counting file wrapper: lets us see whether the end-of-archive marker was present."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def read(self, size=-1):
+        b = self.f.read(size)
+        self.n += len(b)
+        return b
+
+
+def split_name(name: str) -> Tuple[str, str]:
+    """webdataset key convention: key = path up to the first '.' of the basename."""
+    d, base = os.path.split(name)
+    if "." not in base:
+        return name, ""
+    stem, ext = base.split(".", 1)
+    return (os.path.join(d, stem) if d else stem), ext.lower()
+
+
+def iter_shard(url: str, counts: Counter) -> Iterator[Dict[str, bytes]]:
+    """Yield encoded samples {"__key__", "__url__", ext: bytes} of one shard.
+
+    Unopenable shard -> counts[unreadable_shard] += 1, nothing yielded. Truncated archive ->
+    samples before the damage are yielded, the partial sample is dropped,
+    counts[truncated_tar] += 1. Never raises for data problems.
+    """
+    try:
+        stream = wds.gopen(url, "rb")
+    except Exception:
+        counts[UNREADABLE_SHARD] += 1
+        return
+    reader = _CountingReader(stream)
+    current: Optional[Dict[str, bytes]] = None
+    try:
+        try:
+            tf = tarfile.open(fileobj=reader, mode="r|*")
+        except Exception:
+            counts[UNREADABLE_SHARD] += 1
+            return
+        try:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                key, ext = split_name(member.name)
+                if ext == "" or key.startswith("_") or os.path.basename(key).startswith("_"):
+                    continue  # metadata files such as __index__ are not samples
+                if current is not None and current["__key__"] != key:
+                    yield current  # complete: a new key started (before reading, so a
+                    current = None  # truncation inside this member cannot lose it)
+                data = tf.extractfile(member).read()
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = data
+            end = tf.offset
+        except (tarfile.TarError, EOFError, OSError, zlib_error()):
+            counts[TRUNCATED_TAR] += 1
+            return
+        # tarfile stops silently when a file is cut exactly at a member boundary; a real
+        # archive always ends with >= 2 zero blocks, so fewer trailing bytes means truncation.
+        try:
+            while reader.read(1 << 16):
+                pass
+        except Exception:
+            pass
+        if reader.n < end + 1024:
+            counts[TRUNCATED_TAR] += 1
+            return
+        if current is not None:
+            yield current
+    finally:
+        try:
+            stream.close()
+        except Exception:
+            pass
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error

@@ -1,0 +1,257 @@
+"""Process-group setup for every way the trainer is started.
+
+One entry point, :func:`init_distributed`, works under
+
+* a plain ``python train/main.py`` (single process, loopback rendezvous),
+* ``torchrun`` (exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* plus TORCHELASTIC_RUN_ID),
+* the ``deepspeed`` launcher (same variables plus CROSS_RANK/CROSS_SIZE/LOCAL_SIZE, and it
+  appends ``--local_rank=N`` to argv, see :func:`strip_launcher_args`),
+* a SLURM ``srun`` task (only SLURM_* variables; also what ``deepspeed --launcher slurm``
+  produces), which is mapped onto the torch ``env://`` variables here.
+
+The process group is always initialised, even for one process, because
+``deepspeed.initialize`` requires it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "SWINV2_DIST_TIMEOUT"
+LAUNCHERS = ("single", "torchrun", "deepspeed", "slurm")
+
+_LOCAL_RANK_RE = re.compile(r"^--local[-_]rank(?:=(.*))?$")
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local_rank N`` / ``--local-rank=N`` from ``argv``.
+
+    The deepspeed launcher (and the old ``torch.distributed.launch``) appends it, and Hydra
+    rejects it as an override. The value is moved to ``LOCAL_RANK`` when that is not set yet, so
+    nothing is lost. Returns a new list; ``argv[0]`` is kept.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        m = _LOCAL_RANK_RE.match(arg) if i > 0 else None
+        if m is None:
+            out.append(arg)
+            i += 1
+            continue
+        value = m.group(1)
+        if value is None and i + 1 < len(argv) and re.fullmatch(r"-?\d+", argv[i + 1]):
+            value = argv[i + 1]
+            i += 1
+        if value is not None and value.strip():
+            os.environ.setdefault("LOCAL_RANK", value.strip())
+        i += 1
+    return out
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_ENV: Optional[DistEnv] = None
+
+
+def get_env() -> Optional[DistEnv]:
+    """The :class:`DistEnv` of the last :func:`init_distributed` call (None before it)."""
+    return _ENV
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def slurm_port(job_id: str | int) -> int:
+    """Rendezvous port derived from the job id: the same on every task of a job (and of its
+    requeued incarnations) without any communication, and different for concurrent jobs."""
+    return 20000 + int(job_id) % 20000
+
+
+def _expand_first_host(nodelist: str) -> str:
+    """First host of a SLURM hostlist such as ``gpu[003-005,009],cpu1`` without scontrol."""
+    nodelist = nodelist.strip()
+    depth, first = 0, nodelist
+    for i, ch in enumerate(nodelist):  # split at the first top-level comma
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            first = nodelist[:i]
+            break
+    m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", first)
+    if not m:
+        return first
+    prefix, ranges, suffix = m.groups()
+    lo = ranges.split(",")[0].split("-")[0]  # keeps zero padding, e.g. "003"
+    return f"{prefix}{lo}{suffix}"
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """First host of the allocation: ``scontrol show hostnames`` is authoritative (it knows
+    every hostlist syntax); the parser is a fallback for nodes without the client tools."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return _expand_first_host(nodelist)
+
+
+def _map_slurm_env() -> bool:
+    """Export torch ``env://`` variables from an ``srun`` task's SLURM variables.
+
+    Only inside a job *step*: the batch shell also has SLURM_PROCID=0 and SLURM_NTASKS=N, but a
+    python started there directly is one process, and treating it as rank 0 of N would hang.
+    """
+    if "SLURM_PROCID" not in os.environ or "SLURM_STEP_ID" not in os.environ:
+        return False
+    ntasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1")
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = ntasks
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+        os.environ["MASTER_ADDR"] = slurm_master_addr(nodelist) if nodelist else "127.0.0.1"
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(slurm_port(os.environ.get("SLURM_JOB_ID", "0")))
+    return True
+
+
+def _detect_launcher(mapped_from_slurm: bool, world_size: int) -> str:
+    if mapped_from_slurm:
+        return "slurm"
+    if "TORCHELASTIC_RUN_ID" in os.environ or "GROUP_RANK" in os.environ:
+        return "torchrun"
+    # deepspeed/launcher/launch.py exports these next to RANK; torchrun does not.
+    if "CROSS_RANK" in os.environ or "LOCAL_SIZE" in os.environ:
+        return "deepspeed"
+    # RANK set by something else (a hand-written env:// launch) behaves like torchrun.
+    return "single" if world_size == 1 else "torchrun"
+
+
+def _timeout_s(timeout_s: Optional[float]) -> float:
+    if timeout_s is not None:
+        return float(timeout_s)
+    env = os.environ.get(TIMEOUT_ENV)
+    return float(env) if env else DEFAULT_TIMEOUT_S
+
+
+def init_distributed(timeout_s: Optional[float] = None) -> DistEnv:
+    """Discover rank/world size, initialise torch.distributed through DeepSpeed, return a
+    :class:`DistEnv`. Idempotent: a second call returns the first result.
+
+    ``timeout_s`` bounds rendezvous and every collective (default ``$SWINV2_DIST_TIMEOUT`` or
+    600 s), so a dead peer turns into an error instead of a hang.
+    """
+    global _ENV
+    if _ENV is not None and dist.is_initialized():
+        return _ENV
+
+    mapped = False
+    if "RANK" not in os.environ:
+        mapped = _map_slurm_env()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if world_size == 1:
+        # Loopback only: a single process never needs another host.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"RANK={rank} WORLD_SIZE={world_size} but {missing} not set; "
+                           "start with torchrun, the deepspeed launcher or srun")
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        # Must precede the first deepspeed import, which resolves the accelerator once.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device, backend = torch.device("cpu"), "gloo"
+
+    import deepspeed  # late: after DS_ACCELERATOR is set
+
+    timeout = timedelta(seconds=_timeout_s(timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
+                               verbose=False)
+    launcher = _detect_launcher(mapped, world_size)
+    _ENV = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                   backend=backend, launcher=launcher)
+    log.info("distributed: %s", _ENV)
+    return _ENV
+
+
+def _device() -> torch.device:
+    if _ENV is not None:
+        return _ENV.device
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(value: float | bool) -> float:
+    """Max of ``value`` over all ranks (plain ``float(value)`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (picklable objects)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_device())
+    return box[0]
+
+
+def shutdown() -> None:
+    """Destroy the process group. Skipping this can make a finished SLURM task abort (134)."""
+    global _ENV
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # shutting down after a peer failure must not mask the real error
+            log.warning("destroy_process_group failed: %s", e)
+    _ENV = None

@@ -1,0 +1,129 @@
+"""Everything systems-side that is applied to the plain model from outside (torchtitan style):
+activation checkpointing, fused kernels, optimizer, DeepSpeed config and `deepspeed.initialize`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Dict, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import swinv2
+from train.config import effective_lr
+
+log = logging.getLogger(__name__)
+
+
+def build_ds_config(cfg: DictConfig, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed JSON from the Hydra config (train.*, optim.*, deepspeed.*)."""
+    t, ds = cfg.train, cfg.deepspeed
+    micro = t.batch_size // (world_size * t.grad_accum)
+    conf: Dict[str, Any] = {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": float(cfg.optim.clip_grad or 0.0),
+        "zero_optimization": {
+            "stage": ds.zero_stage,
+            # overlap_comm defaults to on only for stage 3: set it explicitly
+            "overlap_comm": ds.overlap_comm,
+            # contiguous_gradients=false (+ reduce_scatter=false) skipped the all-reduce on CPU
+            # in some DeepSpeed releases (PR #8381): keep it on
+            "contiguous_gradients": ds.contiguous_gradients,
+            "reduce_bucket_size": ds.reduce_bucket_size,
+            "allgather_bucket_size": ds.allgather_bucket_size,
+        },
+        "steps_per_print": 10**12,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if t.precision == "bf16":
+        # fp32 gradient accumulation routes ZeRO-1 to BF16_Optimizer; overflow steps are
+        # detected (and we log was_step_applied) instead of being applied silently
+        conf["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif t.precision == "fp16":
+        conf["fp16"] = {"enabled": True, "loss_scale": ds.loss_scale,
+                        "initial_scale_power": ds.initial_scale_power,
+                        "loss_scale_window": ds.loss_scale_window, "hysteresis": ds.hysteresis,
+                        "min_loss_scale": ds.min_loss_scale}
+    return _merge(conf, OmegaConf.to_container(ds.extra, resolve=True))
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apex_available() -> bool:
+    try:
+        import apex  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _use_apex(cfg: DictConfig) -> bool:
+    if cfg.optim.fused == "torch":
+        return False
+    if cfg.optim.fused == "apex" and not _apex_available():
+        raise RuntimeError("optim.fused=apex but apex is not importable (or no CUDA device)")
+    return _apex_available()
+
+
+def swap_fused_layernorm(model: torch.nn.Module) -> int:
+    """Replace nn.LayerNorm by apex FusedLayerNorm (same parameters, same state-dict keys)."""
+    from apex.normalization import FusedLayerNorm
+
+    n = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.LayerNorm and child.elementwise_affine:
+                fused = FusedLayerNorm(child.normalized_shape, eps=child.eps)
+                fused.weight, fused.bias = child.weight, child.bias
+                setattr(parent, name, fused)
+                n += 1
+    return n
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module, use_apex: bool) -> torch.optim.Optimizer:
+    groups = swinv2.param_groups(model, cfg.optim.weight_decay)  # official wd exclusions
+    kw = dict(lr=effective_lr(cfg), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if use_apex:
+        from apex.optimizers import FusedAdam
+        return FusedAdam(groups, adam_w_mode=True, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def parallelize(cfg: DictConfig, model: torch.nn.Module, world_size: int) -> Tuple[Any, Dict[str, Any]]:
+    """Checkpointing -> fused kernels -> DeepSpeed engine (ZeRO-1) -> optional compile.
+
+    Returns (engine, info) where info records what was chosen, for the run log.
+    """
+    import deepspeed
+
+    info: Dict[str, Any] = {}
+    ac = cfg.train.activation_checkpointing
+    info["checkpointed_blocks"] = (swinv2.apply_activation_checkpointing(
+        model, every=ac.every, stages=list(ac.stages) if ac.stages is not None else None)
+        if ac.every > 0 else 0)
+    use_apex = _use_apex(cfg)
+    info["fused_layernorm"] = swap_fused_layernorm(model) if use_apex else 0
+    optimizer = build_optimizer(cfg, model, use_apex)
+    info["optimizer"] = "apex FusedAdam (adam_w_mode)" if use_apex else "torch.optim.AdamW"
+    info["attention"] = cfg.model.attention
+    ds_config = build_ds_config(cfg, world_size)
+    info["ds_config"] = ds_config
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.train.compile:
+        engine.compile()  # compiles the wrapped module in place; state-dict keys stay official
+    info["compiled"] = bool(cfg.train.compile)
+    log.info("parallelize: optimizer=%s, checkpointed blocks=%d, fused LayerNorms=%d, attention=%s, "
+             "compile=%s, ZeRO stage %d, precision=%s", info["optimizer"], info["checkpointed_blocks"],
+             info["fused_layernorm"], info["attention"], info["compiled"], cfg.deepspeed.zero_stage,
+             cfg.train.precision)
+    return engine, info
