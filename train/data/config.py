@@ -54,6 +54,7 @@ class DataConfig:
     resampled: bool = False              # draw shards with replacement (huge datasets)
     pin_memory: bool = False
     prefetch_factor: int = 2
+    timeout_s: float = 0.0               # DataLoader per-batch timeout (0 = wait forever), workers only
     jpeg_draft: bool = True              # PIL draft-mode decode of large JPEGs
     # --- bad input ------------------------------------------------------------------------
     max_bad_fraction: float = 0.05       # raise if more bad samples than this in a window ...
@@ -99,6 +100,8 @@ class DataConfig:
             bad("num_workers", "must be >= 0")
         if self.shuffle_buffer < 0:
             bad("shuffle_buffer", "must be >= 0")
+        if self.timeout_s < 0:
+            bad("timeout_s", "must be >= 0")
         if self.prefetch_factor < 1:
             bad("prefetch_factor", "must be >= 1")
         for k in ("train_samples", "val_samples"):

@@ -312,7 +312,7 @@ class StreamingLoader:
     """Iterable of (images, targets); wraps a torch DataLoader(batch_size=None)."""
 
     def __init__(self, dataset, *, num_workers, pin_memory, prefetch_factor, num_batches,
-                 batches_per_epoch, pattern, start_batch=0, require_samples=True):
+                 batches_per_epoch, pattern, start_batch=0, require_samples=True, timeout_s=0.0):
         self.dataset = dataset
         self.batches_per_epoch = batches_per_epoch
         self.start_batch = start_batch
@@ -325,6 +325,7 @@ class StreamingLoader:
                   worker_init_fn=_worker_init)
         if num_workers > 0:
             kw["prefetch_factor"] = prefetch_factor
+            kw["timeout"] = timeout_s
         self.loader = DataLoader(dataset, **kw)
 
     def __len__(self) -> int:
@@ -434,7 +435,8 @@ def build_train_loader(cfg, *, img_size: int, global_batch_size: int, rank: int,
                       batches_per_epoch=bpe, start_batch=start_batch)
     loader = StreamingLoader(ds, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                              prefetch_factor=cfg.prefetch_factor, num_batches=bpe - start_batch,
-                             batches_per_epoch=bpe, pattern=pattern, start_batch=start_batch)
+                             batches_per_epoch=bpe, pattern=pattern, start_batch=start_batch,
+                             timeout_s=cfg.timeout_s)
     loader.samples_per_epoch = n
     return loader
 
@@ -489,6 +491,6 @@ def build_eval_loader(cfg, *, img_size: int, batch_size: int, rank: int, world_s
                     batch_size=batch_size),
         num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor, num_batches=None, batches_per_epoch=None,
-        pattern=pattern)
+        pattern=pattern, timeout_s=cfg.timeout_s)
     loader.num_samples = explicit  # may be None (not needed: partial batches)
     return loader

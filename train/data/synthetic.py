@@ -11,7 +11,6 @@ from __future__ import annotations
 import colorsys
 import io
 import json
-import math
 import os
 import shutil
 import tempfile

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 import random
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
