@@ -56,9 +56,12 @@ def test_flops_scale_with_head_dim_terms():
 
 
 # --------------------------------------------------------------------------------------------- probes
+SMALL = dict(img_size=64, window_size=4, drop_path_rate=0.0, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+
+
 def _nontrivial_model(**kw):
     torch.manual_seed(0)
-    m = create_model("tiny", img_size=64, window_size=4, drop_path_rate=0.0, **kw)
+    m = create_model("tiny", **{**SMALL, **kw})
     with torch.no_grad():  # make blocks non-identity so per-block stats differ
         for n, p in m.named_parameters():
             if "norm" in n and n.endswith("weight"):
@@ -91,13 +94,13 @@ def test_amplitude_probe_matches_direct_computation():
             probed = model(x)
         stats = probe.stats()
     assert torch.equal(probed, plain)  # probes do not change the model
-    assert sorted(stats) == list(range(12))
+    assert sorted(stats) == list(range(8)) and len(expected) == 8
     for i, out in enumerate(expected):
         a = out.abs().double()
         assert stats[i]["mean_abs"] == pytest.approx(a.mean().item(), rel=1e-5)
         assert stats[i]["rms"] == pytest.approx(a.square().mean().sqrt().item(), rel=1e-5)
         assert stats[i]["max"] == pytest.approx(a.max().item(), rel=1e-6)
-    assert len({round(s["rms"], 6) for s in stats.values()}) > 6  # the blocks really differ
+    assert len({round(s["rms"], 6) for s in stats.values()}) > 5  # the blocks really differ
     # removed on exit: a new forward is not recorded
     probe.clear()
     model(x)
