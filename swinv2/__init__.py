@@ -7,11 +7,13 @@ from .flops import flops
 from .model import (BasicLayer, PatchEmbed, PatchMerging, SwinTransformerV2, SwinTransformerV2Block, create_model,
                     iter_blocks, param_groups)
 from .probes import AmplitudeProbe, logit_scales
-from .weights import LoadReport, load_official_state_dict
+from .weights import (CheckpointMismatchError, LoadReport, load_official_state_dict, official_state_dict,
+                      save_official_state_dict)
 
 __all__ = [
     "VARIANTS", "ATTENTION_KERNELS", "KERNELS", "SwinV2Config", "SwinTransformerV2", "SwinTransformerV2Block",
     "BasicLayer", "PatchMerging", "PatchEmbed", "WindowAttention", "create_model", "iter_blocks", "param_groups",
     "apply_activation_checkpointing", "remove_activation_checkpointing", "flops", "probes", "AmplitudeProbe",
-    "logit_scales", "load_official_state_dict", "LoadReport",
+    "logit_scales", "load_official_state_dict", "LoadReport", "CheckpointMismatchError", "official_state_dict",
+    "save_official_state_dict",
 ]
