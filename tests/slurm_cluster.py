@@ -6,7 +6,8 @@ first stops daemons recorded under *sibling* directories whose owning pytest pro
 (never those of a live concurrent run: colleagues share this machine).
 
 Ports default to 16817/16818 and fall back to free ports when taken; override with
-``SWINV2_SLURMCTLD_PORT`` / ``SWINV2_SLURMD_PORT``.
+``SWINV2_SLURMCTLD_PORT`` / ``SWINV2_SLURMD_PORT``. ``SWINV2_KEEP_SLURM_DIR=1`` keeps the
+directory (daemon logs) after ``stop()``.
 """
 from __future__ import annotations
 
@@ -257,6 +258,8 @@ class SlurmCluster:
                 if str(self.base) in _cmdline(int(pid_dir.name)):
                     _stop_pid(int(pid_dir.name), grace=1)
         (self.base / "owner.pid").unlink(missing_ok=True)
+        if not os.environ.get("SWINV2_KEEP_SLURM_DIR"):  # keep daemon logs for debugging
+            shutil.rmtree(self.base, ignore_errors=True)
 
     # -- job helpers -------------------------------------------------------------------------
     def sbatch(self, *args: str, cwd: str | os.PathLike | None = None,
@@ -287,3 +290,50 @@ class SlurmCluster:
             time.sleep(0.25)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout}s: {info}\n"
                            f"{self.logs()}")
+
+
+# -- trainer helpers shared by the launch tests ----------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+# The smallest run of the real trainer: the default tiny model on the built-in synthetic data,
+# 2 images per rank, no W&B/TensorBoard/probes/export, no data workers.
+TINY_TRAIN = ["logger=none", "train.batch_size=4", "train.amp_every=0", "train.log_every=1",
+              "run.export_official=false", "data.num_workers=0", "data.shuffle_buffer=0",
+              "train.eval_batch_size=32", "train.progress=lines"]
+
+
+def train_losses(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
+    """(step, train/loss) in file order from metrics.jsonl (duplicates kept on purpose)."""
+    import json
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line being written right now
+            continue
+        if "train/loss" in rec:
+            out.append((int(rec["step"]), float(rec["train/loss"])))
+    return out
+
+
+def committed_steps(run_dir: str | os.PathLike) -> list[int]:
+    ckpts = Path(run_dir) / "checkpoints"
+    return sorted(int(d.name.split("_")[1]) for d in ckpts.glob("step_*")
+                  if (d / "COMMITTED").exists()) if ckpts.is_dir() else []
+
+
+def wait_until(pred, timeout: float, what: str, poll: float = 0.2, procs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"process {p.args} exited {p.returncode} while waiting "
+                                   f"for {what}")
+        time.sleep(poll)
+    raise TimeoutError(f"{what} not reached after {timeout}s")

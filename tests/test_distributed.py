@@ -198,7 +198,8 @@ def _worker(mode: str) -> None:
         for k in ("MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"):
             out[k] = os.environ.get(k)
     elif mode == "allreduce":
-        out = {"rank": env.rank, "world_size": env.world_size,
+        out = {"rank": env.rank, "world_size": env.world_size, "launcher": env.launcher,
+               "probe": os.environ.get("SWINV2_PROBE"),
                "max": D.all_reduce_max(1.0 if env.rank == 0 else 2.5),
                "flag_any": D.all_reduce_max(env.rank == 1),
                "flag_none": D.all_reduce_max(False),

@@ -118,7 +118,7 @@ def slurm_master_addr(nodelist: str) -> str:
     every hostlist syntax); the parser is a fallback for nodes without the client tools."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
+                             text=True, timeout=15, check=True).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):

@@ -1,0 +1,1 @@
+"""SLURM batch templates (package so that setup.py installs the *.sbatch files)."""

@@ -1,0 +1,150 @@
+"""swinv2-submit: fill a SLURM template from Hydra-style ``key=value`` settings and submit it.
+
+    swinv2-submit nodes=2 gpus_per_node=8 time=24:00:00 partition=gpu account=proj \\
+        -- experiment=swinv2_base_256_w8_1k train.batch_size=4096
+    swinv2-submit --dry-run launcher=torchrun nodes=4 gpus_per_node=8 -- experiment=...
+    swinv2-submit ntasks=2 gpus_per_node=0 -- train.max_steps=20          # CPU test cluster
+
+Settings (before ``--``) become ``#SBATCH`` lines; everything after ``--`` is passed to the
+trainer as Hydra overrides (embedded in the script, so a requeue replays them). The filled
+script is printed before it is submitted; ``--dry-run`` only prints it. ``sbatch.<opt>=<v>``
+passes any other sbatch option through (``sbatch.mail-type=END``).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+TEMPLATES = {
+    "srun": Path(__file__).resolve().parent / "slurm" / "train.sbatch",
+    "torchrun": Path(__file__).resolve().parent / "slurm" / "train_torchrun.sbatch",
+}
+
+# setting -> sbatch option; None values are left to the template/SLURM defaults.
+DEFAULTS: dict[str, Optional[str]] = {
+    "launcher": "srun",          # srun: one task per GPU; torchrun: one torchrun per node
+    "nodes": "1",
+    "gpus_per_node": "8",        # 0 on CPU-only clusters
+    "ntasks_per_node": None,     # default: gpus_per_node (srun) or 1 (torchrun)
+    "ntasks": None,              # total tasks instead of per node (CPU clusters)
+    "cpus_per_task": None,
+    "mem": None,
+    "time": None,
+    "partition": None,
+    "account": None,
+    "qos": None,
+    "constraint": None,
+    "job_name": None,
+    "output": None,
+    "signal_s": "300",           # USR1 this many seconds before the time limit
+    "exclusive": None,           # true -> --exclusive
+}
+OPTION = {k: "--" + k.replace("_", "-") for k in DEFAULTS}
+OPTION.update(job_name="--job-name", gpus_per_node="--gpus-per-node")
+
+
+def parse(argv: list[str]) -> tuple[dict[str, str], dict[str, str], list[str], bool]:
+    dry_run = False
+    settings: dict[str, str] = {}
+    passthrough: dict[str, str] = {}
+    if "--" in argv:
+        i = argv.index("--")
+        head, overrides = argv[:i], argv[i + 1:]
+    else:
+        head, overrides = argv, []
+    for arg in head:
+        if arg in ("--dry-run", "-n"):
+            dry_run = True
+            continue
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise SystemExit(f"swinv2-submit: expected key=value before '--', got {arg!r} "
+                             f"(trainer overrides go after '--')")
+        if key.startswith("sbatch."):
+            passthrough[key[len("sbatch."):]] = value
+        elif key in DEFAULTS:
+            settings[key] = value
+        else:
+            raise SystemExit(f"swinv2-submit: unknown setting {key!r}; known: "
+                             f"{', '.join(DEFAULTS)} or sbatch.<option>")
+    return settings, passthrough, overrides, dry_run
+
+
+def directives(settings: dict[str, str], passthrough: dict[str, str]) -> list[str]:
+    s = {k: v for k, v in DEFAULTS.items() if v is not None}
+    s.update(settings)
+    launcher = s.pop("launcher")
+    if launcher not in TEMPLATES:
+        raise SystemExit(f"swinv2-submit: launcher must be one of {list(TEMPLATES)}")
+    gpus = int(s.get("gpus_per_node") or 0)
+    if gpus <= 0:
+        s.pop("gpus_per_node", None)
+    if "ntasks" not in s and "ntasks_per_node" not in s:
+        s["ntasks_per_node"] = str(gpus if launcher == "srun" and gpus > 0 else 1)
+    if launcher == "torchrun" and "ntasks" in s:
+        raise SystemExit("swinv2-submit: launcher=torchrun runs one task per node; "
+                         "use nodes=/gpus_per_node= instead of ntasks=")
+    lines = [f"#SBATCH --signal=USR1@{int(s.pop('signal_s'))}", "#SBATCH --requeue"]
+    if str(s.pop("exclusive", "")).lower() in ("1", "true", "yes"):
+        lines.append("#SBATCH --exclusive")
+    for key, value in s.items():
+        lines.append(f"#SBATCH {OPTION[key]}={value}")
+    for key, value in passthrough.items():
+        lines.append(f"#SBATCH --{key}" + (f"={value}" if value != "" else ""))
+    return lines
+
+
+def render(settings: dict[str, str], passthrough: dict[str, str], overrides: list[str]) -> str:
+    launcher = settings.get("launcher", DEFAULTS["launcher"])
+    template = TEMPLATES.get(launcher)
+    if template is None:
+        raise SystemExit(f"swinv2-submit: launcher must be one of {list(TEMPLATES)}")
+    lines = template.read_text().splitlines()
+    ours = directives(settings, passthrough)
+    # sbatch stops reading #SBATCH at the first command, so ours go into the header; template
+    # directives for the same option are dropped (ours win, and no duplicate lines confuse).
+    ours_opts = {re.split(r"[ =]", d.split()[1], maxsplit=1)[0] for d in ours}
+    kept = [ln for ln in lines
+            if not (ln.startswith("#SBATCH ")
+                    and re.split(r"[ =]", ln.split()[1], maxsplit=1)[0] in ours_opts)]
+    last = max(i for i, ln in enumerate(kept) if ln.startswith("#SBATCH ") or i == 0)
+    body = kept[:last + 1] + ["# --- filled by swinv2-submit"] + ours + kept[last + 1:]
+    # Overrides are prepended to "$@" right after the header: sbatch stores the script, so a
+    # requeued job replays exactly these.
+    body_text = "\n".join(body) + "\n"
+    marker = "set -euo pipefail\n"
+    if overrides:
+        inject = marker + "set -- " + " ".join(shlex.quote(o) for o in overrides) + ' "$@"\n'
+        body_text = body_text.replace(marker, inject, 1)
+    return body_text
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    settings, passthrough, overrides, dry_run = parse(argv)
+    script = render(settings, passthrough, overrides)
+    sys.stdout.write(script)
+    sys.stdout.flush()
+    if dry_run:
+        return 0
+    # The script goes in on stdin: nothing is left on disk, and SLURM keeps its own copy.
+    r = subprocess.run(["sbatch", "--parsable"], input=script, text=True, capture_output=True)
+    if r.returncode != 0:
+        sys.stderr.write(r.stderr)
+        return r.returncode
+    job_id = r.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}", file=sys.stderr)
+    print(job_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
