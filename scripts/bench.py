@@ -44,7 +44,10 @@ RESULT_TAG = "BENCH_RESULT "
 # mode "train": forward + backward + AdamW step; "fwdbwd": forward + backward only.
 _T256 = dict(group="train256_b8", variant="tiny", img=256, window=8, batch=8, mode="train", warmup=1, repeats=3)
 _HR = dict(group="hires1536_b1", variant="tiny", img=1536, window=24, batch=1, mode="fwdbwd", warmup=0, repeats=1)
-_Q = dict(group="quick", variant="tiny", img=64, window=4, batch=2, mode="fwdbwd", warmup=0, repeats=1)
+_MID = dict(group="mid768_b1", variant="tiny", img=768, window=24, batch=1, mode="fwdbwd", warmup=0, repeats=1)
+# quick: a narrow, shallow SwinV2 (same overrides for both models) so a smoke run takes seconds
+_Q = dict(group="quick", variant="tiny", img=64, window=4, batch=2, mode="fwdbwd", warmup=0, repeats=1,
+          overrides=dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)))
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "t256_hf": dict(_T256, model="hf"),
@@ -59,12 +62,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "hr_fused_ckpt": dict(_HR, model="ours", attention="fused", ckpt=True),
     "hr_sequential": dict(_HR, model="ours", attention="sequential"),
     "hr_sequential_ckpt": dict(_HR, model="ours", attention="sequential", ckpt=True),
+    # development size (not in the default set): the 1536 geometry at a quarter of the tokens
+    "mid_hf": dict(_MID, model="hf"),
+    "mid_reference": dict(_MID, model="ours", attention="reference"),
+    "mid_fused": dict(_MID, model="ours", attention="fused"),
+    "mid_sequential": dict(_MID, model="ours", attention="sequential"),
+    "mid_sequential_ckpt": dict(_MID, model="ours", attention="sequential", ckpt=True),
     "quick_hf": dict(_Q, model="hf"),
     "quick_fused": dict(_Q, model="ours", attention="fused"),
     "quick_sequential": dict(_Q, model="ours", attention="sequential", ckpt=True),
 }
 # The default run: everything except the optional HF-with-checkpointing row (another ~17 GB run).
-DEFAULT = [n for n in CONFIGS if not n.startswith("quick") and n != "hr_hf_ckpt"]
+DEFAULT = [n for n in CONFIGS if not n.startswith(("quick", "mid")) and n != "hr_hf_ckpt"]
 QUICK = [n for n in CONFIGS if n.startswith("quick")]
 
 
@@ -98,7 +107,7 @@ def build_model(cfg: dict[str, Any]):
     import torch  # noqa: F401
     import swinv2
 
-    v = swinv2.VARIANTS[cfg["variant"]]
+    v = {**swinv2.VARIANTS[cfg["variant"]], **cfg.get("overrides", {})}
     if cfg["model"] == "hf":
         from transformers import Swinv2Config, Swinv2ForImageClassification
 
@@ -110,7 +119,7 @@ def build_model(cfg: dict[str, Any]):
             model.gradient_checkpointing_enable()
         return model, lambda x: model(pixel_values=x).logits
     model = swinv2.create_model(cfg["variant"], img_size=cfg["img"], window_size=cfg["window"], num_classes=1000,
-                                attention=cfg["attention"], drop_path_rate=0.1,
+                                attention=cfg["attention"], drop_path_rate=0.1, **cfg.get("overrides", {}),
                                 **({"sequential_chunk": cfg["chunk"]} if cfg.get("chunk") else {}))
     if cfg.get("ckpt"):
         swinv2.apply_activation_checkpointing(model, every=1)

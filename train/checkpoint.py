@@ -116,6 +116,8 @@ class CheckpointManager:
 
         tag = tag_for(step)
         path = os.path.join(self.root, tag)
+        if os.path.isfile(os.path.join(path, MARKER)):  # already committed (re-run of a finished run)
+            return path
         if self.rank == 0 and os.path.isdir(path):  # debris of an earlier interrupted save
             shutil.rmtree(path)
         if dist.is_initialized():

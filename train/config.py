@@ -251,6 +251,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> DictConfig:
     for st in t.activation_checkpointing.stages or []:
         if not 0 <= st < n_stages:
             _fail("train.activation_checkpointing.stages", f"stage {st} outside 0..{n_stages - 1}")
+    if m.pretrained is None and any(m.pretrained_window_sizes):
+        _fail("model.pretrained", "required: pretrained_window_sizes is set, i.e. this is a fine-tuning "
+              "recipe; give the pre-trained weights (official format)")
     if m.pretrained is not None and not os.path.exists(m.pretrained):
         _fail("model.pretrained", f"file not found: {m.pretrained}")
 

@@ -245,7 +245,8 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
     # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
     torch.manual_seed(cfg.run.seed)
     model = swinv2.create_model(**C.model_kwargs(cfg.model, num_classes))
-    resume_dir = resolve_resume(cfg.run.resume, run_dir)
+    from train.distributed import broadcast_object
+    resume_dir = broadcast_object(resolve_resume(cfg.run.resume, run_dir) if rank == 0 else None)  # one answer
     if cfg.model.pretrained and resume_dir is None:
         report = swinv2.load_official_state_dict(model, cfg.model.pretrained,
                                                  class_map=cfg.model.pretrained_class_map)
@@ -293,7 +294,7 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
              run_dir, cfg.model.variant, n_params / 1e6, env.world_size, env.launcher, t.batch_size, micro,
              t.grad_accum, env.world_size, total, steps_per_epoch, warmup, lr_peak, cfg.optim.lr,
              cfg.optim.lr_batch_ref)
-    log.info("optimizer: %s (apex %s)", info["optimizer"], "used" if "apex" in info["optimizer"] else "not available")
+    log.info("optimizer: %s", info["optimizer"])
 
     def client_state():
         return {"epoch": stream.position()[0], "data_position": stream.position(),
@@ -410,8 +411,9 @@ def print_summary(s: Dict[str, Any]) -> None:
         lines.append(f"final val top-1 {s['val/top1']:.2f}%  top-5 {s['val/top5']:.2f}%  loss {s['val/loss']:.4f}")
     lines += [f"run dir     {rd}",
               f"checkpoint  {s['checkpoint']}  (resume: same command, run.resume=auto)",
-              f"metrics     {os.path.join(rd, 'metrics.jsonl')}",
-              f"tensorboard tensorboard --logdir {os.path.join(rd, 'tensorboard')}"]
+              f"metrics     {os.path.join(rd, 'metrics.jsonl')}"]
+    if os.path.isdir(os.path.join(rd, "tensorboard")):
+        lines.append(f"tensorboard tensorboard --logdir {os.path.join(rd, 'tensorboard')}")
     if s.get("wandb_dir"):
         lines.append(f"wandb       wandb sync {os.path.dirname(s['wandb_dir'].rstrip('/'))}")
     if s.get("amplitudes_png"):

@@ -27,8 +27,13 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    from train.config import ConfigError
     from train.loop import run
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as e:  # a user error: one clear line, no traceback
+        print(f"swinv2-train: config error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _rank_overrides(argv: list[str]) -> list[str]:

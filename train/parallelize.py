@@ -49,6 +49,10 @@ def build_ds_config(cfg: DictConfig, world_size: int) -> Dict[str, Any]:
                         "initial_scale_power": ds.initial_scale_power,
                         "loss_scale_window": ds.loss_scale_window, "hysteresis": ds.hysteresis,
                         "min_loss_scale": ds.min_loss_scale}
+    if t.precision != "fp32":
+        # DeepSpeed casts only parameters by default; the CPB coordinate table and the shift mask
+        # are float buffers that meet bf16/fp16 weights inside the model, so cast them too
+        conf.setdefault("data_types", {})["buffer_dtype"] = t.precision
     return _merge(conf, OmegaConf.to_container(ds.extra, resolve=True))
 
 
@@ -114,7 +118,9 @@ def parallelize(cfg: DictConfig, model: torch.nn.Module, world_size: int) -> Tup
     use_apex = _use_apex(cfg)
     info["fused_layernorm"] = swap_fused_layernorm(model) if use_apex else 0
     optimizer = build_optimizer(cfg, model, use_apex)
-    info["optimizer"] = "apex FusedAdam (adam_w_mode)" if use_apex else "torch.optim.AdamW"
+    info["optimizer"] = ("apex FusedAdam (adam_w_mode) + FusedLayerNorm" if use_apex else
+                         "torch.optim.AdamW (native; apex " + ("disabled by optim.fused=torch)" if _apex_available()
+                                                                else "not importable)"))
     info["attention"] = cfg.model.attention
     ds_config = build_ds_config(cfg, world_size)
     info["ds_config"] = ds_config

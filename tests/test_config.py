@@ -1,0 +1,132 @@
+"""Config tree: every recipe composes and validates with the paper's numbers; bad configs are
+rejected naming the key; DeepSpeed config and LR schedule. In-process, no process group."""
+import math
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException
+
+import train.config as C
+from train.loop import cosine_lr
+from train.parallelize import build_ds_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+SHARDS = ["data.train_shards='/d/train-{000000..000099}.tar'", "data.val_shards='/d/val-{000000..000004}.tar'"]
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+# name: (variant, img, window, effective lr, epochs, wd, drop path, batch, warmup epochs, classes)
+PAPER = {
+    "swinv2_tiny_256_w8_1k": ("tiny", 256, 8, 1e-3, 300, 0.05, 0.2, 1024, 20, 1000),
+    "swinv2_tiny_256_w16_1k": ("tiny", 256, 16, 1e-3, 300, 0.05, 0.2, 1024, 20, 1000),
+    "swinv2_small_256_w8_1k": ("small", 256, 8, 1e-3, 300, 0.05, 0.3, 1024, 20, 1000),
+    "swinv2_small_256_w16_1k": ("small", 256, 16, 1e-3, 300, 0.05, 0.3, 1024, 20, 1000),
+    "swinv2_base_256_w8_1k": ("base", 256, 8, 1e-3, 300, 0.05, 0.5, 1024, 20, 1000),
+    "swinv2_base_256_w16_1k": ("base", 256, 16, 1e-3, 300, 0.05, 0.5, 1024, 20, 1000),
+    "swinv2_base_192_w12_22k": ("base", 192, 12, 1e-3, 90, 0.1, 0.2, 4096, 5, 21841),
+    "swinv2_large_192_w12_22k": ("large", 192, 12, 1e-3, 90, 0.1, 0.2, 4096, 5, 21841),
+    "swinv2_base_22kto1k_256_w16": ("base", 256, 16, 4e-5, 30, 1e-8, 0.2, 1024, 5, 1000),
+    "swinv2_base_22kto1k_384_w24": ("base", 384, 24, 4e-5, 30, 1e-8, 0.2, 1024, 5, 1000),
+    "swinv2_large_22kto1k_256_w16": ("large", 256, 16, 4e-5, 30, 1e-8, 0.2, 1024, 5, 1000),
+    "swinv2_large_22kto1k_384_w24": ("large", 384, 24, 4e-5, 30, 1e-8, 0.2, 1024, 5, 1000),
+    "swinv2_giant_1536_w48": ("giant", 1536, 48, 1e-3, 90, 0.1, 0.2, 4096, 5, 21841),
+}
+
+
+def test_every_recipe_is_listed():
+    names = {f[:-5] for f in os.listdir(os.path.join(CONFIGS, "experiment")) if f.endswith(".yaml")}
+    assert names == set(PAPER) | {"default"}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_recipe_matches_paper(name):
+    ov = [f"experiment={name}", *SHARDS]
+    if "22kto1k" in name:
+        ov.append(f"model.pretrained={os.path.join(REPO, 'setup.py')}")  # any existing file
+    cfg = C.validate(_compose(ov), world_size=8)
+    variant, img, win, lr, epochs, wd, dp, batch, warm, ncls = PAPER[name]
+    assert (cfg.model.variant, cfg.model.img_size, cfg.model.window_size) == (variant, img, win)
+    assert math.isclose(C.effective_lr(cfg), lr, rel_tol=1e-9)
+    assert cfg.train.epochs == epochs and cfg.train.max_steps is None
+    assert cfg.optim.weight_decay == wd and cfg.optim.clip_grad == 5.0
+    assert cfg.model.drop_path_rate == dp and cfg.train.batch_size == batch
+    assert cfg.sched.warmup_epochs == warm and cfg.data.num_classes == ncls
+    if "22kto1k" in name:
+        assert list(cfg.model.pretrained_window_sizes) == [12, 12, 12, 6]
+        assert cfg.data.test_crop is (False if img == 384 else None)
+        assert math.isclose(C.effective_lr(cfg, cfg.sched.min_lr), 4e-7)  # official MIN_LR 2e-7 x 2
+    if variant == "giant":
+        assert cfg.model.attention == "sequential" and cfg.train.precision == "bf16"
+        assert cfg.train.activation_checkpointing.every == 1
+
+
+def test_default_validates_and_is_small():
+    cfg = C.validate(_compose(), world_size=1)
+    assert cfg.run.dir == "runs/default" and cfg.train.max_steps and cfg.data.train_shards is None
+    assert cfg.model.img_size == 64 and cfg.model.embed_dim == 32
+
+
+def test_finetune_recipe_requires_pretrained():
+    cfg = _compose(["experiment=swinv2_base_22kto1k_256_w16", *SHARDS])
+    with pytest.raises(C.ConfigError, match="model.pretrained"):
+        C.validate(cfg, world_size=8)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.bogus=1"], "bogus"),
+    (["train.batch_size=abc"], "train.batch_size"),
+    (["model.variant=huge2"], "model.variant"),
+    (["train.batch_size=100", "train.grad_accum=3"], "train.batch_size"),
+    (["model.window_size=6"], "model.window_size"),
+    (["experiment=swinv2_giant_1536_w48", *SHARDS, "model.window_size=32"], "model.window_size"),
+    (["train.nan_policy=ignore"], "train.nan_policy"),
+    (["train.precision=fp8"], "train.precision"),
+    (["data.augment=heavy"], "data.augment"),
+    (["data.num_classes=1000"], "data.train_shards"),
+    (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
+])
+def test_bad_config_names_key(overrides, key):
+    with pytest.raises((C.ConfigError, ConfigCompositionException, OmegaConfBaseException)) as e:
+        C.validate(_compose(overrides), world_size=2)
+    text = str(e.value) + str(getattr(e.value, "__cause__", ""))
+    assert key in text, text
+
+
+def test_batch_divisibility_uses_world_size():
+    cfg = _compose(["train.batch_size=48", "train.grad_accum=2"])
+    C.validate(cfg, world_size=2)
+    with pytest.raises(C.ConfigError, match="train.batch_size"):
+        C.validate(cfg, world_size=5)
+
+
+def test_deepspeed_config():
+    cfg = _compose(["train.batch_size=64", "train.grad_accum=2", "train.precision=bf16"])
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 2 * 4 == 64
+    assert ds["zero_optimization"]["stage"] == 1
+    assert ds["zero_optimization"]["overlap_comm"] and ds["zero_optimization"]["contiguous_gradients"]
+    assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32"
+    assert ds["data_types"]["buffer_dtype"] == "bf16"
+    assert ds["gradient_clipping"] == 5.0 and "fp16" not in ds
+    ds16 = build_ds_config(_compose(["train.precision=fp16", "+deepspeed.extra.wall_clock_breakdown=true"]), 1)
+    assert ds16["fp16"]["enabled"] and ds16["fp16"]["loss_scale"] == 0  # dynamic
+    assert ds16["wall_clock_breakdown"] is True  # deepspeed.extra merged verbatim
+    assert "bf16" not in build_ds_config(_compose(), 1)
+
+
+def test_cosine_schedule():
+    kw = dict(total=100, warmup=10, lr=1e-3, warmup_lr=1e-6, min_lr=1e-5)
+    assert cosine_lr(0, **kw) == 1e-6
+    assert math.isclose(cosine_lr(10, **kw), 1e-3)
+    assert cosine_lr(5, **kw) < cosine_lr(9, **kw) < 1e-3
+    assert math.isclose(cosine_lr(55, **kw), (1e-3 + 1e-5) / 2)
+    assert math.isclose(cosine_lr(100, **kw), 1e-5)
+    lrs = [cosine_lr(s, **kw) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))

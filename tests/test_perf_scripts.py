@@ -1,0 +1,114 @@
+"""The performance tools run and compute what they claim (no timing assertions here: speed and
+memory TARGETS are in scripts/bench.py output and docs/PERFORMANCE.md)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts import memory_model as mm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _block_params(C: int, heads: int, mlp_ratio: int = 4, cpb_hidden: int = 512) -> int:
+    # norm1 + norm2 (2C each), logit_scale (heads), q_bias + v_bias (2C), cpb_mlp Linear(2, 512)
+    # with bias + Linear(512, heads) without, qkv (3C x C, no bias), proj (C x C + C), mlp fc1/fc2
+    return (4 * C + heads + 2 * C + (2 * cpb_hidden + cpb_hidden + cpb_hidden * heads) + 3 * C * C
+            + (C * C + C) + (C * mlp_ratio * C + mlp_ratio * C) + (mlp_ratio * C * C + C))
+
+
+def _hand_params(C, depths, heads, num_classes, extra_norm_every=0, in_chans=3, patch=4):
+    n = in_chans * patch * patch * C + C + 2 * C  # patch_embed conv + LN
+    for i, (d, h) in enumerate(zip(depths, heads)):
+        Ci = C * 2**i
+        n += d * _block_params(Ci, h)
+        if extra_norm_every:
+            n += (d // extra_norm_every) * 2 * Ci
+        if i < len(depths) - 1:
+            n += 4 * Ci * 2 * Ci + 2 * 2 * Ci  # patch merging: reduction (no bias) + LN(2C)
+    Cl = C * 2 ** (len(depths) - 1)
+    n += 2 * Cl  # final norm
+    if num_classes:
+        n += Cl * num_classes + num_classes
+    return n
+
+
+def test_param_count_matches_hand_computation_small_and_tiny():
+    assert mm.count_params("tiny", embed_dim=16, depths=(1, 2), num_heads=(1, 2), num_classes=10,
+                           pretrained_window_sizes=(0, 0)) == \
+        _hand_params(16, (1, 2), (1, 2), 10)
+    assert mm.count_params("tiny") == _hand_params(96, (2, 2, 6, 2), (3, 6, 12, 24), 1000)
+    assert abs(mm.count_params("tiny") - 28.35e6) < 0.01e6  # the official model's count
+
+
+def test_giant_param_count_on_meta_device():
+    p = mm.count_params("giant", num_classes=0)
+    assert p == _hand_params(512, (2, 2, 42, 4), (16, 32, 64, 128), 0, extra_norm_every=6)
+    # 2997.8M for the official-code backbone (no extra norms) + 7 extra LayerNorms of stage 3
+    assert abs((p - 7 * 2 * 2048) - 2997.8e6) < 0.1e6
+    assert mm.count_params("giant") == p + 4096 * 1000 + 1000
+
+
+def test_state_bytes_zero1_arithmetic():
+    P = 1_000_000
+    assert mm.state_bytes(P, "fp32", 1) == dict(params=4e6, grads=4e6, optimizer=8e6, ds_fp32_grad_acc=0.0)
+    # bf16: bf16 params + grads replicated; fp32 master + Adam m, v = 12 bytes split over N ranks
+    s = mm.state_bytes(P, "bf16", 8)
+    assert (s["params"], s["grads"], s["optimizer"]) == (2e6, 2e6, 12e6 / 8)
+    assert mm.state_bytes(P, "bf16", 8, ds_fp32_grad_acc=True)["ds_fp32_grad_acc"] == 4e6
+    # the paper's "3B model with fp32 weights and AdamW states = 48 GB" without ZeRO: 16 bytes/param
+    s = mm.state_bytes(3_000_000_000, "fp32", 1)
+    assert s["params"] + s["grads"] + s["optimizer"] == 48e9
+    with pytest.raises(ValueError):
+        mm.state_bytes(P, "fp16", 1)
+    with pytest.raises(ValueError):
+        mm.state_bytes(P, "bf16", 0)
+
+
+def test_activation_prediction_scales_attention_only_without_sequential():
+    co = mm.Coefficients("reference", "fp32", alpha=10.0, beta=2.0, const_per_table=0.0, other_per_tc={},
+                         residual_bytes=4, gamma={False: 0.0, True: 0.0})
+    cfg = __import__("swinv2").SwinV2Config.from_variant("tiny", img_size=256, window_size=8)
+    ref = mm.predict_activations(cfg, 256, 8, 1, False, co)
+    # hand: every block holds alpha*T*C + beta*T*nH*N
+    hand = sum(d * (10.0 * (64 // 2**i) ** 2 * 96 * 2**i + 2.0 * (64 // 2**i) ** 2 * h * 64)
+               for i, (d, h) in enumerate(zip((2, 2, 6, 2), (3, 6, 12, 24))))
+    assert ref["held"] == pytest.approx(hand)
+    seq = mm.predict_activations(cfg, 256, 8, 1, False, mm.Coefficients(**{**co.__dict__, "attention": "sequential"}))
+    assert seq["held"] < ref["held"]
+    ck = mm.predict_activations(cfg, 256, 8, 1, True, co)  # checkpointing keeps block inputs only
+    assert ck["held"] == pytest.approx(sum(d * (64 // 2**i) ** 2 * 96 * 2**i * 4 for i, d in enumerate((2, 2, 6, 2))))
+
+
+def test_bench_quick_writes_json_with_both_models(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
+                        "--configs", "quick_hf,quick_sequential", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"date", "torch", "cpu_model", "cores", "command"} <= set(data["meta"])
+    rows = {row["name"]: row for row in data["results"]}
+    assert set(rows) == {"quick_hf", "quick_sequential"}
+    assert rows["quick_hf"]["model"] == "hf" and rows["quick_sequential"]["model"] == "ours"
+    for row in rows.values():
+        assert "error" not in row
+        assert row["fwd_s"] > 0 and row["bwd_s"] > 0 and row["peak_rss_gb"] > row["base_rss_gb"] > 0
+        assert row["params"] > 1e6 and abs(row["loss"]) < 100
+    # both models have the same geometry (tiny): parameter counts within the HF layout differences
+    assert rows["quick_hf"]["params"] == pytest.approx(rows["quick_sequential"]["params"], rel=0.01)
+    assert rows["quick_hf"]["mem_ratio_vs_peer"] == 1.0
+    assert rows["quick_sequential"]["mem_ratio_vs_peer"] > 0
+    assert "quick_sequential" in r.stdout and "mem/peer" in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_gpu_refuses_on_cpu():
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gpu.py")], capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+    assert r.returncode != 0
+    assert "needs a CUDA GPU" in r.stderr and "Nothing was measured" in r.stderr
+    assert "Traceback" not in r.stderr
