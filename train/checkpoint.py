@@ -10,6 +10,7 @@ CLI: python -m train.checkpoint export RUN_DIR [--step N] OUT.pth
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -167,11 +168,25 @@ class CheckpointManager:
 
 # ----------------------------------------------------------------------------- export
 def fp32_state_dict(tag_dir: str) -> Dict[str, torch.Tensor]:
-    """Full fp32 weights (+ buffers) of a committed checkpoint, from the ZeRO partitions."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """Full fp32 weights (+ buffers) of a checkpoint, from the ZeRO-1/2 fp32 master partitions.
 
-    root, tag = os.path.split(tag_dir.rstrip("/"))
-    return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    Each rank's optimizer file holds its slice of one flat fp32 vector per parameter group
+    (padding only at the end); `param_shapes` in the model file gives the order. Same result as
+    DeepSpeed's zero_to_fp32 for fp32 runs, and it also reads bf16 runs (BF16_Optimizer files,
+    which zero_to_fp32 rejects), where the module weights themselves are only bf16.
+    """
+    ms = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    files = glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    files.sort(key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f).group(1)))
+    parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             ["single_partition_of_fp32_groups"] for f in files]
+    out = {k: v for k, v in ms["module"].items()}  # buffers (and params, replaced below)
+    for g, shapes in enumerate(ms["param_shapes"]):
+        flat, off = torch.cat([p[g].flatten() for p in parts]), 0
+        for name, shape in shapes.items():
+            out[name] = flat[off:off + shape.numel()].view(shape).clone()
+            off += shape.numel()
+    return out
 
 
 def export(run_dir: str, out: str, step: Optional[int] = None) -> str:

@@ -79,6 +79,8 @@ class ModelConfig:
     num_heads: Optional[List[int]] = None
     extra_norm_every: Optional[int] = None
     sequential_chunk: Optional[int] = None
+    norm_style: Optional[str] = None   # res_post | pre (ablations / stability study)
+    attn_type: Optional[str] = None    # cosine | dot
     pretrained: Optional[str] = None   # official-format weights to start from (fine-tuning)
     pretrained_class_map: Optional[str] = None  # 22K->1K head rows (map22kto1k.txt)
 
@@ -185,7 +187,7 @@ def model_kwargs(mcfg: Any, num_classes: int) -> Dict[str, Any]:
     kw = dict(variant=mcfg.variant, img_size=mcfg.img_size, window_size=mcfg.window_size,
               num_classes=num_classes, pretrained_window_sizes=tuple(mcfg.pretrained_window_sizes),
               attention=mcfg.attention, drop_path_rate=mcfg.drop_path_rate)
-    for k in ("embed_dim", "depths", "num_heads", "extra_norm_every", "sequential_chunk"):
+    for k in ("embed_dim", "depths", "num_heads", "extra_norm_every", "sequential_chunk", "norm_style", "attn_type"):
         v = mcfg[k] if isinstance(mcfg, DictConfig) else getattr(mcfg, k)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else v

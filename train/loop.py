@@ -9,7 +9,7 @@ import random
 import resource
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 import torch
