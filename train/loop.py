@@ -216,10 +216,11 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     from train.distributed import init_distributed, shutdown
     from train.preemption import PreemptionHandler
 
+    preempt = PreemptionHandler()  # before the process group: a signal during start-up is kept
     env = init_distributed(timeout_s=cfg.train.dist_timeout_s)
     _setup_logging(env.rank)
     try:
-        return _run(cfg, env, t_start, PreemptionHandler())
+        return _run(cfg, env, t_start, preempt)
     finally:
         shutdown()
 
