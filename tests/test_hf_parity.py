@@ -43,13 +43,7 @@ TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 BASE_SHALLOW = dict(embed_dim=128, depths=(2, 2, 2, 2), num_heads=(4, 8, 16, 32))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: several times faster than two on this shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _create_model(variant, **kw):

@@ -17,13 +17,7 @@ SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
 BUFFER_WORDS = ("relative_position_index", "relative_coords_table", "attn_mask")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: intra-op threads only add overhead (and thrash on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make(img_size=64, window_size=4, num_classes=10, seed=0, **kw):
