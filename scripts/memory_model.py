@@ -23,8 +23,9 @@
   these per block by the target's token count, width, heads and window:
       held (no checkpointing) = sum_b alpha*T_b*C_b + beta*T_b*nH_b*N_b            (+ stem/merges)
       held (checkpointing)    = sum_b T_b*C_b*bytes(residual)                      (+ stem/merges)
-      peak = held + gamma * max_b(block working set) [+ sequential chunk scores]
-  where ``gamma`` (the transient of the backward: recomputed block, activation gradients) is fitted
+      peak = max over blocks b (backward order) of
+             saved(blocks <= b) + gamma * working_set(b) [+ sequential chunk scores of b]
+  where ``gamma`` (the backward's transient: recomputed block, activation gradients) is fitted
   on the calibration run. ``--validate`` checks the activation prediction against measurements at
   two other resolutions.
 * Not modelled: CUDA context and cuDNN/cuBLAS workspaces (``--reserve-gb``, default 1.0 is added
@@ -304,7 +305,9 @@ class Coefficients:
     other_per_tc: dict[str, float]  # outside blocks, bytes per token per channel of the region's stage
     residual_bytes: int
     gamma: dict[bool, float]  # transient / max block working set, for ckpt False / True
-    seq_chunk_factor: float = 4.0  # fp32 (chunk, nH, N, N) buffers alive at once in the sequential backward
+    # fp32 (nH, N, N) score buffers per window of a chunk alive at once in the sequential kernel's
+    # backward: measured 2 per window (+1 constant) by tests/test_sequential_memory.py
+    seq_chunk_factor: float = 2.0
     calibration: str = ""
 
 
@@ -351,15 +354,23 @@ def _other_bytes(cfg, img: int, batch: int, co: Coefficients) -> float:
 
 def predict_activations(cfg, img: int, window: int, batch: int, ckpt: bool, co: Coefficients,
                         chunk: int = 32) -> dict[str, float]:
+    """Activation bytes: what the forward leaves saved (held) and the backward peak.
+
+    The backward visits blocks last to first; while it works on block b, the saved tensors of
+    blocks before b (b included) are still alive, plus b's transient (gamma x its working set:
+    activation gradients and, with checkpointing, its recomputed activations; plus the sequential
+    kernel's chunk scores). The peak is the max over b.
+    """
     blocks = _stage_geometry(cfg, img, window, batch)
     work = [_block_work(b, co) for b in blocks]
     other = _other_bytes(cfg, img, batch, co)
-    if ckpt:
-        held = sum(b["tokens"] * b["dim"] * co.residual_bytes for b in blocks) + other
-    else:
-        held = sum(work) + other
-    transient = co.gamma[ckpt] * max(work) + max(_seq_chunk_bytes(b, co, chunk) for b in blocks)
-    return dict(held=held, transient=transient, peak=held + transient)
+    saved = [b["tokens"] * b["dim"] * co.residual_bytes for b in blocks] if ckpt else work
+    held = sum(saved) + other
+    peak, cum = 0.0, other
+    for b, w, sv in zip(blocks, work, saved):
+        cum += sv
+        peak = max(peak, cum + co.gamma[ckpt] * w + _seq_chunk_bytes(b, co, chunk))
+    return dict(held=held, transient=peak - held, peak=max(peak, held))
 
 
 def calibrate(attention: str, precision: str = "fp32", img: int = 128, window: int = 8, batch: int = 2,
@@ -383,9 +394,14 @@ def calibrate(attention: str, precision: str = "fp32", img: int = 128, window: i
                       residual_bytes=m.residual_bytes, gamma={False: 0.0, True: 0.0},
                       calibration=f"tiny {img}^2/W{window} batch {batch}, {precision}, CPU")
     for ck, meas in ((False, m), (True, measure("tiny", img, window, batch, attention, True, precision, chunk))):
-        pred = predict_activations(cfg, img, window, batch, ck, co, chunk)
-        work = max(_block_work(b, co) for b in _stage_geometry(cfg, img, window, batch))
-        co.gamma[ck] = max(0.0, (meas.peak_act - pred["held"] - (pred["transient"])) / work)
+        lo, hi = 0.0, 64.0  # the predicted peak is increasing in gamma: bisect to the measured peak
+        for _ in range(60):
+            co.gamma[ck] = (lo + hi) / 2
+            if predict_activations(cfg, img, window, batch, ck, co, chunk)["peak"] > meas.peak_act:
+                hi = co.gamma[ck]
+            else:
+                lo = co.gamma[ck]
+        co.gamma[ck] = lo
     return co
 
 
@@ -424,7 +440,7 @@ def table(variant: str, img: int, windows: list[int], batch: int, precision: str
     P = count_params(variant, **(overrides or {}))
     base = swinv2.SwinV2Config.from_variant(variant, **(overrides or {}))
     print(f"\n{variant}: {P / 1e9:.3f}B parameters (meta device); {img}^2, batch {batch}/GPU, {precision}, "
-          f"AdamW, ZeRO-1; +{reserve_gb} GB CUDA context/workspace reserve\n")
+          f"AdamW, ZeRO-1; sequential_chunk {chunk}; +{reserve_gb} GB CUDA context/workspace reserve\n")
     print("| window | attention | ckpt | N | params | grads | optim/N | activations | total | "
           "fits 40/80 GB | +DS fp32 grad acc | fits 40/80 GB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -457,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", default="1,8,16,64", help="data-parallel ranks N (comma list)")
     ap.add_argument("--setups", default="sequential:ckpt,reference:ckpt,sequential:nockpt,reference:nockpt",
                     help="attention:ckpt|nockpt comma list")
-    ap.add_argument("--chunk", type=int, default=32, help="sequential_chunk (windows per chunk)")
+    ap.add_argument("--chunk", type=int, default=8,
+                    help="sequential_chunk (windows per chunk) for the table; G's stage 1 at W32 has 16 heads x "
+                    "1024^2 scores per window (64 MB fp32), so the config default 32 would cost ~4 GB of chunk buffers")
     ap.add_argument("--reserve-gb", type=float, default=1.0)
     ap.add_argument("--validate", action="store_true", help="predicted vs measured activations on CPU")
     ap.add_argument("--validate-points", default="256:8,512:16", help="img:window list for --validate")
@@ -474,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         pts = [tuple(int(v) for v in p.split(":")) for p in args.validate_points.split(",")]
         print(f"\nactivation peak, predicted (calibrated at tiny 128^2/W8 b2) vs measured, CPU {args.precision}\n")
         print("| input | attention | ckpt | predicted GB | measured GB | error |\n|---|---|---|---|---|---|")
-        result["validation"] = validate(sorted({a for a, _ in setups}), args.precision, pts, args.chunk)
-    coeffs = {a: calibrate(a, args.precision, chunk=args.chunk) for a in sorted({a for a, _ in setups})}
+        result["validation"] = validate(sorted({a for a, _ in setups}), args.precision, pts, 32)
+    coeffs = {a: calibrate(a, args.precision, chunk=32) for a in sorted({a for a, _ in setups})}
     result["coefficients"] = {a: c.__dict__ | {"gamma": {str(k): v for k, v in c.gamma.items()}}
                               for a, c in coeffs.items()}
     result["table"] = table(args.variant, args.img, [int(w) for w in args.window.split(",")], args.batch,

@@ -11,6 +11,7 @@ Three interchangeable kernels compute the same function from the same inputs
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -114,23 +115,29 @@ def _dropout_keep(shape, p: float, seed: int, start: int, device) -> torch.Tenso
     return torch.rand(shape, generator=g, device=device) >= p
 
 
+_GROUP_CACHE: dict[int, tuple] = {}  # id(mask) -> (weakref to mask, mask._version, groups)
+
+
 def _window_groups(mask: Optional[torch.Tensor], n_windows: int) -> list[tuple[Optional[torch.Tensor], bool]]:
     """[(window positions or None for all, masked?)]: windows whose mask is all zero need only the
-    bias, so they form one group and never touch the mask. Cached on the mask tensor (a module
-    buffer: the same object every forward; a changed version recomputes)."""
+    bias, so they form one group and never touch the mask. Cached per mask tensor (a module buffer:
+    the same object every forward; an in-place change bumps its version and recomputes). The cache
+    holds a weak reference, so it neither keeps masks alive nor adds attributes to the buffer
+    (state dicts and checkpoints are unchanged)."""
     if mask is None:
         return [(None, False)]
-    cached = getattr(mask, "_swinv2_window_groups", None)
-    if cached is not None and cached[0] == mask._version:
-        return cached[1]
+    hit = _GROUP_CACHE.get(id(mask))
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
     flags = (mask.amin((1, 2)) != 0) | (mask.amax((1, 2)) != 0)  # reductions: no (nW, N, N) temporary
     masked, plain = flags.nonzero().flatten(), (~flags).nonzero().flatten()
     groups = [(idx, m) for idx, m in ((plain, False), (masked, True)) if idx.numel()]
     if plain.numel() == n_windows:
         groups = [(None, False)]
     try:
-        mask._swinv2_window_groups = (mask._version, groups)
-    except (AttributeError, RuntimeError):  # e.g. tensor subclasses that refuse attributes
+        key = id(mask)
+        _GROUP_CACHE[key] = (weakref.ref(mask, lambda _r, key=key: _GROUP_CACHE.pop(key, None)), mask._version, groups)
+    except TypeError:  # not weak-referenceable: just do not cache
         pass
     return groups
 
@@ -150,7 +157,10 @@ def _put(dst: torch.Tensor, idx: Optional[torch.Tensor], lo: int, hi: int, src: 
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-FUSED_BACKWARD_CHUNK_BYTES = 8 << 20  # fp32 scores per backward chunk of the fused kernel (cache-sized)
+# fp32 scores per backward chunk of the fused kernel. Measured on the shared 2-core box: 4-8 MB
+# (cache-sized) chunks are best single-threaded on an idle core but several times slower under load
+# (many small parallel ops); 64 MB chunks were within 10% of the best in every condition tried.
+FUSED_BACKWARD_CHUNK_BYTES = 64 << 20
 
 
 def _flash_forward(q, k, v, am):
@@ -199,18 +209,19 @@ class _WindowAttentionFn(torch.autograd.Function):
                     cdt = torch.promote_types(q.dtype, torch.float32)
                     s = (qc @ kc.transpose(-2, -1)).to(cdt) + bias_d.to(cdt)
                     if masked:
-                        s = s + _take(mask.unsqueeze(0), idx, lo, hi).unsqueeze(2).to(cdt)
+                        s = s + mask.index_select(0, idx[lo:hi]).unsqueeze(1).unsqueeze(0).to(cdt)
                     attn = s.softmax(-1)
                     attn = attn * _dropout_keep(attn.shape, p, seed, gi * nW + lo, q.device) / (1 - p)
                     _put(out, idx, lo, hi, attn.to(v.dtype) @ vc)
                     continue
                 if masked:  # (1, c*nH, N, N) broadcast over the B images: (B, c*nH, N, hd) views
-                    am = (bias_d.unsqueeze(0) + _take(mask.unsqueeze(0), idx, lo, hi)[0].unsqueeze(1))
+                    am = (bias_d.unsqueeze(0) + mask.index_select(0, idx[lo:hi]).unsqueeze(1))
                     o, l = _flash_forward(*(t.reshape(B, c * nH, N, hd) for t in (qc, kc, vc)),
                                           am.reshape(1, c * nH, N, N).to(q.dtype))
                 else:  # (1, nH, N, N) broadcast over all B*c windows
-                    o, l = _flash_forward(*(t.reshape(B * c, nH, N, hd) for t in (qc, kc, vc)),
-                                          bias_d.unsqueeze(0).to(q.dtype))
+                    am = bias_d.unsqueeze(0).to(q.dtype)
+                    o, l = _flash_forward(*(t.reshape(B * c, nH, N, hd) for t in (qc, kc, vc)), am)
+                del am, qc, kc, vc  # free this chunk's bias+mask before the next one is built
                 _put(out, idx, lo, hi, o.reshape(B, c, nH, N, hd))
                 if l is None:
                     have_lse = False
@@ -258,7 +269,7 @@ class _WindowAttentionFn(torch.autograd.Function):
                 s = qc @ kc.transpose(-2, -1)  # (B, c, nH, N, N)
                 s += bias.to(cdt)
                 if masked:
-                    s += _take(mask.unsqueeze(0), idx, lo, hi).unsqueeze(2).to(cdt)
+                    s += mask.index_select(0, idx[lo:hi]).unsqueeze(1).unsqueeze(0).to(cdt)
                 if lse5 is not None:
                     prob = s.sub_(_take(lse5, idx, lo, hi).unsqueeze(-1).to(cdt)).exp_()
                 else:
@@ -281,6 +292,7 @@ class _WindowAttentionFn(torch.autograd.Function):
                     _put(dk, idx, lo, hi, ds.transpose(-2, -1) @ qc)
                 if need_b:
                     dbias += ds.sum((0, 1))
+                del ds, qc, kc, vc, doc  # nothing of this chunk outlives it
         shape = (B_, nH, N, hd)
         return (dq.view(shape) if need_q else None, dk.view(shape) if need_k else None,
                 dv.view(shape) if need_v else None, dbias.to(ctx.bias_dtype) if need_b else None,
