@@ -35,6 +35,7 @@ setup(
         "console_scripts": [
             "swinv2-train=train.main:main",
             "swinv2-make-shards=scripts.make_shards:main",
+            "swinv2-amplitude-report=scripts.amplitude_report:main",
             "swinv2-submit=launch.submit:main",
         ],
     },

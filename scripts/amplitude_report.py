@@ -31,6 +31,7 @@ from train.metrics import read_jsonl
 AMP_STATS = ("mean_abs", "max")
 _LS_RE = re.compile(r"^logit_scale/(\d+)$")
 LOSS_EXPLOSION_FACTOR = 2.0  # a logged train loss above this x the first one counts as an explosion
+FAILED_TO_TRAIN_FACTOR = 0.9  # final train loss above this x the first one: learned (almost) nothing
 
 
 # ----------------------------------------------------------------------------- reading
@@ -103,7 +104,8 @@ def summarize_run(records: Sequence[dict], depths: Optional[Sequence[int]] = Non
     ratio_all: last block / first block (crosses patch merging, whose LayerNorm resets the scale);
     ratio_deep_stage: last / first block of the deepest stage, the paper's "deeper layers" view.
     diverged: any non-finite loss or skipped (non-finite) step, or a logged train loss above
-    LOSS_EXPLOSION_FACTOR x the first logged one.
+    LOSS_EXPLOSION_FACTOR x the first logged one. failed_to_train: the last finite train loss is
+    above FAILED_TO_TRAIN_FACTOR x the first (e.g. stuck at chance level), diverged or not.
     """
     out: Dict[str, Any] = {}
     losses = loss_curve(records)
@@ -114,8 +116,13 @@ def summarize_run(records: Sequence[dict], depths: Optional[Sequence[int]] = Non
     first_loss = finite[0][1] if finite else float("nan")
     max_loss = max((v for _, v in finite), default=float("nan"))
     exploded = bool(finite) and max_loss > LOSS_EXPLOSION_FACTOR * first_loss
-    out.update(first_loss=first_loss, final_loss=losses[-1][1] if losses else float("nan"),
+    final_loss = losses[-1][1] if losses else float("nan")
+    final_finite = finite[-1][1] if finite else float("nan")
+    out.update(first_loss=first_loss, final_loss=final_loss,
                max_loss=max_loss, nonfinite_steps=max(nonfinite, len(nonfinite_loss)),
+               final_over_first_loss=final_finite / first_loss if finite else float("nan"),
+               max_over_first_loss=max_loss / first_loss if finite else float("nan"),
+               failed_to_train=bool(finite) and not (final_finite <= FAILED_TO_TRAIN_FACTOR * first_loss),
                first_nonfinite_step=nonfinite_loss[0] if nonfinite_loss else None,
                loss_exploded=exploded,
                diverged=bool(nonfinite or nonfinite_loss or exploded),
@@ -134,7 +141,7 @@ def summarize_run(records: Sequence[dict], depths: Optional[Sequence[int]] = Non
         amps = by_step[last_step]
         layers = sorted(amps)
         first, last = amps[layers[0]], amps[layers[-1]]
-        out[f"amp_step"] = last_step
+        out["amp_step"] = last_step
         out[f"{stat}_first"] = first
         out[f"{stat}_last"] = last
         out[f"{stat}_ratio_all"] = last / first if first else float("inf")
@@ -329,7 +336,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(line)
     else:
         print("no amplitudes in metrics.jsonl (train.amp_every=0?)")
-    print(f"diverged: {s['diverged']} (non-finite steps {s['nonfinite_steps']}, loss exploded {s['loss_exploded']})"
+    print(f"diverged: {s['diverged']} (non-finite steps {s['nonfinite_steps']}, loss exploded {s['loss_exploded']}); "
+          f"failed to train: {s['failed_to_train']}"
           + (f"; final val top-1 {s['final_val_top1']:.2f}%" if s.get("final_val_top1") is not None else ""))
     return 0
 

@@ -1,6 +1,6 @@
 """Post-norm stability study: {res_post, pre} x {cosine, dot} on a deep, narrow SwinV2.
 
-    python -m scripts.amplitude_study --out runs/stability [--steps 120] [--depth 24]
+    python -m scripts.amplitude_study --out runs/stability [--steps 100] [--depth 24]
         [--lrs 1e-3,1e-2] [--variants all] [--jobs 1] [--figures-dir DIR] [--quick] [--plot-only]
 
 Every variant is a real `swinv2-train experiment=stability ...` run (configs/experiment/stability.yaml)
@@ -30,8 +30,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -63,55 +65,9 @@ def variant_label(norm: str, attn: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the trainer
-def trainer_supports_variant_overrides() -> bool:
-    """True when the trainer's schema has model.norm_style / model.attn_type."""
-    import dataclasses
-    from train import config as C
-    names = {f.name for f in dataclasses.fields(C.ModelConfig)}
-    return {"norm_style", "attn_type"} <= names
-
-
 def trainer_command() -> List[str]:
-    """`swinv2-train` (as `python -m train.main`), or this script's shim around it when the
-    trainer's schema does not take model.norm_style / model.attn_type yet (see _trainer_shim)."""
-    if trainer_supports_variant_overrides():
-        return [sys.executable, "-m", "train.main"]
-    return [sys.executable, "-m", "scripts.amplitude_study", "--trainer-shim"]
-
-
-def _trainer_shim(argv: Sequence[str]) -> None:
-    """Run `swinv2-train` with model.norm_style / model.attn_type added to its schema.
-
-    Only used while train/config.py's ModelConfig lacks these two fields: the schema node is
-    re-registered with them (default null = the model's default) and train.config.model_kwargs
-    is wrapped to pass them to swinv2.create_model. Nothing else of the trainer changes."""
-    from dataclasses import field, make_dataclass
-
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import DictConfig
-
-    from train import config as C
-
-    # make_dataclass with real types (this module's annotations are strings: __future__)
-    ModelConfigX = make_dataclass("ModelConfigX", [("norm_style", Optional[str], None),
-                                                   ("attn_type", Optional[str], None)], bases=(C.ModelConfig,))
-    TrainSchemaX = make_dataclass("TrainSchemaX", [("model", ModelConfigX, field(default_factory=ModelConfigX))],
-                                  bases=(C.TrainSchema,))
-    ConfigStore.instance().store(name="train_schema", node=TrainSchemaX)
-    base = C.model_kwargs
-
-    def model_kwargs(mcfg, num_classes):
-        kw = base(mcfg, num_classes)
-        for k in ("norm_style", "attn_type"):
-            v = mcfg.get(k) if isinstance(mcfg, DictConfig) else getattr(mcfg, k, None)
-            if v is not None:
-                kw[k] = v
-        return kw
-
-    C.model_kwargs = model_kwargs
-    import train.main
-    sys.argv = ["swinv2-train", *argv]
-    train.main.main()
+    """`swinv2-train`, as `python -m train.main` of this interpreter."""
+    return [sys.executable, "-m", "train.main"]
 
 
 def build_overrides(*, norm: str, attn: str, lr: float, steps: int, depth: int, run_dir: str, seed: int,
@@ -126,9 +82,27 @@ def build_overrides(*, norm: str, attn: str, lr: float, steps: int, depth: int, 
     return ov
 
 
+_LIVE: set = set()  # trainer subprocesses now running
+_STOP = threading.Event()  # set on SIGTERM: queued variants are not started
+
+
+def _terminate_children(signum, frame):
+    _STOP.set()
+    for proc in list(_LIVE):
+        proc.terminate()
+    for proc in list(_LIVE):
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    sys.exit(128 + signum)
+
+
 def run_variant(spec: Dict[str, Any], env: Dict[str, str]) -> Dict[str, Any]:
     """One trainer subprocess; returns the spec + rc + wall time (+ the run's summary)."""
     run_dir, log_path = spec["run_dir"], spec["log"]
+    if _STOP.is_set():
+        return {**spec, "rc": None, "wall_s": 0.0, "summary": {}, "crashed": True, "command": ""}
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # fresh: never resume or append to an older run of the study
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -137,7 +111,12 @@ def run_variant(spec: Dict[str, Any], env: Dict[str, str]) -> Dict[str, Any]:
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _LIVE.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            _LIVE.discard(proc)
     res = {**spec, "rc": rc, "wall_s": time.time() - t0, "command": "swinv2-train " + " ".join(spec["overrides"])}
     try:
         run = load_run(run_dir)
@@ -146,6 +125,35 @@ def run_variant(spec: Dict[str, Any], env: Dict[str, str]) -> Dict[str, Any]:
         res["summary"] = {"diverged": None, "error": "no metrics.jsonl"}
     res["crashed"] = rc != 0
     return res
+
+
+def same_setup(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Check from the resolved config.yaml files that every run had the same data, seed, budget and
+    model apart from norm_style / attn_type (the working tree may change while a study runs)."""
+    from omegaconf import OmegaConf
+    prints = {}
+    for r in results:
+        path = os.path.join(r["run_dir"], "config.yaml")
+        if not os.path.exists(path):
+            continue
+        c = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        model = {k: v for k, v in c["model"].items() if k not in ("norm_style", "attn_type")}
+        key = {"data": c["data"], "model": model, "seed": c["run"]["seed"],
+               "train": {k: c["train"][k] for k in ("batch_size", "max_steps", "amp_every", "precision")},
+               "optim": {k: v for k, v in c["optim"].items() if k != "lr"}}
+        prints[r["name"]] = json.dumps(key, sort_keys=True)
+    groups = sorted(set(prints.values()))
+    return {"identical": len(groups) == 1,
+            "differing_runs": [] if len(groups) <= 1 else
+            [n for n, v in prints.items() if v != max(groups, key=list(prints.values()).count)]}
+
+
+def git_head() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 # ----------------------------------------------------------------------------- figures
@@ -259,16 +267,19 @@ def _fmt(v, spec=".3g") -> str:
 
 def summary_table(results: List[Dict[str, Any]]) -> str:
     rows = ["| lr | norm | attention | mean\\|x\\| last/first (stage 3) | max\\|x\\| last/first (stage 3) "
-            "| mean\\|x\\| last/first (all blocks) | max mean\\|x\\| over blocks | final train loss | non-finite steps "
-            "| diverged | val top-1 (%) | rc | wall (s) |",
-            "|" + "---|" * 13]
+            "| mean\\|x\\| last/first (all blocks) | max mean\\|x\\| over blocks | final train loss "
+            "| loss final/first | loss max/first | non-finite steps | diverged | failed to train | val top-1 (%) "
+            "| rc | wall (s) |",
+            "|" + "---|" * 16]
     for r in sorted(results, key=lambda r: (r["lr"], VARIANTS.index((r["norm"], r["attn"])))):
         s = r["summary"]
         rows.append("| " + " | ".join([
             f"{r['lr']:g}", r["norm"], r["attn"], _fmt(s.get("mean_abs_ratio_deep_stage")),
             _fmt(s.get("max_ratio_deep_stage")), _fmt(s.get("mean_abs_ratio_all")),
             _fmt(s.get("mean_abs_max_over_layers")), _fmt(s.get("final_loss"), ".4f"),
+            _fmt(s.get("final_over_first_loss"), ".2f"), _fmt(s.get("max_over_first_loss"), ".2f"),
             str(s.get("nonfinite_steps", "–")), "**yes**" if s.get("diverged") else "no",
+            "**yes**" if s.get("failed_to_train") else "no",
             _fmt(s.get("final_val_top1"), ".2f"), str(r["rc"]), f"{r['wall_s']:.0f}"]) + " |")
     return "\n".join(rows)
 
@@ -277,7 +288,7 @@ def summary_table(results: List[Dict[str, Any]]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Post-norm stability study (see docs/STABILITY.md)")
     p.add_argument("--out", default="runs/stability", help="study folder (run dirs, logs, summary)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 120; quick 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100; quick 3)")
     p.add_argument("--depth", type=int, default=None, help="blocks in stage 3 (default 24; quick 2)")
     p.add_argument("--lrs", default=None, help="comma-separated peak LRs (default 1e-3,1e-2; quick 1e-3)")
     p.add_argument("--variants", default=None,
@@ -290,7 +301,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--plot-only", action="store_true",
                    help="train nothing: redo figures and summary from OUT/summary.json's existing run dirs")
     a = p.parse_args(argv)
-    a.steps = a.steps or (3 if a.quick else 120)
+    a.steps = a.steps or (3 if a.quick else 100)
     a.depth = a.depth or (2 if a.quick else 24)
     a.lrs = [float(x) for x in (a.lrs or ("1e-3" if a.quick else "1e-3,1e-2")).split(",")]
     if a.variants in (None, "all"):
@@ -308,10 +319,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--trainer-shim"]:
-        _trainer_shim(argv[1:])
-        return 0
     a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate_children)  # `kill PID` ends the running trainers too
     out = os.path.abspath(a.out)
     fig_dir = os.path.abspath(a.figures_dir or os.path.join(out, "figures"))
     os.makedirs(out, exist_ok=True)
@@ -350,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             r = f.result()
             s = r["summary"]
             print(f"  {r['name']:28s} rc={r['rc']} {r['wall_s']:.0f}s diverged={s.get('diverged')} "
-                  f"ratio(stage3 mean|x|)={_fmt(s.get('mean_abs_ratio_deep_stage'))} "
+                  f"failed_to_train={s.get('failed_to_train')} ratio(stage3 mean|x|)={_fmt(s.get('mean_abs_ratio_deep_stage'))} "
                   f"top1={_fmt(s.get('final_val_top1'), '.2f')}", flush=True)
             results.append(r)
     results.sort(key=lambda r: specs.index(next(s for s in specs if s["name"] == r["name"])))
@@ -360,6 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "amp_every": a.amp_every, "quick": a.quick, "jobs": a.jobs,
                           "variants": [list(v) for v in a.variants],
                           "trainer": " ".join(trainer_command()[1:])},
+               "git_head": git_head(), "same_setup": same_setup(results),
                "wall_s": time.time() - t0, "figures": figures,
                "runs": [{k: r[k] for k in ("name", "lr", "norm", "attn", "run_dir", "rc", "crashed", "wall_s",
                                            "command", "summary")} for r in results]}
@@ -368,6 +378,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+    if not summary["same_setup"]["identical"]:
+        print("WARNING: runs differ in more than the variant (data/model/budget): "
+              + ", ".join(summary["same_setup"]["differing_runs"]))
     print(f"figures: {', '.join(figures.values())}\nsummary: {os.path.join(out, 'summary.json')}")
     return 0
 

@@ -53,7 +53,7 @@ def test_quick_study_runs_all_requested_variants_and_writes_plots(quick_study):
     for (norm, attn), r in runs.items():
         assert r["rc"] == 0 and r["crashed"] is False, r
         s = r["summary"]
-        for key in ("diverged", "nonfinite_steps", "final_loss", "final_val_top1", "mean_abs_ratio_all",
+        for key in ("diverged", "failed_to_train", "nonfinite_steps", "final_loss", "final_val_top1", "mean_abs_ratio_all",
                     "mean_abs_ratio_deep_stage", "max_ratio_deep_stage", "amp_step"):
             assert key in s, (key, s)
         assert s["steps"] == 3 and s["amp_step"] == 3
@@ -69,8 +69,9 @@ def test_quick_study_runs_all_requested_variants_and_writes_plots(quick_study):
         amp_recs = [rec for rec in recs if "amp/00/mean_abs" in rec]
         assert amp_recs and all(f"amp/{n_blocks - 1:02d}/max" in rec for rec in amp_recs)
         assert not any(f"amp/{n_blocks:02d}/max" in rec for rec in amp_recs)
-    # identical seeds (and so identical data order) for every variant
+    # identical seeds, data, budget and model apart from the variant (from the resolved configs)
     assert len({r["command"].split("run.seed=")[1].split()[0] for r in summary["runs"]}) == 1
+    assert summary["same_setup"] == {"identical": True, "differing_runs": []}
     figs = summary["figures"]
     assert set(figs) == {"amplitude_lr0.001", "loss", "logit_scale", "amplitude_ratio"}
     for path in figs.values():
@@ -160,6 +161,7 @@ def test_summary_flags_divergence_and_explosion():
           {"step": 2, "val/top1": 40.0, "val/loss": 1.9}]
     s = summarize_run(ok, depths=[1, 2, 1])
     assert s["diverged"] is False and s["final_val_top1"] == 40.0
+    assert s["failed_to_train"] is False and s["final_over_first_loss"] == pytest.approx(2.0 / 2.3)
     assert s["mean_abs_ratio_all"] == pytest.approx(8.0)
     assert s["mean_abs_ratio_deep_stage"] == pytest.approx(2.0)  # blocks 1 -> 2
     nan = ok + [{"step": 3, "train/loss": float("nan"), "train/nonfinite_steps": 1}]
@@ -167,7 +169,11 @@ def test_summary_flags_divergence_and_explosion():
     assert s["diverged"] is True and s["nonfinite_steps"] == 1 and s["first_nonfinite_step"] == 3
     boom = ok + [{"step": 3, "train/loss": 9.0}]
     s = summarize_run(boom)
-    assert s["diverged"] is True and s["loss_exploded"] is True
+    assert s["diverged"] is True and s["loss_exploded"] is True and s["failed_to_train"] is True
+    stuck = ok + [{"step": 3, "train/loss": 2.25}]  # back at the start: finite, not exploded, not trained
+    s = summarize_run(stuck)
+    assert s["diverged"] is False and s["failed_to_train"] is True
+    assert s["max_over_first_loss"] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------- report command
