@@ -37,6 +37,7 @@ def plot_amplitudes(records: Iterable[dict], out_png: str, stat: str = "rms", ma
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     by_step = amplitudes_by_step(records, stat)
     if not by_step:
@@ -52,6 +53,7 @@ def plot_amplitudes(records: Iterable[dict], out_png: str, stat: str = "rms", ma
         ax.plot(layers, [by_step[s][i] for i in layers], marker="o", ms=3,
                 color=cmap(n / max(1, len(steps) - 1)), label=f"step {s}")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # blocks are whole
     ax.set_xlabel("block index")
     ax.set_ylabel(f"activation {stat} (block output)")
     ax.set_title(title or f"Activation amplitude per block ({stat})")
