@@ -12,3 +12,19 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+_MEASUREMENTS: list = []
+
+
+@pytest.fixture
+def report():
+    """`report(line)`: a measurement shown in the run's summary (pytest captures print())."""
+    return _MEASUREMENTS.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MEASUREMENTS:
+        terminalreporter.section("measurements")
+        for line in _MEASUREMENTS:
+            terminalreporter.write_line(line)

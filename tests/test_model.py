@@ -405,7 +405,7 @@ print(json.dumps(dict(
 
 
 @pytest.mark.slow
-def test_tiny_1536_window24_sequential_forward_backward():
+def test_tiny_1536_window24_sequential_forward_backward(report):
     """SwinV2-T at 1536x1536/W24 (stage 1: 256 windows of 576 tokens), batch 1, forward+backward with the
     sequential kernel and activation checkpointing on stages 1-2; own process so peak RSS is its own."""
     import json
@@ -415,8 +415,8 @@ def test_tiny_1536_window24_sequential_forward_backward():
     proc = subprocess.run([sys.executable, "-c", _BIG_SCRIPT, "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"\n1536x1536 W24 tiny sequential: build {r['build_s']:.1f}s forward {r['forward_s']:.1f}s "
-          f"backward {r['backward_s']:.1f}s peak RSS {r['peak_rss_gb']:.2f} GiB")
+    report(f"1536x1536 W24 tiny sequential: build {r['build_s']:.1f}s forward {r['forward_s']:.1f}s "
+           f"backward {r['backward_s']:.1f}s peak RSS {r['peak_rss_gb']:.2f} GiB")
     assert r["wrapped"] == 4
     assert r["out_finite"] and r["grads_finite"] and r["missing_grads"] == 0
     assert r["cpb_grad"] > 0
