@@ -122,7 +122,7 @@ def build_model(cfg: dict[str, Any]):
                                 attention=cfg["attention"], drop_path_rate=0.1, **cfg.get("overrides", {}),
                                 **({"sequential_chunk": cfg["chunk"]} if cfg.get("chunk") else {}))
     if cfg.get("ckpt"):
-        swinv2.apply_activation_checkpointing(model, every=1)
+        swinv2.apply_activation_checkpointing(model, every=1, granularity=cfg.get("ckpt_granularity", "block"))
     return model, model
 
 
@@ -185,6 +185,8 @@ def spawn(cfg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """Run one config in a fresh interpreter; returns its result plus the child's peak RSS."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if cfg.get("malloc_mmap_threshold"):  # glibc: fixed threshold, freed big blocks go back to the OS
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(cfg["malloc_mmap_threshold"]))
     with tempfile.TemporaryFile("w+") as out:
         t0 = time.time()
         p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(cfg)],
@@ -284,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--chunk", type=int, default=None, help="sequential_chunk for our model")
+    ap.add_argument("--ckpt-granularity", default=None, choices=["block", "half"],
+                    help="apply_activation_checkpointing granularity for our *_ckpt configs (default block)")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="run the children with glibc MALLOC_MMAP_THRESHOLD_=BYTES (allocations >= BYTES are "
+                         "mmap'ed and unmapped on free, so RSS follows live memory; default: glibc's dynamic "
+                         "threshold, as every recorded number unless the row says otherwise)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per config (killed after)")
     ap.add_argument("--reuse", default=None, help="JSON of an earlier run: keep its rows for configs not rerun")
     ap.add_argument("--out", default=None, help="write results JSON here")
@@ -318,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("repeats", "warmup", "chunk"):
             if getattr(args, k) is not None:
                 cfg[k] = getattr(args, k)
+        if args.malloc_mmap_threshold:
+            cfg["malloc_mmap_threshold"] = args.malloc_mmap_threshold
+        if args.ckpt_granularity is not None and cfg.get("ckpt") and cfg["model"] == "ours":
+            cfg["ckpt_granularity"] = args.ckpt_granularity
         load_before = os.getloadavg()
         print(f"[bench] {n}: {cfg['model']} {cfg['variant']} {cfg['img']}^2/W{cfg['window']} b{cfg['batch']} "
               f"{cfg.get('attention', '')} ckpt={bool(cfg.get('ckpt'))} load={load_before[0]:.2f}", flush=True)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ATTENTION_KERNELS, ATTN_TYPES
+from .windows import RegionMask
 
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # tau >= 0.01 (paper); no lower clamp (official)
 CPB_HIDDEN = 512
@@ -56,13 +57,26 @@ def relative_position_index(window_size: int, device: torch.device | str = "cpu"
 # ---------------------------------------------------------------------------------------------
 # Kernels: (q, k, v, scale, bias, mask, attn_drop, chunk) -> (B_, nH, N, hd)
 #   q, k, v: (B_, nH, N, hd) with B_ = B * nW, windows of one image contiguous (window_partition)
-#   scale: (nH, 1, 1) tensor or float multiplying q.k; bias: (nH, N, N); mask: (nW, N, N) or None
+#   scale: (nH, 1, 1) tensor or float multiplying q.k; bias: (nH, N, N); mask: (nW, N, N) or None,
+#   or a RegionMask (region ids (nW, N): the same mask, built per chunk of windows, never whole)
 # ---------------------------------------------------------------------------------------------
+def _dense_mask(mask, dtype: torch.dtype = torch.float32):
+    return mask.dense(dtype) if isinstance(mask, RegionMask) else mask
+
+
+def _mask_rows(mask, sel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(c, N, N) mask of the windows `sel`, in `dtype` (a RegionMask builds only these rows)."""
+    if isinstance(mask, RegionMask):
+        return mask.rows(sel, dtype)
+    return mask.index_select(0, sel).to(dtype)
+
+
 def _split_windows(t: torch.Tensor, n_windows: int) -> torch.Tensor:
     return t.view(t.shape[0] // n_windows, n_windows, *t.shape[1:])
 
 
 def reference_attention(q, k, v, scale, bias, mask, attn_drop: float = 0.0, chunk: int = 0):
+    mask = _dense_mask(mask)
     attn = q @ k.transpose(-2, -1)
     if not _is_one(scale):
         attn = attn * scale
@@ -80,6 +94,7 @@ def _fused_sdpa_autograd(q, k, v, scale, bias, mask, attn_drop: float = 0.0):
     # mask that requires grad. The (nW, nH, N, N) bias+mask is broadcast over the batch via a 5-D
     # (B, nW, nH, N, hd) view: no B copies.
     qs = q if _is_one(scale) else q * scale
+    mask = _dense_mask(mask, bias.dtype)
     am = bias.unsqueeze(0)
     if mask is not None:
         nW = mask.shape[0]
@@ -126,10 +141,16 @@ def _window_groups(mask: Optional[torch.Tensor], n_windows: int) -> list[tuple[O
     (state dicts and checkpoints are unchanged)."""
     if mask is None:
         return [(None, False)]
+    region = isinstance(mask, RegionMask)
+    if region:  # cache on the module's region-id buffer (the wrapper is rebuilt every forward)
+        mask = mask.regions
     hit = _GROUP_CACHE.get(id(mask))
     if hit is not None and hit[0]() is mask and hit[1] == mask._version:
         return hit[2]
-    flags = (mask.amin((1, 2)) != 0) | (mask.amax((1, 2)) != 0)  # reductions: no (nW, N, N) temporary
+    if region:
+        flags = mask.amin(1) != mask.amax(1)  # more than one region in the window
+    else:
+        flags = (mask.amin((1, 2)) != 0) | (mask.amax((1, 2)) != 0)  # reductions: no (nW, N, N) temporary
     masked, plain = flags.nonzero().flatten(), (~flags).nonzero().flatten()
     groups = [(idx, m) for idx, m in ((plain, False), (masked, True)) if idx.numel()]
     if plain.numel() == n_windows:
@@ -200,7 +221,12 @@ class _WindowAttentionFn(torch.autograd.Function):
         have_lse = p == 0
         for gi, (idx, masked) in enumerate(groups):
             n = nW if idx is None else idx.numel()
-            step = n if chunk_fwd <= 0 else max(1, chunk_fwd // B)
+            if chunk_fwd > 0:
+                step = max(1, chunk_fwd // B)
+            elif masked and p == 0:  # bias+mask of the group (c*nH, N, N): cap it like the backward chunks
+                step = max(1, FUSED_BACKWARD_CHUNK_BYTES // (nH * N * N * 4))
+            else:
+                step = n
             for lo in range(0, n, step):
                 hi = min(lo + step, n)
                 c = hi - lo
@@ -209,13 +235,13 @@ class _WindowAttentionFn(torch.autograd.Function):
                     cdt = torch.promote_types(q.dtype, torch.float32)
                     s = (qc @ kc.transpose(-2, -1)).to(cdt) + bias_d.to(cdt)
                     if masked:
-                        s = s + mask.index_select(0, idx[lo:hi]).unsqueeze(1).unsqueeze(0).to(cdt)
+                        s = s + _mask_rows(mask, idx[lo:hi], cdt).unsqueeze(1).unsqueeze(0)
                     attn = s.softmax(-1)
                     attn = attn * _dropout_keep(attn.shape, p, seed, gi * nW + lo, q.device) / (1 - p)
                     _put(out, idx, lo, hi, attn.to(v.dtype) @ vc)
                     continue
                 if masked:  # (1, c*nH, N, N) broadcast over the B images: (B, c*nH, N, hd) views
-                    am = (bias_d.unsqueeze(0) + mask.index_select(0, idx[lo:hi]).unsqueeze(1))
+                    am = (bias_d.unsqueeze(0) + _mask_rows(mask, idx[lo:hi], bias_d.dtype).unsqueeze(1))
                     o, l = _flash_forward(*(t.reshape(B, c * nH, N, hd) for t in (qc, kc, vc)),
                                           am.reshape(1, c * nH, N, N).to(q.dtype))
                 else:  # (1, nH, N, N) broadcast over all B*c windows
@@ -228,7 +254,9 @@ class _WindowAttentionFn(torch.autograd.Function):
                 else:
                     _put(lse, idx, lo, hi, l.reshape(B, c, nH, N).float())
         out = out.view(B_, nH, N, hd)
-        ctx.save_for_backward(q, k, v, bias_d, mask, out, lse if have_lse else None)
+        ctx.region_mask = isinstance(mask, RegionMask)
+        ctx.save_for_backward(q, k, v, bias_d, mask.regions if ctx.region_mask else mask, out,
+                              lse if have_lse else None)
         ctx.groups, ctx.chunk_bwd, ctx.p, ctx.seed, ctx.chunk_fwd = groups, chunk_bwd, p, seed, chunk_fwd
         ctx.bias_dtype = bias.dtype
         return out
@@ -237,6 +265,8 @@ class _WindowAttentionFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, bias, mask, out, lse = ctx.saved_tensors
+        if ctx.region_mask:
+            mask = RegionMask(mask)
         p, seed, groups = ctx.p, ctx.seed, ctx.groups
         B_, nH, N, hd = q.shape
         nW = mask.shape[0] if mask is not None else B_
@@ -269,7 +299,7 @@ class _WindowAttentionFn(torch.autograd.Function):
                 s = qc @ kc.transpose(-2, -1)  # (B, c, nH, N, N)
                 s += bias.to(cdt)
                 if masked:
-                    s += mask.index_select(0, idx[lo:hi]).unsqueeze(1).unsqueeze(0).to(cdt)
+                    s += _mask_rows(mask, idx[lo:hi], cdt).unsqueeze(1).unsqueeze(0)
                 if lse5 is not None:
                     prob = s.sub_(_take(lse5, idx, lo, hi).unsqueeze(-1).to(cdt)).exp_()
                 else:

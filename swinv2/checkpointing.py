@@ -4,6 +4,12 @@ Each selected block gets an instance-level `forward` that runs the class's forwa
 non-reentrant `torch.utils.checkpoint`. No module is wrapped or renamed, so `state_dict()` keys are
 unchanged, forward hooks on the block (probes) still fire exactly once per forward, and the block's
 own code carries no checkpoint flag.
+
+Granularity: ``"block"`` (default) recomputes the whole block in its backward; ``"half"`` makes the
+attention half (x + DropPath(attention branch)) and the MLP half (x + DropPath(MLP branch), extra
+norm) two checkpoint regions, so the backward holds one half's recomputed activations at a time
+(peak working set roughly halved, at the cost of saving the block's middle residual stream).
+Same operations in the same order, so outputs and RNG use (drop path) are identical.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .model import iter_blocks
 
 _FLAG = "_swinv2_activation_checkpointing"
+GRANULARITIES = ("block", "half")
 
 
 def _checkpointed_forward(block: nn.Module):
@@ -29,11 +36,30 @@ def _checkpointed_forward(block: nn.Module):
     return forward
 
 
-def apply_activation_checkpointing(model: nn.Module, every: int = 1, stages: Optional[Iterable[int]] = None) -> int:
+def _checkpointed_halves_forward(block: nn.Module):
+    cls = type(block)
+    plain, attn_half, mlp_half = cls.forward, cls.forward_attention_half, cls.forward_mlp_half
+
+    def forward(x):
+        if not torch.is_grad_enabled():
+            return plain(block, x)
+        block.check_input(x)
+        x = checkpoint(attn_half, block, x, use_reentrant=False)
+        return checkpoint(mlp_half, block, x, use_reentrant=False)
+
+    return forward
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int = 1, stages: Optional[Iterable[int]] = None,
+                                   granularity: str = "block") -> int:
     """Checkpoint the blocks whose global index (as in `iter_blocks`) is a multiple of `every`,
-    optionally only those in `stages`. Idempotent; returns the number of blocks checkpointed by this call."""
+    optionally only those in `stages`, as one region per block (`granularity="block"`) or two
+    (`"half"`: attention half and MLP half). Idempotent (an already checkpointed block is left as it
+    is); returns the number of blocks checkpointed by this call."""
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     n_stages = len(model.layers)
     selected = set(range(n_stages)) if stages is None else set(stages)
     bad = sorted(s for s in selected if not 0 <= s < n_stages)
@@ -44,7 +70,7 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1, stages: Opt
         stage = int(name.split(".")[1])
         if stage not in selected or idx % every or getattr(blk, _FLAG, False):
             continue
-        blk.forward = _checkpointed_forward(blk)
+        blk.forward = _checkpointed_forward(blk) if granularity == "block" else _checkpointed_halves_forward(blk)
         setattr(blk, _FLAG, True)
         wrapped += 1
     return wrapped

@@ -14,7 +14,8 @@ from torch import nn
 
 from .attention import WindowAttention
 from .config import VARIANTS, SwinV2Config
-from .windows import cyclic_shift, reverse_cyclic_shift, shifted_window_mask, window_partition, window_reverse
+from .windows import (RegionMask, cyclic_shift, mask_from_regions, reverse_cyclic_shift, shifted_window_regions,
+                      window_partition, window_reverse)
 
 
 class DropPath(nn.Module):
@@ -72,17 +73,62 @@ class SwinTransformerV2Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.extra_norm = nn.LayerNorm(dim) if extra_norm else None
-        # Persistent buffer like the official code (key layers.i.blocks.j.attn_mask); None when unshifted.
+        # The shift mask is kept compact: region ids (nW, N) int8 in a NON-persistent buffer (moves with
+        # .to(), not in state_dict). The official persistent entry layers.i.blocks.j.attn_mask (nW, N, N)
+        # float is still produced by state_dict() and accepted (validated) by load_state_dict(), see
+        # _save_to_state_dict / _load_from_state_dict. At 1536/W24 the dense stage-1 mask is 340 MB.
         H, W = self.input_resolution
-        mask = shifted_window_mask(H, W, window_size, shift_size) if shift_size > 0 else None
-        self.register_buffer("attn_mask", mask)
+        regions = shifted_window_regions(H, W, window_size, shift_size) if shift_size > 0 else None
+        self.register_buffer("attn_mask_regions", regions, persistent=False)
+
+    @property
+    def attn_mask(self) -> Optional[torch.Tensor]:
+        """The official dense additive mask (nW, N, N) float32, or None when unshifted. Built on
+        every access from the region ids (not kept): use it for inspection, not in a loop."""
+        return None if self.attn_mask_regions is None else mask_from_regions(self.attn_mask_regions)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.attn_mask_regions is not None:  # same position as the official buffer: before the children
+            destination[prefix + "attn_mask"] = self.attn_mask
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "attn_mask"
+        if self.attn_mask_regions is not None:
+            if key in state_dict:
+                msg = self._check_loaded_mask(state_dict.pop(key))
+                if msg:
+                    error_msgs.append(f"{key}: {msg}")
+            elif strict:
+                missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @torch.no_grad()
+    def _check_loaded_mask(self, value: torch.Tensor) -> str:
+        """'' if `value` is this block's shift mask, else why not (compared window chunk by chunk)."""
+        regions = self.attn_mask_regions
+        nW, N = regions.shape
+        if tuple(value.shape) != (nW, N, N):
+            return (f"size mismatch: copying a param with shape {tuple(value.shape)} from checkpoint, "
+                    f"the shape in current model is {(nW, N, N)}.")
+        if value.device.type == "meta" or regions.device.type == "meta":
+            return ""
+        step = max(1, (16 << 20) // (N * N * 4))
+        for lo in range(0, nW, step):
+            want = mask_from_regions(regions[lo:lo + step].cpu())
+            if not torch.equal(value[lo:lo + step].to("cpu", torch.float32), want):
+                return ("values differ from the shifted-window mask of this geometry; the model rebuilds the "
+                        "mask from its geometry and cannot hold another one")
+        return ""
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
         self.attn.reset_buffers()
-        if self.attn_mask is not None and self.attn_mask.device.type != "meta":
+        if self.attn_mask_regions is not None and self.attn_mask_regions.device.type != "meta":
             H, W = self.input_resolution
-            self.attn_mask.copy_(shifted_window_mask(H, W, self.window_size, self.shift_size, device="cpu"))
+            self.attn_mask_regions.copy_(shifted_window_regions(H, W, self.window_size, self.shift_size, device="cpu"))
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         H, W = self.input_resolution
@@ -90,23 +136,35 @@ class SwinTransformerV2Block(nn.Module):
         ws = self.window_size
         x = cyclic_shift(x.view(B, H, W, C), self.shift_size)
         windows = window_partition(x, ws).view(-1, ws * ws, C)
-        windows = self.attn(windows, mask=self.attn_mask)
+        mask = None if self.attn_mask_regions is None else RegionMask(self.attn_mask_regions)
+        windows = self.attn(windows, mask=mask)
         x = window_reverse(windows.view(-1, ws, ws, C), ws, H, W)
         return reverse_cyclic_shift(x, self.shift_size).reshape(B, H * W, C)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
         H, W = self.input_resolution
         if x.ndim != 3 or x.shape[1] != H * W or x.shape[2] != self.dim:
             raise ValueError(f"block expects (B, {H * W}, {self.dim}) tokens, got {tuple(x.shape)}")
+
+    def forward_attention_half(self, x: torch.Tensor) -> torch.Tensor:
+        """x + DropPath(attention branch): the first residual step of forward()."""
         if self.norm_style == "res_post":
-            x = x + self.drop_path(self.norm1(self._attention(x)))
+            return x + self.drop_path(self.norm1(self._attention(x)))
+        return x + self.drop_path(self._attention(self.norm1(x)))
+
+    def forward_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        """x + DropPath(MLP branch), then extra_norm if any: the rest of forward()."""
+        if self.norm_style == "res_post":
             x = x + self.drop_path(self.norm2(self.mlp(x)))
         else:
-            x = x + self.drop_path(self._attention(self.norm1(x)))
             x = x + self.drop_path(self.mlp(self.norm2(x)))
         if self.extra_norm is not None:
             x = self.extra_norm(x)
         return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.forward_mlp_half(self.forward_attention_half(x))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, "

@@ -1,4 +1,4 @@
-"""Window partition / reverse, cyclic shift and the cached shifted-window mask."""
+"""Window partition / reverse, cyclic shift and the shifted-window mask (dense, or compact region ids)."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -33,28 +33,84 @@ def reverse_cyclic_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
     return cyclic_shift(x, -shift)
 
 
-@lru_cache(maxsize=8)  # small: at 1536/W24 one stage-1 mask is 340 MB
-def _shifted_window_mask_cpu(H: int, W: int, window_size: int, shift: int) -> torch.Tensor:
+@lru_cache(maxsize=32)  # (nW, N) int8: 147 KB at 1536/W24 stage 1 (the dense mask would be 340 MB)
+def _shifted_window_regions_cpu(H: int, W: int, window_size: int, shift: int) -> torch.Tensor:
     # Label the 3x3 slice regions of the shifted image; tokens in one window that came from
     # different regions were not neighbours before the roll, so they must not attend.
-    img = torch.zeros(1, H, W, 1, device="cpu")
+    img = torch.zeros(1, H, W, 1, dtype=torch.int8, device="cpu")
     slices = (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None))
     region = 0
     for hs in slices:
         for ws in slices:
             img[:, hs, ws, :] = region
             region += 1
-    labels = window_partition(img, window_size).view(-1, window_size * window_size)
-    diff = labels.unsqueeze(1) - labels.unsqueeze(2)
-    return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
+    return window_partition(img, window_size).reshape(-1, window_size * window_size)
+
+
+def shifted_window_regions(H: int, W: int, window_size: int, shift: int,
+                           device: torch.device | str | None = None) -> torch.Tensor:
+    """(nW, N) int8 region id of every token of every shifted window (row-major windows).
+
+    The compact form of :func:`shifted_window_mask`: the mask is MASK_VALUE exactly where the two
+    tokens' region ids differ (:func:`mask_from_regions`). A fresh copy; shape only on meta."""
+    if shift <= 0:
+        raise ValueError(f"shifted_window_regions needs shift > 0, got {shift}")
+    device = torch.empty(0).device if device is None else torch.device(device)
+    if device.type == "meta":
+        n_win, n_tok = (H // window_size) * (W // window_size), window_size * window_size
+        return torch.empty(n_win, n_tok, dtype=torch.int8, device=device)
+    return _shifted_window_regions_cpu(H, W, window_size, shift).to(device, copy=True)
+
+
+def mask_from_regions(regions: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(c, N) region ids -> (c, N, N) additive mask: 0 within a region, MASK_VALUE across (the
+    official construction: labels.unsqueeze(1) - labels.unsqueeze(2) != 0, same values bit for bit)."""
+    if regions.device.type == "meta":
+        return torch.empty(*regions.shape, regions.shape[-1], dtype=dtype, device=regions.device)
+    differ = regions.unsqueeze(1) != regions.unsqueeze(2)
+    return torch.zeros(differ.shape, dtype=dtype, device=regions.device).masked_fill_(differ, MASK_VALUE)
+
+
+class RegionMask:
+    """A shifted-window mask held as region ids (nW, N) instead of the dense (nW, N, N) floats.
+
+    What the attention kernels accept in place of a dense mask: `shape` is the dense shape,
+    `rows(sel, dtype)` builds the dense mask of the windows `sel` only, `dense(dtype)` all of them.
+    """
+
+    __slots__ = ("regions",)
+
+    def __init__(self, regions: torch.Tensor):
+        if regions.ndim != 2:
+            raise ValueError(f"region ids must be (nW, N), got {tuple(regions.shape)}")
+        self.regions = regions
+
+    @property
+    def shape(self) -> torch.Size:
+        nW, N = self.regions.shape
+        return torch.Size((nW, N, N))
+
+    @property
+    def device(self) -> torch.device:
+        return self.regions.device
+
+    def rows(self, sel: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return mask_from_regions(self.regions.index_select(0, sel), dtype)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return mask_from_regions(self.regions, dtype)
+
+    def masked_windows(self) -> torch.Tensor:
+        """(nW,) bool: windows with more than one region (the only ones the mask changes)."""
+        return self.regions.amin(1) != self.regions.amax(1)
 
 
 def shifted_window_mask(H: int, W: int, window_size: int, shift: int,
                         device: torch.device | str | None = None) -> torch.Tensor:
     """Additive mask (nW, N, N) with 0 within a region and -100 across regions.
 
-    Computed on CPU and cached per geometry; a fresh copy is returned so callers own it.
-    On the meta device only the shape is produced (nothing is computed).
+    Built from the cached region ids (:func:`shifted_window_regions`); nothing dense is cached, the
+    caller owns the returned tensor. On the meta device only the shape is produced.
     """
     if shift <= 0:
         raise ValueError(f"shifted_window_mask needs shift > 0, got {shift}")
@@ -62,4 +118,4 @@ def shifted_window_mask(H: int, W: int, window_size: int, shift: int,
     n_win, n_tok = (H // window_size) * (W // window_size), window_size * window_size
     if device.type == "meta":
         return torch.empty(n_win, n_tok, n_tok, device=device)
-    return _shifted_window_mask_cpu(H, W, window_size, shift).to(device, copy=True)
+    return mask_from_regions(_shifted_window_regions_cpu(H, W, window_size, shift)).to(device)
