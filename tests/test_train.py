@@ -268,3 +268,21 @@ def test_bf16_accum_checkpointing_sequential_and_export(tmp_path):
     assert module[w].dtype == torch.bfloat16 and exported[w].dtype == torch.float32
     assert torch.allclose(exported[w].to(torch.bfloat16).float(), module[w].float())  # bf16 = rounded master
     assert not torch.equal(exported[w], module[w].float())  # ... but the export kept fp32 precision
+
+
+def test_cpu_threads_leave_cores_for_data_workers(monkeypatch):
+    from train.loop import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert cpu_threads(None, num_workers=4) == 12
+    assert cpu_threads(3, num_workers=4) == 3                      # explicit train.cpu_threads
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")                    # torchrun: 4 ranks share 16 cores
+    assert cpu_threads(None, num_workers=2) == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_SIZE", "8")                          # deepspeed launcher's name
+    assert cpu_threads(None, num_workers=4) == 1                   # never below one
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")                     # the user's setting wins
+    assert cpu_threads(None, num_workers=4) == torch.get_num_threads()

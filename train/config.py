@@ -60,6 +60,7 @@ class TrainLoopConfig:
     eval_class_map: Optional[str] = None   # 22K-head model evaluated on 1K labels: logits[:, map]
     progress: str = "auto"             # auto (tqdm on a terminal) | bar | lines
     dist_timeout_s: float = 600.0
+    cpu_threads: Optional[int] = None  # CPU training: intra-op threads; null = auto (see loop.cpu_threads)
     stop_at_step: Optional[int] = None  # checkpoint and exit after this step (time-limited jobs)
     # DEBUG ONLY: make the loss NaN on rank 0 at these optimizer steps (tests of nan_policy).
     debug_inject_nan_steps: List[int] = field(default_factory=list)
