@@ -25,7 +25,8 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from train.amplitudes import amplitudes_by_step
+from train.amplitudes import (amplitudes_by_step, draw_amplitude_panel, mark_stages, pick_steps,
+                              plt_agg, stage_ranges)
 from train.metrics import read_jsonl
 
 AMP_STATS = ("mean_abs", "max")
@@ -78,23 +79,6 @@ def loss_curve(records: Sequence[dict], key: str = "train/loss") -> List[tuple]:
 
 def _finite(v: float) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def pick_steps(steps: Sequence[int], n: int) -> List[int]:
-    """Up to n steps evenly spread over `steps`, first and last included."""
-    steps = sorted(steps)
-    if len(steps) <= n:
-        return steps
-    idx = sorted({round(i * (len(steps) - 1) / (n - 1)) for i in range(n)})
-    return [steps[i] for i in idx]
-
-
-def stage_ranges(depths: Optional[Sequence[int]]) -> List[range]:
-    out, start = [], 0
-    for d in depths or []:
-        out.append(range(start, start + d))
-        start += d
-    return out
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -158,48 +142,11 @@ def summarize_run(records: Sequence[dict], depths: Optional[Sequence[int]] = Non
 
 
 # ----------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _mark_stages(ax, depths) -> None:
-    for r in stage_ranges(depths)[1:]:
-        ax.axvline(r[0] - 0.5, color="0.6", lw=0.8, ls=":")
-
-
-def draw_amplitude_panel(ax, records, stat: str, depths=None, max_curves: int = 5, title: str = "") -> bool:
-    """Amplitude vs block index on `ax`, one curve per logged step (viridis: early -> late)."""
-    by_step = amplitudes_by_step(records, stat)
-    if not by_step:
-        ax.set_title(title + " (no amplitudes logged)", fontsize=9)
-        return False
-    plt = _plt()
-    steps = pick_steps(list(by_step), max_curves)
-    cmap = plt.get_cmap("viridis")
-    for n, s in enumerate(steps):
-        layers = sorted(by_step[s])
-        ys = [by_step[s][i] if _finite(by_step[s][i]) and by_step[s][i] > 0 else float("nan") for i in layers]
-        ax.plot(layers, ys, marker="o", ms=2.5, lw=1.2, color=cmap(n / max(1, len(steps) - 1)),
-                label=f"step {s}")
-    ax.set_yscale("log")
-    _mark_stages(ax, depths)
-    ax.set_xlabel("block index (dotted: stage boundary)")
-    ax.set_ylabel({"mean_abs": "mean |x| of block output", "max": "max |x| of block output",
-                   "rms": "RMS of block output"}[stat])
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7)
-    return True
-
-
 def plot_amplitude_layers(records, out_png: str, depths=None, title: str = "", max_curves: int = 5) -> Optional[str]:
     """Figure-2 style: mean |x| and max |x| versus block index, curves = training steps, log y."""
     if not amplitudes_by_step(records, "mean_abs"):
         return None
-    plt = _plt()
+    plt = plt_agg()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, stat in zip(axes, AMP_STATS):
         draw_amplitude_panel(ax, records, stat, depths, max_curves, title=f"{stat}")
@@ -228,7 +175,7 @@ def draw_loss(ax, records, label: str = "train/loss", color=None) -> bool:
 def plot_loss(records, out_png: str, title: str = "") -> Optional[str]:
     if not loss_curve(records):
         return None
-    plt = _plt()
+    plt = plt_agg()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     draw_loss(ax, records)
     val = loss_curve(records, "val/loss")
@@ -255,7 +202,7 @@ def draw_logit_scale_panel(ax, records, depths=None, max_curves: int = 5, title:
         ax.set_title(title + " (no logit_scale: dot attention)", fontsize=9)
         ax.axis("off")
         return False
-    plt = _plt()
+    plt = plt_agg()
     steps = pick_steps(list(by_step), max_curves)
     cmap = plt.get_cmap("plasma")
     for n, s in enumerate(steps):
@@ -265,7 +212,7 @@ def draw_logit_scale_panel(ax, records, depths=None, max_curves: int = 5, title:
     ax.axhline(10.0, color="0.5", ls="--", lw=0.8, label="init (tau=0.1)")
     ax.axhline(100.0, color="r", ls=":", lw=0.8, label="clamp (tau=0.01)")
     ax.set_yscale("log")
-    _mark_stages(ax, depths)
+    mark_stages(ax, depths)
     ax.set_xlabel("block index")
     ax.set_ylabel(LOGIT_SCALE_LABEL, fontsize=8)
     ax.set_title(title, fontsize=9)
@@ -277,7 +224,7 @@ def draw_logit_scale_panel(ax, records, depths=None, max_curves: int = 5, title:
 def plot_logit_scale(records, out_png: str, depths=None, title: str = "") -> Optional[str]:
     if not logit_scales_by_step(records):
         return None
-    plt = _plt()
+    plt = plt_agg()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     draw_logit_scale_panel(ax, records, depths, title=title or "Learned attention scale per block")
     fig.tight_layout()

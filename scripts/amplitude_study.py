@@ -42,8 +42,8 @@ if REPO not in sys.path:  # `python scripts/amplitude_study.py` from anywhere
     sys.path.insert(0, REPO)
 
 from scripts.amplitude_report import (  # noqa: E402
-    LOGIT_SCALE_LABEL, _json_safe, _plt, draw_amplitude_panel, draw_logit_scale_panel, draw_loss,
-    load_run, summarize_run)
+    LOGIT_SCALE_LABEL, _json_safe, draw_logit_scale_panel, draw_loss, load_run, summarize_run)
+from train.amplitudes import draw_amplitude_panel, plt_agg  # noqa: E402
 
 VARIANTS = [  # (norm_style, attn_type); the first is SwinV2, the last is V1-style
     ("res_post", "cosine"),
@@ -165,7 +165,7 @@ def _records(res: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def plot_study(results: List[Dict[str, Any]], fig_dir: str) -> Dict[str, str]:
-    plt = _plt()
+    plt = plt_agg()
     os.makedirs(fig_dir, exist_ok=True)
     lrs = sorted({r["lr"] for r in results})
     variants = [v for v in VARIANTS if any((r["norm"], r["attn"]) == v for r in results)]

@@ -10,7 +10,7 @@ import torch
 from train.data import DataConfig, DataPipelineError, build_eval_loader, build_train_loader
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_data_helpers import jpeg_bytes, make_dataset, member_offsets, write_tar  # noqa: E402
+from data_helpers import jpeg_bytes, make_dataset, member_offsets, write_tar  # noqa: E402
 
 
 def cfg_for(pattern, **kw):

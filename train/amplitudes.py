@@ -6,8 +6,9 @@ only needs the records of metrics.jsonl, so report tools can reuse it.
 """
 from __future__ import annotations
 
+import math
 import re
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 _AMP_RE = re.compile(r"^amp/(\d+)/(mean_abs|rms|max)$")
 
@@ -30,35 +31,73 @@ def amplitudes_by_step(records: Iterable[dict], stat: str = "rms") -> Dict[int, 
     return out
 
 
-def plot_amplitudes(records: Iterable[dict], out_png: str, stat: str = "rms", max_curves: int = 6,
-                    title: Optional[str] = None) -> Optional[str]:
-    """Amplitude vs layer index (log y), one curve per logged step (up to `max_curves`, evenly
-    spread, first and last included). Returns the path, or None when there is nothing to plot."""
+def pick_steps(steps: Sequence[int], n: int) -> List[int]:
+    """Up to n steps evenly spread over `steps`, first and last included."""
+    steps = sorted(steps)
+    if len(steps) <= n:
+        return steps
+    idx = sorted({round(i * (len(steps) - 1) / (n - 1)) for i in range(n)})
+    return [steps[i] for i in idx]
+
+
+def stage_ranges(depths: Optional[Sequence[int]]) -> List[range]:
+    out, start = [], 0
+    for d in depths or []:
+        out.append(range(start, start + d))
+        start += d
+    return out
+
+
+def plt_agg():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    return plt
 
+
+def mark_stages(ax, depths) -> None:
+    for r in stage_ranges(depths)[1:]:
+        ax.axvline(r[0] - 0.5, color="0.6", lw=0.8, ls=":")
+
+
+def draw_amplitude_panel(ax, records, stat: str, depths=None, max_curves: int = 5, title: str = "") -> bool:
+    """Amplitude vs block index on `ax`, one curve per logged step (viridis: early -> late)."""
     by_step = amplitudes_by_step(records, stat)
     if not by_step:
-        return None
-    steps = sorted(by_step)
-    if len(steps) > max_curves:
-        idx = sorted({round(i * (len(steps) - 1) / (max_curves - 1)) for i in range(max_curves)})
-        steps = [steps[i] for i in idx]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.set_title(title + " (no amplitudes logged)", fontsize=9)
+        return False
+    plt = plt_agg()
+    steps = pick_steps(list(by_step), max_curves)
     cmap = plt.get_cmap("viridis")
     for n, s in enumerate(steps):
         layers = sorted(by_step[s])
-        ax.plot(layers, [by_step[s][i] for i in layers], marker="o", ms=3,
-                color=cmap(n / max(1, len(steps) - 1)), label=f"step {s}")
+        ys = [by_step[s][i] if math.isfinite(by_step[s][i]) and by_step[s][i] > 0 else float("nan") for i in layers]
+        ax.plot(layers, ys, marker="o", ms=2.5, lw=1.2, color=cmap(n / max(1, len(steps) - 1)),
+                label=f"step {s}")
     ax.set_yscale("log")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # blocks are whole
-    ax.set_xlabel("block index")
-    ax.set_ylabel(f"activation {stat} (block output)")
-    ax.set_title(title or f"Activation amplitude per block ({stat})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks are whole
+    mark_stages(ax, depths)
+    ax.set_xlabel("block index (dotted: stage boundary)")
+    ax.set_ylabel({"mean_abs": "mean |x| of block output", "max": "max |x| of block output",
+                   "rms": "RMS of block output"}[stat])
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7)
+    return True
+
+
+def plot_amplitudes(records: Iterable[dict], out_png: str, stat: str = "rms", max_curves: int = 6,
+                    title: Optional[str] = None, depths: Optional[Sequence[int]] = None) -> Optional[str]:
+    """Amplitude vs layer index (log y), one curve per logged step (up to `max_curves`, evenly
+    spread, first and last included). Returns the path, or None when there is nothing to plot."""
+    records = list(records)
+    if not amplitudes_by_step(records, stat):
+        return None
+    plt = plt_agg()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw_amplitude_panel(ax, records, stat, depths, max_curves,
+                         title=title or f"Activation amplitude per block ({stat})")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

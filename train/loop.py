@@ -404,7 +404,8 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
         jsonl = os.path.join(run_dir, "metrics.jsonl")
         if os.path.exists(jsonl):
             summary["amplitudes_png"] = plot_amplitudes(read_jsonl(jsonl), os.path.join(run_dir, "amplitudes.png"),
-                                                        title=f"{cfg.run.name}: activation RMS per block")
+                                                        title=f"{cfg.run.name}: activation RMS per block",
+                                                        depths=list(engine.module.config.depths))
         if cfg.run.export_official and last_saved:
             from train.checkpoint import export
             out = os.path.join(run_dir, "model_official.pth")
