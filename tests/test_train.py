@@ -192,6 +192,18 @@ def test_resume_is_bit_identical_and_ignores_uncommitted(tmp_path):
     assert all(r.endswith(wid) for r in glob.glob(str(b / "wandb" / "offline-run-*")))
 
 
+def test_resume_with_other_worker_count_warns(tmp_path):
+    """Mid-epoch positions are exact only for the worker count that wrote them: say so, keep going."""
+    common = [*TINY, "train.max_steps=6", "train.amp_every=0", "logger=none", "run.export_official=false",
+              f"run.dir={tmp_path / 'r'}"]
+    train([*common, "train.stop_at_step=3", "data.num_workers=1"], cwd=tmp_path)
+    p = train([*common, "data.num_workers=2"], cwd=tmp_path)
+    log = p.stdout + p.stderr
+    assert "resumed from" in log
+    assert "data.num_workers is 2, the checkpoint was written with 1" in log
+    assert max(r["step"] for r in metrics(tmp_path / "r") if "train/loss" in r) == 6
+
+
 # ----------------------------------------------------------------------------- NaN policies
 NAN_COMMON = [*TINY, "logger=none", "run.export_official=false", "train.amp_every=0"]
 

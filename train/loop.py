@@ -278,6 +278,12 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
         step, (epoch, batch) = client["step"], client["data_position"]
         wandb_id, rank_rng = client.get("wandb_id"), client.get("rng")
         log.info("resumed from %s (step %d, epoch %d, batch %d)", resume_dir, step, epoch, batch)
+        saved_workers = client.get("data_workers", data_cfg.num_workers)
+        if saved_workers != data_cfg.num_workers and rank == 0:
+            # batch i comes from worker i % W: the position stays right, the sample order does not
+            log.warning("data.num_workers is %d, the checkpoint was written with %d: training continues from "
+                        "the same data position, but not in the order an uninterrupted run would have seen",
+                        data_cfg.num_workers, saved_workers)
 
     # per-rank randomness (drop path, mixup) differs between ranks but is reproducible
     torch.manual_seed(cfg.run.seed * 1000 + rank + 1)
@@ -315,6 +321,7 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
 
     def client_state():
         return {"epoch": stream.position()[0], "data_position": stream.position(),
+                "data_workers": data_cfg.num_workers,
                 "wandb_id": logger.wandb_id or wandb_id, "config": OmegaConf.to_container(cfg, resolve=True)}
 
     def save(at_step):  # every rank; its RNG states (+ mixup generator) go to rng_rank{r}.pt
