@@ -40,3 +40,11 @@ def test_prune_keeps_newest_and_drops_old_debris(tmp_path):
     CheckpointManager(str(tmp_path), keep=2, rank=0, world_size=1).prune()
     left = [(s, c) for s, _, c in list_checkpoints(root)]
     assert left == [(3, True), (4, True), (25, False)]
+
+
+def test_resume_at_another_world_size_is_refused_clearly(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    d = _make(root, 10)
+    open(os.path.join(d, MARKER), "w").write('{"step": 10, "world_size": 8}')
+    with pytest.raises(RuntimeError, match=r"world size 8, this run has 2.*ds_to_universal"):
+        CheckpointManager(str(tmp_path), keep=2, rank=0, world_size=2).load(engine=None, tag_dir=d)
