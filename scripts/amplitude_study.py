@@ -173,6 +173,12 @@ def plot_study(results: List[Dict[str, Any]], fig_dir: str) -> Dict[str, str]:
     runs = {k: _records(v) for k, v in by.items()}
     out: Dict[str, str] = {}
 
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        out[name] = os.path.join(fig_dir, f"{name}.png")
+        fig.savefig(out[name], dpi=100)
+        plt.close(fig)
+
     # amplitude vs block index, per LR: rows = stat, cols = variant, shared y per row
     for lr in lrs:
         fig, axes = plt.subplots(2, len(variants), figsize=(4.2 * len(variants), 7.5), sharey="row", squeeze=False)
@@ -186,11 +192,7 @@ def plot_study(results: List[Dict[str, Any]], fig_dir: str) -> Dict[str, str]:
                 draw_amplitude_panel(axes[r_][c], run["records"], stat, run["depths"],
                                      title=f"{variant_label(norm, attn)}{tag}\n{stat}")
         fig.suptitle(f"Activation amplitude of each block output over training (lr {lr:g})", fontsize=11)
-        fig.tight_layout()
-        p = os.path.join(fig_dir, f"amplitude_lr{lr:g}.png")
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        out[f"amplitude_lr{lr:g}"] = p
+        save(fig, f"amplitude_lr{lr:g}")
 
     # loss curves: one panel per LR, the variants overlaid
     fig, axes = plt.subplots(1, len(lrs), figsize=(6 * len(lrs), 4.2), squeeze=False)
@@ -206,11 +208,7 @@ def plot_study(results: List[Dict[str, Any]], fig_dir: str) -> Dict[str, str]:
         ax.set_title(f"lr {lr:g}", fontsize=10)
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(fig_dir, "loss.png")
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    out["loss"] = p
+    save(fig, "loss")
 
     # logit scales: rows = LR, cols = cosine variants
     cos = [v for v in variants if v[1] == "cosine"]
@@ -224,11 +222,7 @@ def plot_study(results: List[Dict[str, Any]], fig_dir: str) -> Dict[str, str]:
                                            title=f"{variant_label(norm, attn)}, lr {lr:g}")
         fig.suptitle("Learned attention scale per block over training (" + LOGIT_SCALE_LABEL.replace("\n", " ") + ")",
                      fontsize=9)
-        fig.tight_layout()
-        p = os.path.join(fig_dir, "logit_scale.png")
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        out["logit_scale"] = p
+        save(fig, "logit_scale")
 
     # end-of-training ratio last/first block of the deep stage (mean |x|), grouped by LR
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -248,11 +242,7 @@ def plot_study(results: List[Dict[str, Any]], fig_dir: str) -> Dict[str, str]:
     ax.set_ylabel("mean|x|: last / first block of stage 3\n(end of training)")
     ax.grid(True, axis="y", which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(fig_dir, "amplitude_ratio.png")
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    out["amplitude_ratio"] = p
+    save(fig, "amplitude_ratio")
     return out
 
 
