@@ -212,6 +212,9 @@ class _WindowAttentionFn(torch.autograd.Function):
         B_, nH, N, hd = q.shape
         nW = mask.shape[0] if mask is not None else B_
         B = B_ // nW
+        # q, k, v are usually strided views of the qkv projection: gathering masked windows from such
+        # a view (index_select) would copy the whole tensor per chunk, so copy once here instead
+        q, k, v = (t.contiguous() for t in (q, k, v))
         bias_d = bias.detach()  # a mask that requires grad would push CPU SDPA onto the math path
         groups = _window_groups(mask, nW)
         seed = int(torch.randint(0, 2**40, (1,)).item()) if p > 0 else 0
@@ -273,30 +276,32 @@ class _WindowAttentionFn(torch.autograd.Function):
         B = B_ // nW
         cdt = torch.promote_types(q.dtype, torch.float32)
         need_q, need_k, need_v, need_b = ctx.needs_input_grad[:4]
-        q5, k5, v5, do5 = (t.view(B, nW, nH, N, hd) for t in (q, k, v, dout.contiguous()))
+        q5, k5, v5, o5, do5 = (t.view(B, nW, nH, N, hd) for t in (q, k, v, out, dout.contiguous()))
         dq = torch.empty_like(q5) if need_q else None
         dk = torch.empty_like(k5) if need_k else None
         dv = torch.empty_like(v5) if need_v else None
         dbias = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
-        # D_i = sum_j P_ij dP_ij = dO_i . O_i (also with dropout: O uses the dropped probabilities)
-        D = (dout.to(cdt) * out.to(cdt)).sum(-1).view(B, nW, nH, N)
         lse5 = lse.view(B, nW, nH, N) if lse is not None else None
-        if p > 0:
-            step_bwd = ctx.chunk_fwd  # the dropout masks were drawn per forward chunk
+        if p > 0:  # the dropout masks were drawn per forward chunk: replay the same ranges
+            steps = [n if ctx.chunk_fwd <= 0 else max(1, ctx.chunk_fwd // B) for n in _group_sizes(groups, nW)]
+        elif ctx.chunk_bwd <= 0:
+            steps = [max(1, FUSED_BACKWARD_CHUNK_BYTES // (B * nH * N * N * 4))] * len(groups)
         else:
-            step_bwd = ctx.chunk_bwd
-        for gi, (idx, masked) in enumerate(groups):
+            steps = [max(1, ctx.chunk_bwd // B)] * len(groups)
+        # Two score-sized work buffers for ALL chunks of this call (scores/probabilities and their
+        # gradient): a fresh (> 32 MB) tensor per chunk is a fresh mmap under glibc, and its first-touch
+        # page faults cost a quarter of the CPU time at 1536^2. (b, N, N) so memory probes see scores.
+        rows = B * min(max(steps), max(_group_sizes(groups, nW))) * nH
+        s_buf = torch.empty(rows, N, N, dtype=cdt, device=q.device)
+        ds_buf = torch.empty(rows, N, N, dtype=cdt, device=q.device)
+        for gi, ((idx, masked), step) in enumerate(zip(groups, steps)):
             n = nW if idx is None else idx.numel()
-            if p > 0:
-                step = n if step_bwd <= 0 else max(1, step_bwd // B)
-            elif step_bwd <= 0:
-                step = max(1, FUSED_BACKWARD_CHUNK_BYTES // (B * nH * N * N * 4))
-            else:
-                step = max(1, step_bwd // B)
             for lo in range(0, n, step):
                 hi = min(lo + step, n)
-                qc, kc, vc, doc = (_take(t, idx, lo, hi).to(cdt) for t in (q5, k5, v5, do5))
-                s = qc @ kc.transpose(-2, -1)  # (B, c, nH, N, N)
+                c = hi - lo
+                qc, kc, vc, doc, oc = (_take(t, idx, lo, hi).to(cdt).reshape(B * c * nH, N, hd)
+                                       for t in (q5, k5, v5, do5, o5))
+                s = torch.bmm(qc, kc.transpose(1, 2), out=s_buf[:B * c * nH]).view(B, c, nH, N, N)
                 s += bias.to(cdt)
                 if masked:
                     s += _mask_rows(mask, idx[lo:hi], cdt).unsqueeze(1).unsqueeze(0)
@@ -304,29 +309,96 @@ class _WindowAttentionFn(torch.autograd.Function):
                     prob = s.sub_(_take(lse5, idx, lo, hi).unsqueeze(-1).to(cdt)).exp_()
                 else:
                     prob = s.softmax(-1)
-                del s
                 keep = None
                 if p > 0:
                     # regenerate the forward chunk's mask: forward chunks are the same ranges
                     keep = _dropout_keep(prob.shape, p, seed, gi * nW + lo, q.device).to(cdt) / (1 - p)
+                prob3 = prob.reshape(B * c * nH, N, N)
                 if need_v:
-                    _put(dv, idx, lo, hi, (prob * keep if keep is not None else prob).transpose(-2, -1) @ doc)
-                ds = doc @ vc.transpose(-2, -1)  # dP (w.r.t. the dropped probabilities)
+                    _bmm_into(dv, idx, lo, hi, (prob3 * keep.view_as(prob3) if keep is not None else prob3).transpose(1, 2), doc)
+                ds = torch.bmm(doc, vc.transpose(1, 2), out=ds_buf[:B * c * nH])  # dP (w.r.t. the dropped probabilities)
                 if keep is not None:
-                    ds *= keep
-                ds.sub_(_take(D, idx, lo, hi).unsqueeze(-1).to(cdt)).mul_(prob)  # dS = P * (dP - D)
-                del prob
+                    ds *= keep.view_as(ds)
+                # dS = P * (dP - D), D_i = sum_j P_ij dP_ij = dO_i . O_i (with dropout too: O used the dropped P)
+                ds.sub_((doc * oc).sum(-1, keepdim=True)).mul_(prob3)
                 if need_q:
-                    _put(dq, idx, lo, hi, ds @ kc)
+                    _bmm_into(dq, idx, lo, hi, ds, kc)
                 if need_k:
-                    _put(dk, idx, lo, hi, ds.transpose(-2, -1) @ qc)
+                    _bmm_into(dk, idx, lo, hi, ds.transpose(1, 2), qc)
                 if need_b:
-                    dbias += ds.sum((0, 1))
-                del ds, qc, kc, vc, doc  # nothing of this chunk outlives it
+                    dbias += ds.view(B * c, nH, N, N).sum(0)
+                del s, prob, prob3, ds, keep, qc, kc, vc, doc, oc  # nothing of this chunk outlives it
         shape = (B_, nH, N, hd)
         return (dq.view(shape) if need_q else None, dk.view(shape) if need_k else None,
                 dv.view(shape) if need_v else None, dbias.to(ctx.bias_dtype) if need_b else None,
                 None, None, None, None)
+
+
+def _group_sizes(groups, n_windows: int) -> list[int]:
+    return [n_windows if idx is None else idx.numel() for idx, _ in groups]
+
+
+def _bmm_into(dst: torch.Tensor, idx: Optional[torch.Tensor], lo: int, hi: int, a, b) -> None:
+    """dst (B, nW, nH, N, hd)[:, window positions lo:hi of group idx] = a @ b (a, b: (B*c*nH, ., .)),
+    written straight into dst when that slice is contiguous (one image, unmasked group) and of a's dtype."""
+    if idx is None and dst.dtype == a.dtype:
+        view = dst[:, lo:hi]
+        if view.is_contiguous():
+            torch.bmm(a, b, out=view.view(a.shape[0], *dst.shape[-2:]))
+            return
+    B = dst.shape[0]
+    _put(dst, idx, lo, hi, torch.bmm(a, b).view(B, -1, *dst.shape[2:]))
+
+
+NORM_EPS = 1e-12  # F.normalize's
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vecdot(a, b, dim=-1).unsqueeze(-1)
+
+
+class _ScaledCosineQK(torch.autograd.Function):
+    """(s * q / max(|q|, eps), k / max(|k|, eps)) over the last dim, written contiguous.
+
+    The same values as F.normalize (q's factor s / max(|q|, eps) as one division, k divided by its
+    clamped norm), but the backward is one projection per tensor,
+    dx = (g - x_hat (x_hat . g)) * s / max(|x|, eps) (no projection where the norm was clamped),
+    instead of autograd's chain of norm/div/mul backwards (~1 s of a 1536^2 step). Only the clamped
+    norms are saved: the outputs are saved by the attention kernel anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale):
+        nq = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
+        nk = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
+        qn = torch.mul(q, scale / nq, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
+        kn = torch.div(k, nk, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
+        ctx.save_for_backward(qn, kn, nq, nk, scale)
+        return qn, kn
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dqn, dkn):
+        qn, kn, nq, nk, scale = ctx.saved_tensors
+        dq = dk = ds = None
+        if dqn is not None:
+            r = _row_dot(qn, dqn)  # s * (q_hat . g) per row
+            if ctx.needs_input_grad[0]:
+                # qn = s q_hat: dq = (s g - qn (qn . g) / s) / |q|
+                proj = torch.where(nq > NORM_EPS, r / (scale * nq), 0.0)
+                dq = (dqn * (scale / nq)).addcmul_(qn, proj, value=-1)
+            if ctx.needs_input_grad[2]:  # d s = sum over rows of q_hat . g = r / s
+                ds = (r.sum(dim=tuple(i for i in range(r.ndim) if i != r.ndim - 3), keepdim=True)
+                      .view(-1, 1, 1) / scale).view(scale.shape)
+        if dkn is not None and ctx.needs_input_grad[1]:
+            proj = torch.where(nk > NORM_EPS, _row_dot(kn, dkn) / nk, 0.0)
+            dk = (dkn / nk).addcmul_(kn, proj, value=-1)
+        return dq, dk, ds
+
+
+def scaled_cosine_qk(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor):
+    """q (..., nH, N, hd), k alike, scale (nH, 1, 1) -> (s * normalize(q), normalize(k)), contiguous."""
+    return _ScaledCosineQK.apply(q, k, scale)
 
 
 def sequential_attention(q, k, v, scale, bias, mask, attn_drop: float = 0.0, chunk: int = 32):
@@ -413,10 +485,7 @@ class WindowAttention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
         q, k, v = qkv.view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_type == "cosine":
-            # normalize(q) * s in one pass over q: q * (s / max(|q|, eps)), eps as F.normalize's
-            scale = self.logit_scale_value()
-            q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
-            k = F.normalize(k, dim=-1)
+            q, k = scaled_cosine_qk(q, k, self.logit_scale_value())
         else:  # V1 scaled dot product, still with the CPB bias
             q = q * self.head_dim**-0.5
         scale = 1.0  # folded into q above; every kernel skips a multiply by the float 1.0

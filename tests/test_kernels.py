@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from swinv2 import SwinTransformerV2, SwinV2Config
-from swinv2.attention import WindowAttention, reference_attention, sequential_attention
+from swinv2.attention import WindowAttention, reference_attention, scaled_cosine_qk, sequential_attention
 from swinv2.windows import shifted_window_mask
 
 TOL = 1e-5
@@ -106,6 +106,43 @@ def test_sequential_gradcheck_small():
     q, k, v, scale, bias, mask = _attention_inputs(1, 3, n_heads=2, n_tok=4, hd=3)
     ins = tuple(t.requires_grad_(True) for t in (q, k, v, scale, bias))
     assert torch.autograd.gradcheck(lambda *a: sequential_attention(*a, mask, chunk=2), ins)
+
+
+def _cosine_qk_autograd(q, k, scale):
+    # the readable two-line form: F.normalize and a multiply, differentiated by autograd
+    return torch.nn.functional.normalize(q, dim=-1) * scale, torch.nn.functional.normalize(k, dim=-1)
+
+
+def test_scaled_cosine_qk_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    scale = (torch.rand(2, 1, 1, generator=g, dtype=torch.float64) * 5 + 0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(scaled_cosine_qk, (q, k, scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scaled_cosine_qk_matches_autograd_incl_zero_rows(dtype):
+    # strided q/k views of one qkv tensor, as in the model; some rows with a norm below eps (clamped:
+    # no projection term there) and some exactly zero, so the clamp branch of the backward is compared too
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(6, 7, 3, 2, 8, generator=g, dtype=dtype)
+    qkv[0, :3, 0] *= 1e-14
+    qkv[2, 4, 1] *= 1e-14
+    qkv[3, 1, :2] = 0.0
+    qkv.requires_grad_(True)
+    scale = (torch.rand(2, 1, 1, generator=g, dtype=dtype) * 20 + 0.5).requires_grad_(True)
+    outs, grads = [], []
+    for fn in (scaled_cosine_qk, _cosine_qk_autograd):
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        qn, kn = fn(q, k, scale)
+        outs.append((qn, kn))
+        w1, w2 = (torch.randn(qn.shape, generator=torch.Generator().manual_seed(s), dtype=dtype) for s in (2, 3))
+        grads.append(torch.autograd.grad((qn * w1).sum() + (kn * w2).sum(), (qkv, scale)))
+    assert outs[0][0].is_contiguous() and outs[0][1].is_contiguous()
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    for a, b in zip(outs[0] + grads[0], outs[1] + grads[1]):
+        torch.testing.assert_close(a, b, **tol)
+    assert grads[0][0][0, :3, 0].abs().max() > 1e3  # clamped rows: gradient g * s / eps, huge but finite
 
 
 def test_sequential_dropout_backward_matches_its_forward():
