@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -149,8 +150,9 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
     base_rss = _rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    fw, bw, st = [], [], []
+    fw, bw, st, us, sy, mf = [], [], [], [], [], []
     for i in range(cfg["warmup"] + cfg["repeats"]):
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         sync(); t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(fwd(x).float(), y)
@@ -162,8 +164,11 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
         for p in model.parameters():  # zero_grad(set_to_none) for both modes
             p.grad = None
         sync(); t3 = time.perf_counter()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
         if i >= cfg["warmup"]:
             fw.append(t1 - t0); bw.append(t2 - t1); st.append(t3 - t0)
+            us.append(ru1.ru_utime - ru0.ru_utime); sy.append(ru1.ru_stime - ru0.ru_stime)
+            mf.append(ru1.ru_minflt - ru0.ru_minflt)
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {loss.item()}")
     out = dict(
@@ -173,9 +178,40 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
         vm_hwm_gb=(_vm_hwm_bytes() or 0) / 1e9,
     )
     out["images_per_s"] = cfg["batch"] / out["step_s"]
+    out.update(cpu_user_s=statistics.median(us), cpu_sys_s=statistics.median(sy),
+               minor_faults=statistics.median(mf))
+    if cfg.get("profile"):
+        out.update(_profile_gemm(fwd, x, y, model, amp, device))
     if cuda:
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
+
+
+# Matrix products: the FLOPs of every SwinV2 implementation (linear layers: the same shapes in both
+# models). Self time of these ops in one profiled fwd+bwd is a floor for that step on this machine
+# with torch's GEMMs, whatever happens around them.
+LINEAR_GEMM_OPS = ("aten::mm", "aten::addmm")
+ATTENTION_GEMM_OPS = ("aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                      "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def _profile_gemm(fwd, x, y, model, amp: bool, device) -> dict[str, float]:
+    """One more forward+backward under torch.profiler: seconds of self time in GEMM ops vs all ops."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(fwd(x).float(), y)
+        loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    pick = lambda names: sum(e.self_cpu_time_total for e in events if e.key in names) / 1e6  # noqa: E731
+    return dict(profiled_self_s=total / 1e6, linear_gemm_s=pick(LINEAR_GEMM_OPS),
+                attention_gemm_s=pick(ATTENTION_GEMM_OPS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +292,7 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     hdr = ["config", "model", "kernel", "ckpt", "fwd s", "bwd s", "step s", "img/s", "peak GB", "base GB",
-           "fwd+bwd/peer", "img/s/peer", "mem/peer"]
+           "fwd+bwd/peer", "img/s/peer", "mem/peer", "cpu user/sys s", "GEMM s (lin+attn)"]
     rows = []
     for r in results:
         if "error" in r:
@@ -270,7 +306,10 @@ def format_table(results: list[dict[str, Any]]) -> str:
         rows.append([r["name"], r["model"], r.get("attention", "-"), "y" if r.get("ckpt") else "n",
                      f("fwd_s"), f("bwd_s"), f("step_s"), f("images_per_s"), f"{peak:.2f}", f("base_rss_gb"),
                      f("fwdbwd_ratio_vs_peer", "{:.3f}x"), f("images_per_s_ratio_vs_peer", "{:.2f}x"),
-                     f("mem_ratio_vs_peer", "{:.3f}x")])
+                     f("mem_ratio_vs_peer", "{:.3f}x"),
+                     f"{r['cpu_user_s']:.1f}/{r['cpu_sys_s']:.1f}" if "cpu_user_s" in r else "-",
+                     f"{r['linear_gemm_s'] + r['attention_gemm_s']:.2f} ({r['linear_gemm_s']:.2f}+"
+                     f"{r['attention_gemm_s']:.2f})" if "linear_gemm_s" in r else "-"])
     widths = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(hdr), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
@@ -292,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the children with glibc MALLOC_MMAP_THRESHOLD_=BYTES (allocations >= BYTES are "
                          "mmap'ed and unmapped on free, so RSS follows live memory; default: glibc's dynamic "
                          "threshold, as every recorded number unless the row says otherwise)")
+    ap.add_argument("--profile", action="store_true",
+                    help="CPU: after the timed steps, one more fwd+bwd under torch.profiler; reports the self "
+                         "time of the matrix products (linear layers; attention) = a floor for that step")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per config (killed after)")
     ap.add_argument("--reuse", default=None, help="JSON of an earlier run: keep its rows for configs not rerun")
     ap.add_argument("--out", default=None, help="write results JSON here")
@@ -318,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("bench.py: --device cuda requested but torch.cuda.is_available() is False", file=sys.stderr)
             return 2
+        if args.profile:
+            ap.error("--profile measures CPU op time; on CUDA use bench_gpu.py or nsys")
 
     info = machine_info()
     results: list[dict[str, Any]] = []
@@ -328,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg[k] = getattr(args, k)
         if args.malloc_mmap_threshold:
             cfg["malloc_mmap_threshold"] = args.malloc_mmap_threshold
+        if args.profile:
+            cfg["profile"] = True
         if args.ckpt_granularity is not None and cfg.get("ckpt") and cfg["model"] == "ours":
             cfg["ckpt_granularity"] = args.ckpt_granularity
         load_before = os.getloadavg()

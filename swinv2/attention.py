@@ -350,6 +350,40 @@ def _bmm_into(dst: torch.Tensor, idx: Optional[torch.Tensor], lo: int, hi: int, 
     _put(dst, idx, lo, hi, torch.bmm(a, b).view(B, -1, *dst.shape[2:]))
 
 
+class _SplitHeads(torch.autograd.Function):
+    """qkv (B_, N, 3*C) -> q, k, v (B_, nH, N, hd), each a contiguous copy.
+
+    The kernels want contiguous per-head tensors. Autograd of view/permute/unbind would stack the
+    three gradients and then copy the stack back into the projection's layout (two passes over 3C
+    per token); this backward writes each gradient into its slot of one (B_, N, 3, nH, hd) tensor.
+    Copies also mean no output keeps the whole qkv tensor alive.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads: int):
+        B_, N, C3 = qkv.shape
+        parts = qkv.view(B_, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+        return tuple(t.clone(memory_format=torch.contiguous_format) for t in parts.unbind(0))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dq, dk, dv):
+        like = next(g for g in (dq, dk, dv) if g is not None)
+        B_, nH, N, hd = like.shape
+        dqkv = torch.empty(B_, N, 3, nH, hd, dtype=like.dtype, device=like.device)
+        for i, g in enumerate((dq, dk, dv)):
+            if g is None:
+                dqkv[:, :, i].zero_()
+            else:
+                dqkv[:, :, i].copy_(g.transpose(1, 2))
+        return dqkv.view(B_, N, 3 * nH * hd), None
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int):
+    """(B_, N, 3*C) -> q, k, v (B_, num_heads, N, C/num_heads), contiguous (see _SplitHeads)."""
+    return _SplitHeads.apply(qkv, num_heads)
+
+
 NORM_EPS = 1e-12  # F.normalize's
 
 
@@ -482,8 +516,7 @@ class WindowAttention(nn.Module):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        q, k, v = qkv.view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_heads(F.linear(x, self.qkv.weight, qkv_bias), self.num_heads)
         if self.attn_type == "cosine":
             q, k = scaled_cosine_qk(q, k, self.logit_scale_value())
         else:  # V1 scaled dot product, still with the CPB bias

@@ -7,7 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from swinv2 import SwinTransformerV2, SwinV2Config
-from swinv2.attention import WindowAttention, reference_attention, scaled_cosine_qk, sequential_attention
+from swinv2.attention import (WindowAttention, reference_attention, scaled_cosine_qk, sequential_attention,
+                              split_heads)
 from swinv2.windows import shifted_window_mask
 
 TOL = 1e-5
@@ -143,6 +144,22 @@ def test_scaled_cosine_qk_matches_autograd_incl_zero_rows(dtype):
     for a, b in zip(outs[0] + grads[0], outs[1] + grads[1]):
         torch.testing.assert_close(a, b, **tol)
     assert grads[0][0][0, :3, 0].abs().max() > 1e3  # clamped rows: gradient g * s / eps, huge but finite
+
+
+@pytest.mark.parametrize("used", [(0, 1, 2), (2,), (0, 2)])
+def test_split_heads_matches_view_permute_unbind(used):
+    # outputs and the qkv gradient equal the readable view/permute/unbind, also when some of q, k, v
+    # get no gradient at all (their slot of the qkv gradient must be zero, not uninitialised)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(5, 9, 3 * 12, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(5, 3, 9, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    mine = split_heads(qkv, 3)
+    ref = qkv.view(5, 9, 3, 3, 4).permute(2, 0, 3, 1, 4).unbind(0)
+    for a, b in zip(mine, ref):
+        assert a.is_contiguous() and torch.equal(a, b)
+    grads = [torch.autograd.grad(sum((outs[i] * ws[i]).sum() for i in used), qkv)[0] for outs in (mine, ref)]
+    assert torch.equal(grads[0], grads[1])
+    assert torch.autograd.gradcheck(lambda t: split_heads(t, 3), (qkv,))
 
 
 def test_sequential_dropout_backward_matches_its_forward():

@@ -86,7 +86,7 @@ def test_activation_prediction_scales_attention_only_without_sequential():
 def test_bench_quick_writes_json_with_both_models(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
-                        "--configs", "quick_hf,quick_sequential", "--out", str(out)],
+                        "--configs", "quick_hf,quick_sequential", "--profile", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -98,6 +98,10 @@ def test_bench_quick_writes_json_with_both_models(tmp_path):
         assert "error" not in row
         assert row["fwd_s"] > 0 and row["bwd_s"] > 0 and row["peak_rss_gb"] > row["base_rss_gb"] > 0
         assert row["params"] > 1e6 and abs(row["loss"]) < 100
+        assert row["cpu_user_s"] > 0 and row["minor_faults"] >= 0
+        # --profile: both models spend time in linear-layer and attention matrix products, part of the total
+        assert 0 < row["linear_gemm_s"] and 0 < row["attention_gemm_s"]
+        assert row["linear_gemm_s"] + row["attention_gemm_s"] < row["profiled_self_s"]
     # both models have the same geometry (tiny): parameter counts within the HF layout differences
     assert rows["quick_hf"]["params"] == pytest.approx(rows["quick_sequential"]["params"], rel=0.01)
     assert rows["quick_hf"]["mem_ratio_vs_peer"] == 1.0
