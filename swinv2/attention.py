@@ -315,8 +315,11 @@ class _WindowAttentionFn(torch.autograd.Function):
                     keep = _dropout_keep(prob.shape, p, seed, gi * nW + lo, q.device).to(cdt) / (1 - p)
                 prob3 = prob.reshape(B * c * nH, N, N)
                 if need_v:
-                    _bmm_into(dv, idx, lo, hi, (prob3 * keep.view_as(prob3) if keep is not None else prob3).transpose(1, 2), doc)
-                ds = torch.bmm(doc, vc.transpose(1, 2), out=ds_buf[:B * c * nH])  # dP (w.r.t. the dropped probabilities)
+                    dropped = prob3 * keep.view_as(prob3) if keep is not None else prob3
+                    _bmm_into(dv, idx, lo, hi, dropped.transpose(1, 2), doc)
+                    del dropped
+                # dP (w.r.t. the dropped probabilities)
+                ds = torch.bmm(doc, vc.transpose(1, 2), out=ds_buf[:B * c * nH])
                 if keep is not None:
                     ds *= keep.view_as(ds)
                 # dS = P * (dP - D), D_i = sum_j P_ij dP_ij = dO_i . O_i (with dropout too: O used the dropped P)
