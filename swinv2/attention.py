@@ -76,7 +76,9 @@ def _split_windows(t: torch.Tensor, n_windows: int) -> torch.Tensor:
 
 
 def reference_attention(q, k, v, scale, bias, mask, attn_drop: float = 0.0, chunk: int = 0):
-    mask = _dense_mask(mask)
+    # the mask in q's dtype, as the official buffer is after model.to(dtype): a float32 mask would
+    # promote bf16 scores to float32 and the product with v would fail
+    mask = None if mask is None else _dense_mask(mask, q.dtype).to(q.dtype)
     attn = q @ k.transpose(-2, -1)
     if not _is_one(scale):
         attn = attn * scale
