@@ -87,10 +87,11 @@ def _attention_inputs(n_img, n_win, n_heads=3, n_tok=16, hd=8, seed=0, with_mask
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 100])
 @pytest.mark.parametrize("with_mask", [True, False])
-def test_sequential_function_gradcheck_against_reference(chunk, with_mask):
+@pytest.mark.parametrize("n_img", [1, 2])  # one image: gradients are written in place; two: gathered
+def test_sequential_function_gradcheck_against_reference(chunk, with_mask, n_img):
     # float64 so the only difference allowed is rounding: every input's gradient, incl. the bias
     # (summed over all windows and chunks) and the per-head scale.
-    q, k, v, scale, bias, mask = _attention_inputs(2, 6, with_mask=with_mask)
+    q, k, v, scale, bias, mask = _attention_inputs(n_img, 6, with_mask=with_mask)
     ins = [t.clone().requires_grad_(True) for t in (q, k, v, scale, bias)]
     ins2 = [t.clone().requires_grad_(True) for t in (q, k, v, scale, bias)]
     out_r = reference_attention(*ins, mask)
