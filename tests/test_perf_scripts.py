@@ -1,6 +1,8 @@
 """The performance tools run and compute what they claim (no timing assertions here: speed and
 memory TARGETS are in scripts/bench.py output and docs/PERFORMANCE.md)."""
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +118,20 @@ def test_bench_gpu_refuses_on_cpu():
     assert r.returncode != 0
     assert "needs a CUDA GPU" in r.stderr and "Nothing was measured" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="measures glibc's allocator")
+def test_malloc_holes_shows_aligned_holes_not_reused_and_the_fix():
+    # docs/PERFORMANCE.md explains our default-allocator peak RSS with this: a freed 64-byte-aligned
+    # block's hole is not reused by the next same-sized aligned block (plain malloc reuses it), and a
+    # fixed mmap threshold keeps such blocks out of the heap altogether
+    def run(env=None):
+        r = subprocess.run([sys.executable, str(REPO / "scripts" / "malloc_holes.py"), "--json", "--mb", "8"],
+                           capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, **(env or {})})
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+    default = run()
+    assert max(row["free_mb"] for row in default["malloc"]) < 1.5 * 8
+    assert default["posix_memalign"][-1]["free_mb"] > 3 * 8
+    fixed = run({"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+    assert max(row["heap_mb"] for row in fixed["posix_memalign"]) < default["posix_memalign"][-1]["heap_mb"] / 4
