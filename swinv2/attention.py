@@ -204,9 +204,10 @@ class _WindowAttentionFn(torch.autograd.Function):
     gradient is the sum over windows, accumulated chunk by chunk); mask (nW, N, N) constant.
     Windows are visited by position (all B images of a position together), in two groups: positions
     whose mask is zero (bias only) and masked ones. `chunk_fwd` / `chunk_bwd` are windows per
-    chunk (0 = the whole group forward / a cache-sized chunk backward). With dropout the forward
-    materialises each chunk's probabilities and the backward replays the per-chunk dropout mask.
-    Backward computes in float32 (or the input dtype if wider) from the saved log-sum-exp.
+    chunk (0 = the whole group forward / FUSED_BACKWARD_CHUNK_BYTES of scores backward). With dropout
+    the forward materialises each chunk's probabilities and the backward replays the per-chunk
+    dropout mask. Backward computes in float32 (or the input dtype if wider) from the saved
+    log-sum-exp, in two score buffers that every chunk of the call reuses.
     """
 
     @staticmethod
