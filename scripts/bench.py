@@ -45,6 +45,8 @@ RESULT_TAG = "BENCH_RESULT "
 # mode "train": forward + backward + AdamW step; "fwdbwd": forward + backward only.
 _T256 = dict(group="train256_b8", variant="tiny", img=256, window=8, batch=8, mode="train", warmup=1, repeats=3)
 _HR = dict(group="hires1536_b1", variant="tiny", img=1536, window=24, batch=1, mode="fwdbwd", warmup=0, repeats=1)
+# window 32 (the paper's 1536^2 COCO window): 1024^2 is the largest classification input it tiles
+_W32 = dict(group="w32_1024_b1", variant="tiny", img=1024, window=32, batch=1, mode="fwdbwd", warmup=0, repeats=1)
 _MID = dict(group="mid768_b1", variant="tiny", img=768, window=24, batch=1, mode="fwdbwd", warmup=0, repeats=1)
 # quick: a narrow, shallow SwinV2 (same overrides for both models) so a smoke run takes seconds
 _Q = dict(group="quick", variant="tiny", img=64, window=4, batch=2, mode="fwdbwd", warmup=0, repeats=1,
@@ -63,6 +65,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "hr_fused_ckpt": dict(_HR, model="ours", attention="fused", ckpt=True),
     "hr_sequential": dict(_HR, model="ours", attention="sequential"),
     "hr_sequential_ckpt": dict(_HR, model="ours", attention="sequential", ckpt=True),
+    "w32_hf": dict(_W32, model="hf"),
+    "w32_fused": dict(_W32, model="ours", attention="fused"),
+    "w32_sequential": dict(_W32, model="ours", attention="sequential"),
+    "w32_sequential_ckpt": dict(_W32, model="ours", attention="sequential", ckpt=True),
     # development size (not in the default set): the 1536 geometry at a quarter of the tokens
     "mid_hf": dict(_MID, model="hf"),
     "mid_reference": dict(_MID, model="ours", attention="reference"),
