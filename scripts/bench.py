@@ -87,22 +87,12 @@ QUICK = [n for n in CONFIGS if n.startswith("quick")]
 # ---------------------------------------------------------------------------------------------
 # child side: build one model, run the steps, print one JSON line
 # ---------------------------------------------------------------------------------------------
-def _vm_hwm_bytes() -> int | None:
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (e.g. "VmHWM", "VmRSS") in bytes; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -153,7 +143,7 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    base_rss = _rss_bytes()
+    base_rss = _proc_status_bytes("VmRSS")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     fw, bw, st, us, sy, mf = [], [], [], [], [], []
@@ -181,7 +171,7 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
         fwd_s=statistics.median(fw), bwd_s=statistics.median(bw), step_s=statistics.median(st),
         fwd_all=fw, bwd_all=bw, step_all=st, loss=float(loss), params=nparams,
         threads=torch.get_num_threads(), base_rss_gb=(base_rss or 0) / 1e9,
-        vm_hwm_gb=(_vm_hwm_bytes() or 0) / 1e9,
+        vm_hwm_gb=(_proc_status_bytes("VmHWM") or 0) / 1e9,
     )
     out["images_per_s"] = cfg["batch"] / out["step_s"]
     out.update(cpu_user_s=statistics.median(us), cpu_sys_s=statistics.median(sy),
