@@ -1,5 +1,16 @@
 """Swin Transformer V2 at scale: a faithful model library and a DeepSpeed/Hydra trainer."""
-from setuptools import find_packages, setup
+from setuptools import setup
+
+# installed name -> folder in this repository
+PACKAGE_DIR = {
+    "swinv2": "swinv2",
+    "swinv2_train": "train",
+    "swinv2_train.data": "train/data",
+    "swinv2_train.configs": "configs",   # Hydra finds them as pkg://swinv2_train.configs
+    "swinv2_launch": "launch",
+    "swinv2_launch.slurm": "launch/slurm",
+    "swinv2_tools": "scripts",
+}
 
 setup(
     name="swinv2-scale",
@@ -9,9 +20,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["swinv2", "swinv2.*", "train", "train.*", "launch", "launch.*", "scripts", "scripts.*"]),
-    include_package_data=True,
-    package_data={"": ["*.yaml", "*.sbatch", "*.sh"]},
+    # The repository keeps its plain top-level folders; installed, they get distinctive names so
+    # nothing lands in site-packages as `train`, `launch`, `scripts` or `configs`.
+    packages=list(PACKAGE_DIR),
+    package_dir=PACKAGE_DIR,
+    package_data={"swinv2_train.configs": ["*.yaml", "*/*.yaml"], "swinv2_launch.slurm": ["*.sbatch"]},
     # torch>=2.4: 2.13.0 satisfies it, so a pre-installed CPU build is kept (an unpinned
     # newer torch would pull several GB of CUDA wheels on a CPU machine).
     install_requires=[
@@ -33,10 +46,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "swinv2-train=train.main:main",
-            "swinv2-make-shards=scripts.make_shards:main",
-            "swinv2-amplitude-report=scripts.amplitude_report:main",
-            "swinv2-submit=launch.submit:main",
+            "swinv2-train=swinv2_train.main:main",
+            "swinv2-make-shards=swinv2_tools.make_shards:main",
+            "swinv2-amplitude-report=swinv2_tools.amplitude_report:main",
+            "swinv2-submit=swinv2_launch.submit:main",
         ],
     },
 )

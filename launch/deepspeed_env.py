@@ -1,8 +1,8 @@
 """Write ``.deepspeed_env``: the variables the multi-node ``deepspeed`` launcher exports on
 every node (it reads ``./.deepspeed_env`` and ``~/.deepspeed_env``, or ``$DS_ENV_FILE``).
 
-    python -m launch.deepspeed_env          # NCCL_*, WANDB_*, PYTHONPATH, ... -> ./.deepspeed_env
-    python -m launch.deepspeed_env --var HF_HOME --prefix FI_ -o ~/.deepspeed_env
+    python -m swinv2_launch.deepspeed_env          # NCCL_*, WANDB_*, PYTHONPATH, ... -> ./.deepspeed_env
+    python -m swinv2_launch.deepspeed_env --var HF_HOME --prefix FI_ -o ~/.deepspeed_env
 
 Only needed for pdsh/ssh-style multi-node launches: locally and under srun the environment is
 inherited anyway. The launcher parses each line as ``KEY=VALUE`` (split at the first ``=``,

@@ -1,6 +1,6 @@
 """Write a DeepSpeed hostfile (``host slots=N`` per line) for the current SLURM allocation.
 
-    python -m launch.hostfile_from_slurm -o hostfile            # inside salloc/sbatch
+    python -m swinv2_launch.hostfile_from_slurm -o hostfile            # inside salloc/sbatch
     deepspeed --hostfile hostfile --launcher slurm --no_ssh_check train/main.py ...
 
 Hosts come from ``scontrol show hostnames $SLURM_JOB_NODELIST`` (it understands every hostlist

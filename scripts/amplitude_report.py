@@ -1,7 +1,7 @@
 """Amplitude report for any `swinv2-train` run directory.
 
     swinv2-amplitude-report RUN_DIR [--out DIR]
-    python -m scripts.amplitude_report RUN_DIR [--out DIR]
+    python -m swinv2_tools.amplitude_report RUN_DIR [--out DIR]
 
 Reads RUN_DIR/metrics.jsonl (the trainer's `amp/NN/{mean_abs,rms,max}` and `logit_scale/NN` keys,
 see train/amplitudes.py) and RUN_DIR/config.yaml when present (for stage boundaries), and writes:
@@ -25,9 +25,9 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from train.amplitudes import (amplitudes_by_step, draw_amplitude_panel, mark_stages, pick_steps,
+from swinv2_train.amplitudes import (amplitudes_by_step, draw_amplitude_panel, mark_stages, pick_steps,
                               plt_agg, stage_ranges)
-from train.metrics import read_jsonl
+from swinv2_train.metrics import read_jsonl
 
 AMP_STATS = ("mean_abs", "max")
 _LS_RE = re.compile(r"^logit_scale/(\d+)$")

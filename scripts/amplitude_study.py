@@ -1,6 +1,6 @@
 """Post-norm stability study: {res_post, pre} x {cosine, dot} on a deep, narrow SwinV2.
 
-    python -m scripts.amplitude_study --out runs/stability [--steps 100] [--depth 24]
+    python -m swinv2_tools.amplitude_study --out runs/stability [--steps 100] [--depth 24]
         [--lrs 1e-3,1e-2] [--variants all] [--jobs 1] [--figures-dir DIR] [--quick] [--plot-only]
 
 Every variant is a real `swinv2-train experiment=stability ...` run (configs/experiment/stability.yaml)
@@ -41,9 +41,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `python scripts/amplitude_study.py` from anywhere
     sys.path.insert(0, REPO)
 
-from scripts.amplitude_report import (  # noqa: E402
+from swinv2_tools.amplitude_report import (  # noqa: E402
     LOGIT_SCALE_LABEL, _json_safe, draw_logit_scale_panel, draw_loss, load_run, summarize_run)
-from train.amplitudes import draw_amplitude_panel, plt_agg  # noqa: E402
+from swinv2_train.amplitudes import draw_amplitude_panel, plt_agg  # noqa: E402
 
 VARIANTS = [  # (norm_style, attn_type); the first is SwinV2, the last is V1-style
     ("res_post", "cosine"),
@@ -66,8 +66,8 @@ def variant_label(norm: str, attn: str) -> str:
 
 # ----------------------------------------------------------------------------- the trainer
 def trainer_command() -> List[str]:
-    """`swinv2-train`, as `python -m train.main` of this interpreter."""
-    return [sys.executable, "-m", "train.main"]
+    """`swinv2-train`, as `python -m swinv2_train.main` of this interpreter."""
+    return [sys.executable, "-m", "swinv2_train.main"]
 
 
 def build_overrides(*, norm: str, attn: str, lr: float, steps: int, depth: int, run_dir: str, seed: int,

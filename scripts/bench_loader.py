@@ -67,9 +67,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from train.data.config import DataConfig
-    from train.data.shards import expand_shards, iter_shard
-    from train.data.transforms import build_transform
+    from swinv2_train.data.config import DataConfig
+    from swinv2_train.data.shards import expand_shards, iter_shard
+    from swinv2_train.data.transforms import build_transform
 
     torch.set_num_threads(1)  # a loader worker runs single-threaded
     tmp = None
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             per_worker_rate(samples[:8], tf)  # warm-up
             row[name] = round(per_worker_rate(samples, tf), 1)
         if args.loader_workers:
-            from train.data import build_train_loader
+            from swinv2_train.data import build_train_loader
 
             lc = DataConfig(augment=args.augment, train_shards=pattern, num_workers=args.loader_workers,
                             train_samples=len(samples), num_classes=1000, shuffle_buffer=64)

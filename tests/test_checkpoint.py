@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from train.checkpoint import MARKER, CheckpointManager, latest_committed, list_checkpoints, resolve_resume, tag_for
+from swinv2_train.checkpoint import MARKER, CheckpointManager, latest_committed, list_checkpoints, resolve_resume, tag_for
 
 
 def _make(root, step, committed=True):

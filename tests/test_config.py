@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-import train.config as C
-from train.loop import cosine_lr
-from train.parallelize import build_ds_config
+import swinv2_train.config as C
+from swinv2_train.loop import cosine_lr
+from swinv2_train.parallelize import build_ds_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")

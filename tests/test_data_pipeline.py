@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from train.data import DataConfig, DataPipelineError, build_eval_loader, build_train_loader
+from swinv2_train.data import DataConfig, DataPipelineError, build_eval_loader, build_train_loader
 
 sys.path.insert(0, os.path.dirname(__file__))
 from data_helpers import jpeg_bytes, make_dataset, member_offsets, write_tar  # noqa: E402

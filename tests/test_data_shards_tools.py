@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.make_shards import main as make_shards_main
-from train.data import DataConfig, build_eval_loader, build_train_loader, ensure_synthetic_shards
+from swinv2_tools.make_shards import main as make_shards_main
+from swinv2_train.data import DataConfig, build_eval_loader, build_train_loader, ensure_synthetic_shards
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

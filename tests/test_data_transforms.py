@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from train.data import DataConfig, build_mixup
-from train.data.mixup import Mixup
-from train.data.transforms import (EvalTransform, RandAugment, TrainTransform, build_transform,
+from swinv2_train.data import DataConfig, build_mixup
+from swinv2_train.data.mixup import Mixup
+from swinv2_train.data.transforms import (EvalTransform, RandAugment, TrainTransform, build_transform,
                                    parse_rand_augment, random_erase, rrc_params, _RAND_OPS, _op)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -207,7 +207,7 @@ def test_config_presets_and_validation():
 def test_hydra_structured_config():
     from omegaconf import OmegaConf
 
-    from train.data import as_data_config
+    from swinv2_train.data import as_data_config
 
     node = OmegaConf.merge(OmegaConf.structured(DataConfig), {"augment": "light", "num_classes": 5})
     c = as_data_config(node)

@@ -17,7 +17,7 @@ if str(REPO) not in sys.path:
 
 import pytest  # noqa: E402
 
-from train import distributed as D  # noqa: E402
+from swinv2_train import distributed as D  # noqa: E402
 
 SLURM_CONF_MIN = """\
 ClusterName=unit

@@ -18,8 +18,8 @@ import pytest
 from slurm_cluster import REPO, TINY_TRAIN, committed_steps, train_losses, wait_until
 
 sys.path.insert(0, str(REPO))
-from launch import deepspeed_env, hostfile_from_slurm, submit  # noqa: E402
-from train.distributed import free_port  # noqa: E402
+from swinv2_launch import deepspeed_env, hostfile_from_slurm, submit  # noqa: E402
+from swinv2_train.distributed import free_port  # noqa: E402
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
                "TORCHELASTIC_RUN_ID", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE")
@@ -115,7 +115,7 @@ def test_hostfile_cli_uses_scontrol(tmp_path):
     env = clean_env(SLURM_CONF=str(conf), SLURM_JOB_NODELIST="gpu[001-003]",
                     SLURM_TASKS_PER_NODE="4(x2),2")
     out = tmp_path / "hostfile"
-    r = subprocess.run([sys.executable, "-m", "launch.hostfile_from_slurm", "-o", str(out)],
+    r = subprocess.run([sys.executable, "-m", "swinv2_launch.hostfile_from_slurm", "-o", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert out.read_text() == "gpu001 slots=4\ngpu002 slots=4\ngpu003 slots=2\n"
@@ -136,7 +136,7 @@ def test_deepspeed_env_selection_and_format(tmp_path):
 
 def test_deepspeed_env_cli(tmp_path):
     out = tmp_path / "dsenv"
-    r = subprocess.run([sys.executable, "-m", "launch.deepspeed_env", "-o", str(out), "--only",
+    r = subprocess.run([sys.executable, "-m", "swinv2_launch.deepspeed_env", "-o", str(out), "--only",
                         "--var", "MY_VAR", "--set", "NCCL_DEBUG=INFO"], cwd=REPO,
                        env=clean_env(MY_VAR="1", NCCL_SOCKET_IFNAME="lo"),
                        capture_output=True, text=True, timeout=60)

@@ -122,7 +122,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
     # machine is idle (~0.1 s/step); the first 6 steps are comparable with the reference run
     # because the LR warmup (20 steps) does not depend on the total.
     steps_total = 20
-    r = slurm.run(sys.executable, "-m", "launch.submit", "ntasks=2", "gpus_per_node=0",
+    r = slurm.run(sys.executable, "-m", "swinv2_launch.submit", "ntasks=2", "gpus_per_node=0",
                   f"output={out}", "--", f"run.dir={run_dir}", f"train.max_steps={steps_total}",
                   *TINY_TRAIN,
                   cwd=REPO, env=_job_env(slurm), timeout=60)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from scripts.memory_model import LiveMemoryTracker
+from swinv2_tools.memory_model import LiveMemoryTracker
 from swinv2 import apply_activation_checkpointing, create_model, iter_blocks
 from swinv2.model import SwinTransformerV2Block
 from swinv2.windows import MASK_VALUE, RegionMask, shifted_window_regions

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts import memory_model as mm
+from swinv2_tools import memory_model as mm
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from train import distributed as D  # noqa: E402
-from train.preemption import PreemptionHandler  # noqa: E402
+from swinv2_train import distributed as D  # noqa: E402
+from swinv2_train.preemption import PreemptionHandler  # noqa: E402
 
 
 def _env(**extra: str) -> dict[str, str]:

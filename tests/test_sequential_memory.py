@@ -9,7 +9,7 @@ until the end would fail here even though each tensor is chunk-sized.
 import pytest
 import torch
 
-from scripts.memory_model import LiveMemoryTracker
+from swinv2_tools.memory_model import LiveMemoryTracker
 from swinv2.attention import WindowAttention
 from swinv2.windows import shifted_window_mask
 

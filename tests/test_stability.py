@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import swinv2
-from scripts.amplitude_report import summarize_run
-from scripts.amplitude_study import parse_args
+from swinv2_tools.amplitude_report import summarize_run
+from swinv2_tools.amplitude_study import parse_args
 from swinv2.probes import AmplitudeProbe, logit_scales
-from train.amplitudes import amplitude_metrics
-from train.metrics import read_jsonl
+from swinv2_train.amplitudes import amplitude_metrics
+from swinv2_train.metrics import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +37,7 @@ def _assert_png(path):
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    p = subprocess.run([sys.executable, "-m", "scripts.amplitude_study", "--quick", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "swinv2_tools.amplitude_study", "--quick", "--out", str(out)],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(out / "summary.json") as f:
@@ -181,7 +181,7 @@ def test_report_on_real_trainer_run_dir(quick_study, tmp_path):
     _, summary = quick_study
     run = next(r for r in summary["runs"] if r["attn"] == "cosine")
     out = tmp_path / "report"
-    p = subprocess.run([sys.executable, "-m", "scripts.amplitude_report", run["run_dir"], "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "swinv2_tools.amplitude_report", run["run_dir"], "--out", str(out)],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     for name in ("amplitude_layers.png", "loss.png", "logit_scale.png"):
@@ -195,6 +195,6 @@ def test_report_on_real_trainer_run_dir(quick_study, tmp_path):
 
 
 def test_report_without_metrics_fails_cleanly(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "scripts.amplitude_report", str(tmp_path)],
+    p = subprocess.run([sys.executable, "-m", "swinv2_tools.amplitude_report", str(tmp_path)],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no metrics.jsonl" in p.stderr

@@ -36,7 +36,7 @@ def train(args, cwd, cmd=("swinv2-train",), timeout=600, check=True):
 
 
 def metrics(run_dir):
-    from train.metrics import read_jsonl
+    from swinv2_train.metrics import read_jsonl
     return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
@@ -133,7 +133,7 @@ def test_export_official_format_same_logits(default_run, tmp_path):
     import swinv2
     from omegaconf import OmegaConf
 
-    from train.config import model_kwargs
+    from swinv2_train.config import model_kwargs
 
     run_dir, _ = default_run
     cfg = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
@@ -141,7 +141,7 @@ def test_export_official_format_same_logits(default_run, tmp_path):
     trained = build()
     trained.load_state_dict(module_weights(os.path.join(run_dir, "checkpoints", "step_00000004")))
     out = tmp_path / "step4.pth"
-    p = subprocess.run([sys.executable, "-m", "train.checkpoint", "export", run_dir, str(out), "--step", "4"],
+    p = subprocess.run([sys.executable, "-m", "swinv2_train.checkpoint", "export", run_dir, str(out), "--step", "4"],
                        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     sd = torch.load(out, map_location="cpu", weights_only=True)
@@ -283,7 +283,7 @@ def test_bf16_accum_checkpointing_sequential_and_export(tmp_path):
 
 
 def test_cpu_threads_leave_cores_for_data_workers(monkeypatch):
-    from train.loop import cpu_threads
+    from swinv2_train.loop import cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -51,7 +51,7 @@ def _free_port():
 
 
 def test_zero1_two_ranks_matches_one_rank(tmp_path):
-    from train.data import ensure_synthetic_shards
+    from swinv2_train.data import ensure_synthetic_shards
 
     syn = ensure_synthetic_shards()
     n = 64

@@ -5,7 +5,7 @@ partition), `rng_rank{r}.pt` (each rank's RNG states) and, last, `COMMITTED`. Ra
 marker (temp file + os.replace) only after a barrier that every rank reaches after its own
 writes, so a directory without the marker is an interrupted save and is never loaded.
 
-CLI: python -m train.checkpoint export RUN_DIR [--step N] OUT.pth
+CLI: python -m swinv2_train.checkpoint export RUN_DIR [--step N] OUT.pth
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def export(run_dir: str, out: str, step: Optional[int] = None) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.checkpoint")
+    p = argparse.ArgumentParser(prog="python -m swinv2_train.checkpoint")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="official-format fp32 weights from a run's checkpoint")
     e.add_argument("run_dir")

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from train.data.config import DataConfig
+from swinv2_train.data.config import DataConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NAN_POLICIES = ("skip", "fail")
@@ -305,7 +305,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> DictConfig:
         raise ConfigError(str(e)) from None
     d = cfg.data
     if d.train_shards is None and d.val_shards is None:
-        from train.data.synthetic import CLASSES
+        from swinv2_train.data.synthetic import CLASSES
         if d.num_classes != len(CLASSES):
             _fail("data.train_shards", f"required: data.num_classes={d.num_classes} but the built-in "
                   f"synthetic dataset (used when shards are null) has {len(CLASSES)} classes")

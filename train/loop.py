@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from train import config as C
+from swinv2_train import config as C
 
 log = logging.getLogger("train")
 
@@ -80,7 +80,7 @@ class DataStream:
             self._open()
 
     def _open(self):
-        from train.data import build_train_loader
+        from swinv2_train.data import build_train_loader
         self.loader = build_train_loader(self.data_cfg, epoch=self.epoch, start_batch=self.batch, **self.kw)
         self.batches_per_epoch = self.loader.batches_per_epoch
         self._it = None
@@ -122,7 +122,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(engine, data_cfg, *, img_size, batch_size, env, dtype, class_map=None) -> Dict[str, float]:
-    from train.data import build_eval_loader
+    from swinv2_train.data import build_eval_loader
 
     module = engine.module
     was_training = module.training
@@ -190,8 +190,8 @@ def train_step(engine, stream, *, env, dtype, accum, mixup, mix_gen, inject_nan,
 # ----------------------------------------------------------------------------- run
 def _prepare_data_cfg(cfg: DictConfig):
     """DataConfig for the loaders; null shards -> the built-in synthetic set (generated once)."""
-    from train.data import ensure_synthetic_shards
-    from train.data.config import as_data_config
+    from swinv2_train.data import ensure_synthetic_shards
+    from swinv2_train.data.config import as_data_config
 
     d = as_data_config(cfg.data)
     if d.train_shards is None and d.val_shards is None:
@@ -227,8 +227,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     """Train according to `cfg` (already composed by Hydra); returns a summary dict."""
     C.validate(cfg)  # before any process group or data
     t_start = time.time()
-    from train.distributed import init_distributed, shutdown
-    from train.preemption import PreemptionHandler
+    from swinv2_train.distributed import init_distributed, shutdown
+    from swinv2_train.preemption import PreemptionHandler
 
     preempt = PreemptionHandler()  # before the process group: a signal during start-up is kept
     env = init_distributed(timeout_s=cfg.train.dist_timeout_s)
@@ -241,11 +241,11 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
     import swinv2
-    from train.checkpoint import CheckpointManager, resolve_resume, set_rng_state
-    from train.data import build_mixup
-    from train.metrics import build_logger
-    from train.parallelize import parallelize
-    from train.amplitudes import amplitude_metrics, plot_amplitudes
+    from swinv2_train.checkpoint import CheckpointManager, resolve_resume, set_rng_state
+    from swinv2_train.data import build_mixup
+    from swinv2_train.metrics import build_logger
+    from swinv2_train.parallelize import parallelize
+    from swinv2_train.amplitudes import amplitude_metrics, plot_amplitudes
 
     t, rank = cfg.train, env.rank
     run_dir = os.path.abspath(cfg.run.dir)
@@ -262,7 +262,7 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
     # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
     torch.manual_seed(cfg.run.seed)
     model = swinv2.create_model(**C.model_kwargs(cfg.model, num_classes))
-    from train.distributed import broadcast_object
+    from swinv2_train.distributed import broadcast_object
     resume_dir = broadcast_object(resolve_resume(cfg.run.resume, run_dir) if rank == 0 else None)  # one answer
     if cfg.model.pretrained and resume_dir is None:
         report = swinv2.load_official_state_dict(model, cfg.model.pretrained,
@@ -407,14 +407,14 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
                "wall_time_s": time.time() - t_start, "run_dir": run_dir, "checkpoint": last_saved,
                "nonfinite_steps": nonfinite_total, **last_val}
     if rank == 0 and stopped is None:
-        from train.metrics import read_jsonl
+        from swinv2_train.metrics import read_jsonl
         jsonl = os.path.join(run_dir, "metrics.jsonl")
         if os.path.exists(jsonl):
             summary["amplitudes_png"] = plot_amplitudes(read_jsonl(jsonl), os.path.join(run_dir, "amplitudes.png"),
                                                         title=f"{cfg.run.name}: activation RMS per block",
                                                         depths=list(engine.module.config.depths))
         if cfg.run.export_official and last_saved:
-            from train.checkpoint import export
+            from swinv2_train.checkpoint import export
             out = os.path.join(run_dir, "model_official.pth")
             export(run_dir, out, step)
             summary["export"] = out
@@ -443,6 +443,6 @@ def print_summary(s: Dict[str, Any]) -> None:
         lines.append(f"wandb       wandb sync {os.path.dirname(s['wandb_dir'].rstrip('/'))}")
     if s.get("amplitudes_png"):
         lines.append(f"amplitudes  {s['amplitudes_png']}")
-    lines.append(f"export      python -m train.checkpoint export {rd} OUT.pth"
+    lines.append(f"export      python -m swinv2_train.checkpoint export {rd} OUT.pth"
                  + (f"  (done: {s['export']})" if s.get("export") else ""))
     print("\n".join(lines), flush=True)

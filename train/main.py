@@ -1,34 +1,33 @@
-"""`swinv2-train` entry point (also `python train/main.py`, as the deepspeed launcher and torchrun
-start it). See configs/train.yaml and docs/DESIGN.md."""
+"""`swinv2-train` entry point (also `python -m swinv2_train.main`, or `python train/main.py` in a
+checkout, as the deepspeed launcher and torchrun start it). See configs/train.yaml and docs/DESIGN.md."""
 from __future__ import annotations
 
 import os
 import sys
 
 if __package__ in (None, ""):
-    # Started as a script: sys.path[0] is train/, which would shadow nothing useful and hide the
-    # `train` package itself; put the repository root there instead.
+    # Started as a script: sys.path[0] is this folder, whose modules (config, data, metrics, ...)
+    # would shadow top-level modules of that name; the package itself is imported as installed.
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-import train.config  # noqa: E402,F401  (registers the schema in Hydra's ConfigStore)
-from train.config import expected_rank  # noqa: E402
-from train.distributed import strip_launcher_args  # noqa: E402
+import swinv2_train.config  # noqa: E402,F401  (registers the schema in Hydra's ConfigStore)
+from swinv2_train.config import expected_rank  # noqa: E402
+from swinv2_train.distributed import strip_launcher_args  # noqa: E402
 
 
-# "../configs" relative to this file, made absolute: a relative config_path in a package module
-# is looked up as a python package (pkg://configs), which fails when started from another cwd.
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The config tree ships inside the package (the repository's configs/ folder, installed as
+# swinv2_train.configs), so an installed wheel finds it from any directory.
+CONFIG_DIR = "pkg://swinv2_train.configs"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    from train.config import ConfigError
-    from train.loop import run
+    from swinv2_train.config import ConfigError
+    from swinv2_train.loop import run
     try:
         run(cfg)
     except ConfigError as e:  # a user error: one clear line, no traceback

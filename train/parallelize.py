@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import swinv2
-from train.config import effective_lr
+from swinv2_train.config import effective_lr
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import subprocess
 import threading
 from typing import Iterable
 
-from train import distributed
+from swinv2_train import distributed
 
 log = logging.getLogger(__name__)
 
