@@ -16,12 +16,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from swinv2_train.data.config import DataConfig
+from swinv2_train.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NAN_POLICIES = ("skip", "fail")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is impossible; the message starts with the dotted key."""
 
 

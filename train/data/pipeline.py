@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import UserError
 from . import shards as S
 from .config import DataConfig, as_data_config
 from .transforms import CorruptImageError, build_transform
@@ -41,7 +42,7 @@ from .transforms import CorruptImageError, build_transform
 log = logging.getLogger(__name__)
 
 
-class DataPipelineError(RuntimeError):
+class DataPipelineError(UserError, RuntimeError):
     """Raised for data problems that must stop training (no samples, too many bad samples)."""
 
 
