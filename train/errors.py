@@ -8,3 +8,23 @@ with HYDRA_FULL_ERROR=1, to the terminal. Anything else is a bug and keeps its t
 
 class UserError(Exception):
     """An expected failure; the message names the input and what to do about it."""
+
+    exit_code = 1
+
+
+class UsageError(UserError):
+    """The command line itself is wrong (an override Hydra cannot parse, ...)."""
+
+    exit_code = 2
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be read (truncated or partly copied files)."""
+
+
+class ResumeMismatchError(UserError):
+    """The checkpoint to resume does not fit this run (model, task, world size, precision)."""
+
+
+class NonFiniteError(UserError, RuntimeError):
+    """Training produced non-finite losses or gradients and the NaN policy says stop."""

@@ -15,6 +15,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import swinv2_train.config  # noqa: E402,F401  (registers the schema in Hydra's ConfigStore)
+from swinv2_train.cli import prepare_overrides, user_errors_as_messages  # noqa: E402
 from swinv2_train.config import expected_rank  # noqa: E402
 from swinv2_train.distributed import strip_launcher_args  # noqa: E402
 
@@ -24,15 +25,16 @@ from swinv2_train.distributed import strip_launcher_args  # noqa: E402
 CONFIG_DIR = "pkg://swinv2_train.configs"
 
 
+PROG = "swinv2-train"
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    from swinv2_train.config import ConfigError
     from swinv2_train.loop import run
-    try:
+    # A UserError (bad config, corrupt data, a checkpoint that does not fit, ...) ends as one
+    # message; its traceback goes to the run's train.log (and the terminal with HYDRA_FULL_ERROR=1).
+    with user_errors_as_messages(PROG, expected_rank()):
         run(cfg)
-    except ConfigError as e:  # a user error: one clear line, no traceback
-        print(f"swinv2-train: config error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def _rank_overrides(argv: list[str]) -> list[str]:
@@ -43,7 +45,10 @@ def _rank_overrides(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    sys.argv = _rank_overrides(strip_launcher_args(sys.argv))  # before Hydra parses argv
+    argv = strip_launcher_args(sys.argv)
+    with user_errors_as_messages(PROG, expected_rank()):  # an override Hydra cannot parse: one line
+        args = prepare_overrides(argv[1:])
+    sys.argv = _rank_overrides([argv[0], *args])  # before Hydra parses argv
     _hydra_main()
 
 
