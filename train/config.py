@@ -245,7 +245,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> DictConfig:
     # -- model: variant, then the geometry checks of the model's own config
     if m.variant not in swinv2.VARIANTS:
         _fail("model.variant", f"unknown variant {m.variant!r}; valid: {', '.join(swinv2.VARIANTS)}")
-    kw = model_kwargs(m, cfg.data.num_classes)
+    kw = model_kwargs(m, cfg.data.num_classes or 1)  # null: known once the data is resolved
     variant = kw.pop("variant")
     try:
         mc = SwinV2Config.from_variant(variant, **kw)
@@ -299,20 +299,15 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> DictConfig:
     if cfg.run.resume not in ("auto", "never") and not os.path.exists(cfg.run.resume):
         _fail("run.resume", f"not 'auto', 'never' or an existing path: {cfg.run.resume}")
 
-    # -- data (the data package checks its own fields)
+    # -- data: the data package checks its own fields and the choice of source (data.root,
+    # shard patterns or the synthetic set); reading _info.json or counting shards waits for
+    # resolve_sources, once, when the run starts
     try:
-        DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)).validate()
+        from swinv2_train.data.sources import check_sources
+
+        check_sources(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)).validate())
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    d = cfg.data
-    if d.train_shards is None and d.val_shards is None:
-        from swinv2_train.data.synthetic import CLASSES
-        if d.num_classes != len(CLASSES):
-            _fail("data.train_shards", f"required: data.num_classes={d.num_classes} but the built-in "
-                  f"synthetic dataset (used when shards are null) has {len(CLASSES)} classes")
-    elif d.train_shards is None or d.val_shards is None:
-        _fail("data.val_shards" if d.val_shards is None else "data.train_shards",
-              "set both train_shards and val_shards (or neither, for the synthetic dataset)")
     if t.eval_class_map is not None and not os.path.exists(t.eval_class_map):
         _fail("train.eval_class_map", f"file not found: {t.eval_class_map}")
     return cfg

@@ -189,17 +189,12 @@ def train_step(engine, stream, *, env, dtype, accum, mixup, mix_gen, inject_nan,
 
 # ----------------------------------------------------------------------------- run
 def _prepare_data_cfg(cfg: DictConfig):
-    """DataConfig for the loaders; null shards -> the built-in synthetic set (generated once)."""
-    from swinv2_train.data import ensure_synthetic_shards
-    from swinv2_train.data.config import as_data_config
+    """DataConfig for the loaders, its sources resolved once per run (data.root, shard patterns
+    or the built-in synthetic set; shards, sample counts, num_classes): the loaders of every
+    epoch then read nothing but the shards."""
+    from swinv2_train.data import resolve_sources
 
-    d = as_data_config(cfg.data)
-    if d.train_shards is None and d.val_shards is None:
-        syn = ensure_synthetic_shards(d.synthetic_dir)
-        d.train_shards, d.val_shards = syn["train_shards"], syn["val_shards"]
-        d.train_samples = d.train_samples or syn["train_samples"]
-        d.val_samples = d.val_samples or syn["val_samples"]
-    return d
+    return resolve_sources(cfg.data)
 
 
 def cpu_threads(requested: Optional[int], num_workers: int) -> int:

@@ -3,9 +3,11 @@ from .config import AUG_PRESETS, DataConfig, as_data_config
 from .mixup import Mixup, build_mixup
 from .pipeline import (DataPipelineError, StreamingLoader, build_eval_loader,
                        build_train_loader)
+from .sources import DataSourceError, check_sources, resolve_sources
 from .synthetic import ensure_synthetic_shards
 
 __all__ = [
     "AUG_PRESETS", "DataConfig", "as_data_config", "Mixup", "build_mixup", "DataPipelineError",
     "StreamingLoader", "build_eval_loader", "build_train_loader", "ensure_synthetic_shards",
+    "DataSourceError", "check_sources", "resolve_sources",
 ]

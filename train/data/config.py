@@ -38,13 +38,15 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 @dataclass
 class DataConfig:
     # --- sources --------------------------------------------------------------------------
-    train_shards: Optional[str] = None   # brace pattern / '::'-joined list; None -> synthetic
-    val_shards: Optional[str] = None
-    num_classes: int = 10
-    train_samples: Optional[int] = None  # epoch length; None -> _info.json beside shards, else counted
+    # Where the data comes from is decided once, by `sources.resolve_sources` (see there).
+    root: Optional[str] = None           # a directory of shards: _info.json, or *.tar named by split
+    train_split: str = "train"           # split names: keys of _info.json "splits", or shard-name
+    val_split: str = "validation"        # words (train-000000.tar); val and validation are one name
+    train_shards: Optional[str] = None   # brace pattern / '::'-joined list; wins over root per split
+    val_shards: Optional[str] = None     # root and both shards null -> the built-in synthetic set
+    num_classes: Optional[int] = None    # null: from _info.json (or 10 for the synthetic set)
+    train_samples: Optional[int] = None  # epoch length; None -> _info.json, else counted once
     val_samples: Optional[int] = None
-    info_split_train: str = "train"      # split names looked up in _info.json
-    info_split_val: str = "validation"
     class_map: Optional[str] = None      # 22K->1K map file (json list/dict or text), eval only
     synthetic_dir: Optional[str] = None  # cache dir for the generated default dataset
     # --- streaming ------------------------------------------------------------------------
@@ -94,8 +96,12 @@ class DataConfig:
 
         if self.augment not in AUG_PRESETS:
             bad("augment", f"must be one of {sorted(AUG_PRESETS)}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            bad("num_classes", "must be a positive integer")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int)
+                                             or self.num_classes < 1):
+            bad("num_classes", "must be a positive integer or null (null: from _info.json)")
+        for k in ("train_split", "val_split"):
+            if not isinstance(getattr(self, k), str) or not getattr(self, k).strip():
+                bad(k, "must be a split name, e.g. train or validation")
         if self.num_workers < 0:
             bad("num_workers", "must be >= 0")
         if self.shuffle_buffer < 0:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import UserError
 from . import shards as S
 from .config import DataConfig, as_data_config
+from .sources import resolve_sources
 from .transforms import CorruptImageError, build_transform
 
 log = logging.getLogger(__name__)
@@ -373,37 +374,6 @@ def _worker_init(_):
     torch.set_num_threads(1)  # decode is per-sample; avoid W x cores oversubscription
 
 
-def _epoch_samples(cfg: DataConfig, pattern: str, urls: List[str], explicit: Optional[int],
-                   split: str) -> int:
-    if explicit:
-        return int(explicit)
-    n = S.info_num_samples(pattern, split, urls)
-    if n is None:
-        log.warning("no _info.json beside %r: counting samples by reading every shard", pattern)
-        n = S.count_samples(urls)
-    if n == 0:
-        raise DataPipelineError(f"shard pattern {pattern!r} contains no samples")
-    return n
-
-
-def _resolve_sources(cfg: DataConfig, split: str) -> Tuple[DataConfig, str, Optional[int]]:
-    pattern = cfg.train_shards if split == "train" else cfg.val_shards
-    if cfg.train_shards is None and cfg.val_shards is None:
-        from .synthetic import ensure_synthetic_shards
-
-        syn = ensure_synthetic_shards(cfg.synthetic_dir)
-        pattern = syn[f"{'train' if split == 'train' else 'val'}_shards"]
-        n = cfg.train_samples if split == "train" else cfg.val_samples
-        n = n or syn[f"{'train' if split == 'train' else 'val'}_samples"]
-        if cfg.num_classes != syn["num_classes"]:
-            raise ValueError(f"data.num_classes={cfg.num_classes}: the synthetic default "
-                             f"dataset has {syn['num_classes']} classes")
-        return cfg, pattern, n
-    if pattern is None:
-        raise ValueError(f"data.{'train' if split == 'train' else 'val'}_shards is null")
-    return cfg, pattern, (cfg.train_samples if split == "train" else cfg.val_samples)
-
-
 def build_train_loader(cfg, *, img_size: int, global_batch_size: int, rank: int,
                        world_size: int, seed: int, epoch: int = 0, start_batch: int = 0
                        ) -> StreamingLoader:
@@ -414,7 +384,9 @@ def build_train_loader(cfg, *, img_size: int, global_batch_size: int, rank: int,
     if global_batch_size < world_size or global_batch_size % world_size:
         raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple "
                          f"of world_size={world_size}")
-    cfg, pattern, explicit = _resolve_sources(cfg, "train")
+    # resolved once by the trainer (counts filled): then this only re-reads _info.json
+    cfg = resolve_sources(cfg, ("train",))
+    pattern = cfg.train_shards
     urls = S.expand_shards(pattern)
     if not cfg.resampled and len(urls) < world_size:
         raise ValueError(
@@ -424,7 +396,7 @@ def build_train_loader(cfg, *, img_size: int, global_batch_size: int, rank: int,
     if not cfg.resampled and len(urls) < world_size * W:
         log.warning("%d shards < %d ranks x %d workers: workers of a rank share shards and "
                     "split them by sample (more I/O per worker)", len(urls), world_size, W)
-    n = _epoch_samples(cfg, pattern, urls, explicit, cfg.info_split_train)
+    n = cfg.train_samples
     bpe = n // global_batch_size
     if bpe < 1:
         raise ValueError(f"{n} samples per epoch < global_batch_size={global_batch_size}")
@@ -484,7 +456,8 @@ def build_eval_loader(cfg, *, img_size: int, batch_size: int, rank: int, world_s
     cfg = as_data_config(cfg).resolved()
     if world_size < 1 or not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"bad rank/world_size/batch_size: {rank}/{world_size}/{batch_size}")
-    cfg, pattern, explicit = _resolve_sources(cfg, "val")
+    cfg = resolve_sources(cfg, ("val",))
+    pattern = cfg.val_shards
     urls = S.expand_shards(pattern)
     loader = StreamingLoader(
         _EvalStream(urls, cfg, build_transform(cfg, img_size, train=False), pattern=pattern,
@@ -493,5 +466,5 @@ def build_eval_loader(cfg, *, img_size: int, batch_size: int, rank: int, world_s
         num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor, num_batches=None, batches_per_epoch=None,
         pattern=pattern, timeout_s=cfg.timeout_s)
-    loader.num_samples = explicit  # may be None (not needed: partial batches)
+    loader.num_samples = cfg.val_samples
     return loader

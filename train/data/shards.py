@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -70,18 +71,48 @@ def info_num_samples(pattern: str, split: str, urls: List[str]) -> Optional[int]
     p = info_path(pattern)
     if p is None:
         return None
-    with open(p) as f:
-        info = json.load(f)
-    splits = info.get("splits", {})
-    if isinstance(splits, list):  # tolerate a list of split dicts
-        splits = {s.get("name"): s for s in splits}
+    splits = read_info(p)["splits"]
     names = {os.path.basename(_local_path(u)) for u in urls}
-    for sp in ([splits[split]] if split in splits else []) + list(splits.values()):
+    named = [splits[n] for n in split_names(split) if n in splits]
+    for sp in named + list(splits.values()):
         files = sp.get("filenames") or []
         lengths = sp.get("shard_lengths") or []
         if files and len(files) == len(lengths) and names <= set(files):
             return int(sum(n for fn, n in zip(files, lengths) if fn in names))
     return None
+
+
+# "val" and "validation" name the same split (timm writes "validation", many tools "val").
+SPLIT_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val")}
+
+
+def split_names(split: str) -> Tuple[str, ...]:
+    """The names under which `split` may appear (in _info.json or in shard file names)."""
+    return SPLIT_ALIASES.get(split, (split,))
+
+
+def shard_split_name(filename: str) -> Optional[str]:
+    """The split a shard file belongs to by its name: the last word before the shard number.
+
+    train-000000.tar -> train, imagenet1k-validation-0003.tar -> validation, val_7.tar -> val,
+    train.tar -> train; 000001.tar -> None (no word)."""
+    stem = os.path.basename(filename)
+    if stem.endswith(".tar"):
+        stem = stem[:-4]
+    stem = stem.rstrip("0123456789").rstrip("-_.")
+    word = re.split(r"[-_.]", stem)[-1] if stem else ""
+    return word or None
+
+
+def read_info(path: str) -> dict:
+    """`_info.json` with `splits` as a {name: split} dict (a list of split dicts is accepted)."""
+    with open(path) as f:
+        info = json.load(f)
+    splits = info.get("splits") or {}
+    if isinstance(splits, list):
+        splits = {sp.get("name"): sp for sp in splits}
+    info["splits"] = splits
+    return info
 
 
 def count_samples(urls: List[str]) -> int:
