@@ -2,6 +2,7 @@
 
     swinv2-make-shards /data/imagenet/train /shards/in1k --split train --samples-per-shard 1000
     swinv2-make-shards --list train.txt --root /data /shards/mine --split train --max-bytes 5e8
+    swinv2-make-shards --info-only /shards/theirs    # _info.json for shards written elsewhere
 
 Each sample: `<key>.jpg` (JPEG bytes, re-encoded only if the source is not a JPEG), `<key>.cls`
 (ASCII integer label), `<key>.json` (source path, class name). Beside the shards:
@@ -228,6 +229,65 @@ def write_shards(items, classes, out: str, *, split: str, prefix: str,
             "unreadable_inputs": skipped}
 
 
+def scan_tar(path: str) -> Tuple[int, int]:
+    """(samples, largest label) of one shard; metadata members (names starting with '_') and
+    samples without an integer .cls do not count towards the label."""
+    keys, top = set(), -1
+    with tarfile.open(path, "r:*") as tf:
+        for m in tf:
+            base = os.path.basename(m.name)
+            if not m.isfile() or base.startswith("_") or "." not in base:
+                continue
+            key, ext = m.name.split(".", 1)
+            keys.add(key)
+            if ext.lower() == "cls":
+                try:
+                    top = max(top, int(tf.extractfile(m).read().decode("ascii").strip()))
+                except ValueError:
+                    pass
+    return len(keys), top
+
+
+def write_info_only(out: str, overwrite: bool = False) -> dict:
+    """`--info-only`: write `_info.json` for the shards already in `out` (from any writer), so the
+    trainer stops counting them on every run. A shard's split is the word before its number
+    (train-000000.tar -> train), the rule the trainer uses when there is no _info.json."""
+    from swinv2_train.data.shards import shard_split_name  # the trainer's rule, shared
+
+    info_path = os.path.join(out, "_info.json")
+    if os.path.exists(info_path) and not overwrite:
+        raise SystemExit(f"error: {info_path} exists; add --overwrite to rewrite it")
+    tars = sorted(f for f in os.listdir(out) if f.endswith(".tar")) if os.path.isdir(out) else []
+    if not tars:
+        raise SystemExit(f"error: no .tar shards in {out!r}")
+    splits: dict = {}
+    top = -1
+    for fn in tars:
+        split = shard_split_name(fn)
+        if split is None:
+            print(f"warning: {fn}: no split word before the shard number; left out", file=sys.stderr)
+            continue
+        n, largest = scan_tar(os.path.join(out, fn))
+        top = max(top, largest)
+        sp = splits.setdefault(split, {"name": split, "num_samples": 0, "filenames": [],
+                                       "shard_lengths": []})
+        sp["num_samples"] += n
+        sp["filenames"].append(fn)
+        sp["shard_lengths"].append(n)
+    classes_path = os.path.join(out, "classes.json")
+    if os.path.exists(classes_path):
+        with open(classes_path) as f:
+            num_classes = len(json.load(f))
+    else:  # a guess: the highest class may be missing from every shard
+        num_classes = top + 1
+        print(f"note: no classes.json: num_classes={num_classes} (largest label + 1); edit "
+              f"{info_path} if the dataset has more classes", file=sys.stderr)
+    _atomic_json(info_path, {"name": os.path.basename(os.path.abspath(out)),
+                             "num_classes": num_classes, "splits": splits})
+    return {"info": info_path, "num_classes": num_classes,
+            "splits": {k: v["num_samples"] for k, v in splits.items()}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="swinv2-make-shards",
@@ -239,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--list", dest="list_file", help="list file with 'path label' lines instead of src")
     ap.add_argument("--root", help="base for relative paths in --list (default: the list file's dir)")
     ap.add_argument("--split", default="train", help="split name recorded in _info.json "
-                    "(the loader looks up 'train' and 'validation')")
+                    "(the trainer looks up data.train_split=train and data.val_split=validation)")
+    ap.add_argument("--info-only", action="store_true",
+                    help="write only OUT/_info.json for the .tar shards already in OUT (split = "
+                         "the word before the shard number, e.g. train-000000.tar); no SRC")
     ap.add_argument("--prefix", default=None, help="shard file prefix (default: the split name)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--samples-per-shard", type=int, default=None,
@@ -250,13 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                     help="write samples in a seeded random order (readers only shuffle within a buffer)")
     ap.add_argument("--seed", type=int, default=0, help="seed of --shuffle")
-    ap.add_argument("--overwrite", action="store_true", help="rewrite all shards of this split")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="rewrite all shards of this split (with --info-only: an existing _info.json)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.info_only:
+        if args.src is not None or args.list_file is not None:
+            raise SystemExit("error: --info-only takes only OUT (the shard directory)")
+        print(json.dumps(write_info_only(args.out, overwrite=args.overwrite)))
+        return 0
     if (args.src is None) == (args.list_file is None):
         raise SystemExit("error: give exactly one of SRC (ImageFolder) or --list")
     if args.samples_per_shard is not None and args.samples_per_shard < 1:

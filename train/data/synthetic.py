@@ -11,6 +11,7 @@ from __future__ import annotations
 import colorsys
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ CLASSES = ["disc", "square", "triangle", "cross", "ring", "hstripes", "vstripes"
 NUM_TRAIN_SHARDS, NUM_VAL_SHARDS = 8, 2
 TRAIN_PER_SHARD, VAL_PER_SHARD = 512, 256
 SIZE = 64
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_root() -> str:
@@ -126,6 +129,11 @@ def ensure_synthetic_shards(cache_dir: Optional[str] = None, *, seed: int = 0) -
     with _FileLock(final + ".lock"):
         if _complete(final):  # someone else finished while we waited
             return _result(final)
+        # first run only (later runs return above, quietly): say what the pause is
+        log.info("generating the built-in synthetic dataset (%d classes, %d train + %d val "
+                 "images, once) into %s", len(CLASSES), NUM_TRAIN_SHARDS * TRAIN_PER_SHARD,
+                 NUM_VAL_SHARDS * VAL_PER_SHARD, final)
+        started = time.monotonic()
         tmp = tempfile.mkdtemp(prefix=f".{VERSION}.tmp-", dir=root)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache may be shared
         try:
@@ -147,6 +155,7 @@ def ensure_synthetic_shards(cache_dir: Optional[str] = None, *, seed: int = 0) -
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+        log.info("synthetic dataset ready in %.1f s: %s", time.monotonic() - started, final)
     return _result(final)
 
 
