@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from swinv2_train import config as C
+from swinv2_train.evaluate import evaluate  # the one evaluation path (also swinv2-eval)
 
 log = logging.getLogger("train")
 
@@ -117,37 +118,6 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     if target.ndim == 1:
         return F.cross_entropy(logits, target)
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(engine, data_cfg, *, img_size, batch_size, env, dtype, class_map=None) -> Dict[str, float]:
-    from swinv2_train.data import build_eval_loader
-
-    module = engine.module
-    was_training = module.training
-    module.eval()
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss*n, top1, top5, n
-    with isolated_rng():
-        loader = build_eval_loader(data_cfg, img_size=img_size, batch_size=batch_size,
-                                   rank=env.rank, world_size=env.world_size)
-        for x, y in loader:
-            x, y = x.to(env.device, dtype), y.to(env.device)
-            logits = module(x).float()
-            if class_map is not None:
-                logits = logits[:, class_map]
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hit = top.eq(y[:, None])
-            sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
-            sums[1] += hit[:, 0].sum().item()
-            sums[2] += hit.any(dim=1).sum().item()
-            sums[3] += y.numel()
-    module.train(was_training)
-    s = all_reduce_sum(sums, env.device).tolist()  # ranks may see different batch counts
-    n = max(1.0, s[3])
-    return {"val/loss": s[0] / n, "val/top1": 100.0 * s[1] / n, "val/top5": 100.0 * s[2] / n,
-            "val/samples": s[3]}
 
 
 # ----------------------------------------------------------------------------- train step
@@ -301,8 +271,9 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
     if t.eval_class_map:
         from swinv2.weights import read_class_map
         class_map = read_class_map(t.eval_class_map, num_source=num_classes).to(env.device)
-    eval_kw = dict(img_size=cfg.model.img_size, batch_size=t.eval_batch_size or micro, env=env,
-                   dtype=dtype, class_map=class_map)
+    eval_kw = dict(img_size=cfg.model.img_size, batch_size=t.eval_batch_size or micro,
+                   device=env.device, rank=rank, world_size=env.world_size, dtype=dtype,
+                   class_map=class_map)
     probe = swinv2.probes.AmplitudeProbe(engine.module) if t.amp_every > 0 else None
 
     logger = build_logger(rank, run_dir, cfg.logger, wandb_id,
@@ -382,7 +353,7 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
         if bar is not None:
             bar.update(1)
         if t.eval_every and step % t.eval_every == 0 and step < total:
-            last_val = evaluate(engine, data_cfg, **eval_kw)
+            last_val = evaluate(engine.module, data_cfg, **eval_kw)
             logger.log(last_val, step)
             log.info("step %d: val top-1 %.2f top-5 %.2f loss %.4f", step, last_val["val/top1"],
                      last_val["val/top5"], last_val["val/loss"])
@@ -395,7 +366,7 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
     train_time = time.perf_counter() - t_train
 
     if stopped is None:  # end of the run: evaluate, checkpoint, export, plot
-        last_val = evaluate(engine, data_cfg, **eval_kw)
+        last_val = evaluate(engine.module, data_cfg, **eval_kw)
         logger.log(last_val, step)
         last_saved = save(step)
     summary = {"step": step, "stopped": stopped or "completed", "train_time_s": train_time,
