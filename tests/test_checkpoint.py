@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from swinv2_train.errors import CheckpointError, ResumeMismatchError
 from swinv2_train.checkpoint import MARKER, CheckpointManager, latest_committed, list_checkpoints, resolve_resume, tag_for
 
 
@@ -25,7 +26,7 @@ def test_uncommitted_is_never_chosen(tmp_path):
     assert resolve_resume("auto", str(tmp_path)) == newest_ok
     assert resolve_resume(str(tmp_path), "/elsewhere") == newest_ok       # a run dir
     assert resolve_resume(root, "/elsewhere") == newest_ok                # a checkpoints dir
-    with pytest.raises(FileNotFoundError, match=MARKER):
+    with pytest.raises(CheckpointError, match=MARKER):
         resolve_resume(os.path.join(root, tag_for(30)), "/elsewhere")     # an explicit bad tag
     assert resolve_resume("never", str(tmp_path)) is None
     assert resolve_resume("auto", str(tmp_path / "fresh")) is None
@@ -46,5 +47,5 @@ def test_resume_at_another_world_size_is_refused_clearly(tmp_path):
     root = str(tmp_path / "checkpoints")
     d = _make(root, 10)
     open(os.path.join(d, MARKER), "w").write('{"step": 10, "world_size": 8}')
-    with pytest.raises(RuntimeError, match=r"world size 8, this run has 2.*ds_to_universal"):
+    with pytest.raises(ResumeMismatchError, match=r"world size 8, this run has 2.*ds_to_universal"):
         CheckpointManager(str(tmp_path), keep=2, rank=0, world_size=2).load(engine=None, tag_dir=d)

@@ -14,6 +14,8 @@ The process group is always initialised, even for one process, because
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -203,16 +205,55 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistEnv:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
 
+    # DeepSpeed probes the C compiler for its optional ops on import; setuptools logs each probe's
+    # gcc command at INFO. Failures still surface as warnings or exceptions.
+    logging.getLogger("compilers").setLevel(logging.WARNING)
     import deepspeed  # late: after DS_ACCELERATOR is set
 
+    if not use_cuda and local_rank == 0:
+        announce_cpu_op_build()
     timeout = timedelta(seconds=_timeout_s(timeout_s))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
-                               verbose=False)
+    chatter = io.StringIO()  # "DeepSpeed ... built successfully", printed on every start
+    with contextlib.redirect_stdout(chatter):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
+                                   verbose=False)
+    if chatter.getvalue().strip():
+        log.debug("deepspeed.init_distributed: %s", chatter.getvalue().strip())
     launcher = _detect_launcher(mapped, world_size)
     _ENV = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                    backend=backend, launcher=launcher)
     log.info("distributed: %s", _ENV)
     return _ENV
+
+
+def cpu_op_to_build() -> Optional[tuple[str, str]]:
+    """(op name, build dir) when deepspeed.init_distributed is about to JIT-compile the CPU
+    shared-memory collectives op (the first start per machine and torch build, ~30 s), else None.
+    torch's cpp_extension builds op NAME in $TORCH_EXTENSIONS_DIR/NAME (default
+    ~/.cache/torch_extensions/py3X_cpu/NAME) and reuses NAME.so found there."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if (builder is None or installed_ops.get(builder.NAME, False)
+                or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False)):
+            return None  # pre-built into the wheel, or not used on this platform
+        build_dir = _get_build_directory(builder.NAME, verbose=False)
+    except Exception:  # noqa: BLE001 - only a notice depends on this guess
+        return None
+    if os.path.exists(os.path.join(build_dir, f"{builder.NAME}.so")):
+        return None
+    return builder.NAME, build_dir
+
+
+def announce_cpu_op_build() -> None:
+    """One line before the silent first-time compile, so the wait is not mistaken for a hang."""
+    op = cpu_op_to_build()
+    if op is not None:
+        log.info("building DeepSpeed's %s CPU op once into %s (~30 s; later starts reuse it)", *op)
 
 
 def _device() -> torch.device:

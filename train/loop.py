@@ -19,14 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from swinv2_train import config as C
 from swinv2_train.evaluate import evaluate  # the one evaluation path (also swinv2-eval)
+from swinv2_train.errors import NonFiniteError, ResumeMismatchError, UserError  # noqa: F401 (re-exported)
 
 log = logging.getLogger("train")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -206,18 +203,31 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
     import swinv2
-    from swinv2_train.checkpoint import CheckpointManager, resolve_resume, set_rng_state
+    from swinv2_train.checkpoint import CheckpointManager, set_rng_state
     from swinv2_train.data import build_mixup
     from swinv2_train.metrics import build_logger
     from swinv2_train.parallelize import parallelize
     from swinv2_train.amplitudes import amplitude_metrics, plot_amplitudes
+    from swinv2_train.distributed import broadcast_object
 
     t, rank = cfg.train, env.rank
     run_dir = os.path.abspath(cfg.run.dir)
+    # one decision for every rank, before the run dir's config.yaml is rewritten and before any
+    # model or engine exists (a checkpoint that does not fit must not cost a DeepSpeed start-up)
+    data_cfg = _prepare_data_cfg(cfg)  # the class count may come from the data source
+    plan = broadcast_object(_plan_resume(cfg, run_dir, env.world_size, data_cfg.num_classes) if rank == 0 else None)
+    if isinstance(plan, UserError):
+        raise plan
+    resume_dir = plan["resume_dir"]
+    if plan["set_aside"] and rank == 0:
+        log.info("run.resume=never: moved the earlier checkpoints of %s to %s", run_dir, plan["set_aside"])
+    if plan["completed"]:
+        if rank == 0:
+            print(already_completed_message(run_dir, plan["step"], "train.max_steps", t.max_steps), flush=True)
+        return {"step": plan["step"], "stopped": "already_completed", "run_dir": run_dir}
     os.makedirs(run_dir, exist_ok=True)
     if rank == 0:
         OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
-    data_cfg = _prepare_data_cfg(cfg)
     num_classes = data_cfg.num_classes
     if env.device.type == "cpu":
         torch.set_num_threads(cpu_threads(t.cpu_threads, data_cfg.num_workers))
@@ -227,8 +237,6 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
     # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
     torch.manual_seed(cfg.run.seed)
     model = swinv2.create_model(**C.model_kwargs(cfg.model, num_classes))
-    from swinv2_train.distributed import broadcast_object
-    resume_dir = broadcast_object(resolve_resume(cfg.run.resume, run_dir) if rank == 0 else None)  # one answer
     if cfg.model.pretrained and resume_dir is None:
         report = swinv2.load_official_state_dict(model, cfg.model.pretrained,
                                                  class_map=cfg.model.pretrained_class_map)
@@ -263,6 +271,12 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
                         rank=rank, world_size=env.world_size, seed=cfg.run.seed, epoch=epoch, batch=batch)
     steps_per_epoch = stream.batches_per_epoch / t.grad_accum
     total = int(t.max_steps) if t.max_steps is not None else math.ceil(t.epochs * steps_per_epoch)
+    if t.max_steps is None and resume_dir is not None and step >= total:  # known only now (epochs)
+        if step > total:
+            raise _beyond_budget_error(run_dir, step, f"train.epochs={t.epochs} ({total} steps)")
+        if rank == 0:
+            print(already_completed_message(run_dir, step, "train.epochs", t.epochs), flush=True)
+        return {"step": step, "stopped": "already_completed", "run_dir": run_dir}
     s = cfg.sched
     warmup = int(s.warmup_steps) if s.warmup_steps is not None else round((s.warmup_epochs or 0) * steps_per_epoch)
     lr_peak, lr_warm, lr_min = (C.effective_lr(cfg), C.effective_lr(cfg, s.warmup_lr), C.effective_lr(cfg, s.min_lr))
@@ -285,10 +299,13 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
              cfg.optim.lr_batch_ref)
     log.info("optimizer: %s", info["optimizer"])
 
+    saved_config = OmegaConf.to_container(cfg, resolve=True)
+    saved_config["data"]["num_classes"] = num_classes  # as resolved: what the resume check compares
+
     def client_state():
         return {"epoch": stream.position()[0], "data_position": stream.position(),
                 "data_workers": data_cfg.num_workers,
-                "wandb_id": logger.wandb_id or wandb_id, "config": OmegaConf.to_container(cfg, resolve=True)}
+                "wandb_id": logger.wandb_id or wandb_id, "config": saved_config}
 
     def save(at_step):  # every rank; its RNG states (+ mixup generator) go to rng_rank{r}.pt
         return ckpt.save(engine, at_step, client_state(), extra_rng={"mixup": mix_gen.get_state()})
@@ -323,11 +340,14 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
             consecutive += 1
             msg = (f"non-finite loss or grad norm at step {step} (loss={r['loss']}, "
                    f"grad_norm={r['grad_norm']}); update was {'applied' if r['applied'] else 'skipped'}")
+            way_out = ("lower optim.lr or raise sched.warmup_steps (or try train.precision=fp32); the same "
+                       "command then resumes from the last checkpoint")
             if t.nan_policy == "fail":
-                raise NonFiniteError(f"train.nan_policy=fail: {msg}")
+                raise NonFiniteError(f"train.nan_policy=fail: {msg}. To go on: {way_out}, or set "
+                                     "train.nan_policy=skip")
             if consecutive >= t.max_consecutive_nonfinite:
                 raise NonFiniteError(f"{consecutive} consecutive non-finite steps (train.max_consecutive_nonfinite="
-                                     f"{t.max_consecutive_nonfinite}); last: {msg}")
+                                     f"{t.max_consecutive_nonfinite}); last: {msg}. The run diverged: {way_out}")
             log.warning("skipped: %s", msg)
         else:
             consecutive = 0
@@ -392,6 +412,41 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
     if dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def _plan_resume(cfg: DictConfig, run_dir: str, world_size: int, num_classes: int):
+    """Rank 0, before anything is built: {resume_dir, step, completed, set_aside}, or the
+    UserError that stops the run (returned, so that it can be broadcast to every rank)."""
+    from swinv2_train.checkpoint import check_resumable, read_marker, resolve_resume, set_aside_checkpoints
+
+    plan = {"resume_dir": None, "step": 0, "completed": False, "set_aside": None}
+    try:
+        if cfg.run.resume == "never":
+            plan["set_aside"] = set_aside_checkpoints(run_dir)
+            return plan
+        resume_dir = resolve_resume(cfg.run.resume, run_dir)
+        if resume_dir is None:
+            return plan
+        check_resumable(resume_dir, cfg, world_size, run_dir, num_classes)
+        step = int(read_marker(resume_dir).get("step", 0))
+        max_steps = cfg.train.max_steps
+        if max_steps is not None and step > max_steps:
+            raise _beyond_budget_error(run_dir, step, f"train.max_steps={max_steps}")
+        plan.update(resume_dir=resume_dir, step=step, completed=max_steps is not None and step == max_steps)
+    except UserError as e:
+        return e
+    return plan
+
+
+def already_completed_message(run_dir: str, step: int, key: str, value: Any) -> str:
+    return (f"swinv2-train: {run_dir} already completed its {step} steps ({key}={value}); nothing to do. "
+            f"To train on, raise {key}; to start over use run.resume=never or another run.dir=...")
+
+
+def _beyond_budget_error(run_dir: str, step: int, budget: str) -> ResumeMismatchError:
+    return ResumeMismatchError(
+        f"{run_dir} holds a checkpoint at step {step}, beyond {budget}: it cannot be resumed to a shorter run. "
+        f"Raise the step budget to continue it, or start a new run with another run.dir=... or run.resume=never")
 
 
 def print_summary(s: Dict[str, Any]) -> None:
