@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
@@ -223,7 +224,20 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistEnv:
     _ENV = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                    backend=backend, launcher=launcher)
     log.info("distributed: %s", _ENV)
+    # Every rank says where it runs (ranks > 0 log warnings only, hence stderr): what a
+    # multi-node launch has to get right, visible in each rank's output.
+    print(f"rank {rank}/{world_size} on {socket.gethostname()} (node {_node_index()}, "
+          f"local rank {local_rank})", file=sys.stderr, flush=True)
     return _ENV
+
+
+def _node_index() -> int:
+    """This process's node as its launcher numbered it: torchrun's GROUP_RANK, the deepspeed
+    launcher's CROSS_RANK, an srun task's SLURM_NODEID; 0 without any of them."""
+    for var in ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
 
 
 def cpu_op_to_build() -> Optional[tuple[str, str]]:
