@@ -150,8 +150,10 @@ def test_num_classes_conflict_and_missing(tmp_path):
         resolve_sources(DataConfig(train_shards=pat, val_shards=pat, num_classes=5))
     # no _info.json and no value: asked for, with the way to write _info.json
     d = no_info_dir(tmp_path / "raw")
-    with pytest.raises(DataSourceError, match=r"^data.num_classes: required.*--info-only"):
+    with shard_opens() as opens, pytest.raises(
+            DataSourceError, match=rf"^data.num_classes: required.*--info-only {d}"):
         resolve_sources(DataConfig(root=d))
+    assert not opens  # fails before the slow counting pass
 
 
 # ----------------------------------------------------------------------------- no _info.json

@@ -92,14 +92,13 @@ def resolve_sources(cfg: Any, splits: Tuple[str, ...] = SPLITS) -> DataConfig:
         return _synthetic(cfg)
     uses_root = cfg.root is not None and any(_pattern(cfg, w) is None for w in splits)
     info = _RootInfo(cfg.root) if uses_root else None
-    changes: Dict[str, Any] = {}
-    class_counts: List[Tuple[int, str]] = []  # (num_classes, where it was stated)
+    # the class count first: a missing one fails before any slow counting pass
+    stated = [c for c in (_split_classes(cfg, w, info) for w in splits) if c is not None]
+    changes: Dict[str, Any] = {"num_classes": _num_classes(cfg, stated, info)}
     counted: List[str] = []
     for which in splits:
-        pattern, samples, classes, was_counted = _resolve_split(cfg, which, info)
+        pattern, samples, was_counted = _resolve_split(cfg, which, info)
         changes[f"{which}_shards"], changes[f"{which}_samples"] = pattern, samples
-        if classes is not None:
-            class_counts.append(classes)
         if was_counted:
             counted.append(f"{samples} {which}")
     if counted and info is not None and info.info is None:
@@ -110,7 +109,6 @@ def resolve_sources(cfg: Any, splits: Tuple[str, ...] = SPLITS) -> DataConfig:
         log.warning("no _info.json beside the shards: counted %s samples by reading every shard "
                     "(once per run); set data.train_samples / data.val_samples to skip this",
                     " + ".join(counted))
-    changes["num_classes"] = _num_classes(cfg, class_counts)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -118,9 +116,18 @@ def _pattern(cfg: DataConfig, which: str) -> Optional[str]:
     return getattr(cfg, f"{which}_shards")
 
 
+def _split_classes(cfg: DataConfig, which: str, info: Optional["_RootInfo"]
+                   ) -> Optional[Tuple[int, str]]:
+    """(num_classes, the _info.json that states it) for the source of one split, or None."""
+    pattern = _pattern(cfg, which)
+    if pattern is not None:
+        return _stated_classes(S.info_path(pattern))
+    return info.classes if info is not None else None
+
+
 def _resolve_split(cfg: DataConfig, which: str, info: Optional["_RootInfo"]
-                   ) -> Tuple[str, int, Optional[Tuple[int, str]], bool]:
-    """(pattern, samples, (num_classes, where) or None, whether samples were counted)."""
+                   ) -> Tuple[str, int, bool]:
+    """(pattern, samples, whether the samples were counted by reading the shards)."""
     explicit = getattr(cfg, f"{which}_samples")
     split = getattr(cfg, f"{which}_split")
     pattern = _pattern(cfg, which)
@@ -129,19 +136,17 @@ def _resolve_split(cfg: DataConfig, which: str, info: Optional["_RootInfo"]
             log.info("data.%s_shards is set: it is used instead of data.root for the %s split",
                      which, which)
         urls = S.expand_shards(pattern)
-        info_file = S.info_path(pattern)
-        classes = _stated_classes(info_file)
         samples = explicit or S.info_num_samples(pattern, split, urls)
         counted = not samples
         samples = samples or _count(urls, f"data.{which}_shards", pattern)
-        return pattern, int(samples), classes, counted
+        return pattern, int(samples), counted
     assert info is not None
     files, listed = info.split_files(split, f"{which}_split")
     pattern = compact_pattern(info.root, files)
     samples = explicit or listed
     counted = not samples
     samples = samples or _count(S.expand_shards(pattern), "data.root", info.root)
-    return pattern, int(samples), info.classes, counted
+    return pattern, int(samples), counted
 
 
 def _count(urls: List[str], key: str, where: str) -> int:
@@ -161,7 +166,7 @@ def _stated_classes(info_file: Optional[str]) -> Optional[Tuple[int, str]]:
     return (int(n), info_file) if n is not None else None
 
 
-def _num_classes(cfg: DataConfig, stated: List[Tuple[int, str]]) -> int:
+def _num_classes(cfg: DataConfig, stated: List[Tuple[int, str]], info: Optional["_RootInfo"]) -> int:
     values = {n for n, _ in stated}
     where = ", ".join(sorted({f"{path} says {n}" for n, path in stated}))
     if cfg.num_classes is not None:
@@ -172,8 +177,10 @@ def _num_classes(cfg: DataConfig, stated: List[Tuple[int, str]]) -> int:
     if len(values) > 1:
         _fail("num_classes", f"the _info.json files disagree ({where}); set data.num_classes")
     if not values:
-        _fail("num_classes", "required: no _info.json states the number of classes; set "
-              "data.num_classes=N, or write _info.json with `swinv2-make-shards --info-only DIR`")
+        shard_dir = info.root if info is not None else "DIR"
+        _fail("num_classes", f"required: no _info.json states the number of classes; set "
+              f"data.num_classes=N, or write _info.json with `swinv2-make-shards --info-only "
+              f"{shard_dir}`")
     return values.pop()
 
 
@@ -239,7 +246,8 @@ def compact_pattern(root: str, files: List[str]) -> str:
     (readable in logs and errors), else the '::'-joined paths."""
     paths = [os.path.join(root, f) for f in files]
     parts = [re.fullmatch(r"(.*?)(\d+)\.tar", p) for p in paths]
-    if len(paths) > 1 and all(parts) and "::" not in "".join(paths) and not re.search(r"[{}]", "".join(paths)):
+    plain = not re.search(r"[{}]|::", "".join(paths))  # no brace or list syntax to escape
+    if len(paths) > 1 and all(parts) and plain:
         prefixes = {m.group(1) for m in parts}
         widths = {len(m.group(2)) for m in parts}
         numbers = [int(m.group(2)) for m in parts]
