@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swinv2_train.errors import UserError
+from swinv2_train.errors import CheckpointError, UsageError, UserError
 
 log = logging.getLogger("swinv2-eval")
 
@@ -125,23 +125,25 @@ def parse_args(argv: List[str]) -> EvalArgs:
         if flag in ("--json", "--step"):
             value = value if eq else next(it, None)
             if value is None:
-                raise UserError(f"{flag} needs a value (see swinv2-eval --help)")
+                raise UsageError(f"{flag} needs a value (see swinv2-eval --help)")
             if flag == "--json":
                 json_out = value
             elif not value.isdigit():
-                raise UserError(f"--step {value}: expected a step number, e.g. --step 300")
+                raise UsageError(f"--step {value}: expected a step number, e.g. --step 300")
             else:
                 step = int(value)
         elif arg.startswith("-"):
-            raise UserError(f"unknown option {arg!r} (see swinv2-eval --help)")
+            raise UsageError(f"unknown option {arg!r} (see swinv2-eval --help)")
         elif source is None and "=" not in arg:
             source = arg
         else:
             rest.append(arg)
     if source is None:
-        raise UserError("give a run directory or an official-format .pth file first, e.g. "
+        raise UsageError("give a run directory or an official-format .pth file first, e.g. "
                         "swinv2-eval runs/default (see swinv2-eval --help)")
-    return EvalArgs(source, rest, json_out, step)
+    from swinv2_train.cli import prepare_overrides  # shard lists and brace patterns, as for swinv2-train
+
+    return EvalArgs(source, prepare_overrides(rest), json_out, step)
 
 
 def override_keys(overrides: List[str]) -> set:
@@ -165,13 +167,14 @@ def find_checkpoint(path: str, step: Optional[int]) -> Tuple[str, str]:
         root = os.path.join(run_dir, "checkpoints")
         tag_dir = latest_committed(root) if step is None else os.path.join(root, tag_for(step))
         if tag_dir is None:
-            raise UserError(f"{path}: no committed checkpoint in {root} (a run saves one at its end, "
+            raise CheckpointError(f"{path}: no committed checkpoint in {root} (a run saves one at its end, "
                             "every train.ckpt_every steps and on preemption); evaluate an exported "
                             ".pth instead, or let the run finish")
     if not os.path.isfile(os.path.join(tag_dir, MARKER)):
         steps = [s for s, _, done in list_checkpoints(os.path.dirname(tag_dir)) if done]
-        raise UserError(f"{tag_dir}: missing or not committed (no {MARKER} marker: an interrupted "
-                        f"save); committed steps here: {steps or 'none'}")
+        state = (f"not committed (no {MARKER} marker: an interrupted save)" if os.path.isdir(tag_dir)
+                 else "no such checkpoint")
+        raise CheckpointError(f"{tag_dir}: {state}; committed steps here: {steps or 'none'} (choose one with --step N)")
     return run_dir, tag_dir
 
 
@@ -186,17 +189,32 @@ def _schema_keys_only(saved: Any, schema: Any) -> Any:
     return {k: _schema_keys_only(v, schema[k]) for k, v in saved.items() if k in schema}
 
 
-def load_run_config(run_dir: str) -> Dict[str, Any]:
+def load_run_config(run_dir: str, tag_dir: str) -> Dict[str, Any]:
+    """The config the checkpoint was written with (its own copy, else the run's config.yaml)."""
     from omegaconf import OmegaConf
 
+    from swinv2_train.checkpoint import saved_config
     from swinv2_train.config import TrainSchema
 
+    saved = saved_config(tag_dir)
     path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
+    if saved is None and os.path.isfile(path):
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if saved is None:
         raise UserError(f"{run_dir}: no config.yaml (not a swinv2-train run directory?); evaluate "
                         "its exported .pth with the model.* keys instead")
-    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     return _schema_keys_only(saved, OmegaConf.structured(TrainSchema))
+
+
+def load_checkpoint_weights(tag_dir: str) -> Dict[str, torch.Tensor]:
+    """fp32 master weights of a committed checkpoint; damaged files end in a UserError."""
+    from swinv2_train.checkpoint import fp32_state_dict, unreadable_files
+
+    bad = unreadable_files(tag_dir)
+    if bad:
+        raise CheckpointError(f"checkpoint {tag_dir} cannot be read ({bad[0][0]}: {bad[0][1]}): damaged or "
+                              "partly copied; evaluate another step with --step N or an exported .pth")
+    return fp32_state_dict(tag_dir)
 
 
 def compose_config(overrides: List[str], base: Optional[Dict[str, Any]] = None):
@@ -224,7 +242,7 @@ def compose_config(overrides: List[str], base: Optional[Dict[str, Any]] = None):
         if base is not None and "No match in the defaults list" in str(e):
             msg += (" (a run directory fixes its config: set keys, e.g. data.root=DIR or "
                     "data.val_shards=PATTERN, not config groups)")
-        raise UserError(f"override error: {msg}") from None
+        raise UsageError(f"override error: {msg}") from None
 
 
 def load_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -233,7 +251,7 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
     try:
         return dict(_unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True)))
     except Exception as e:  # a text file, a pickle with code, a truncated file, ...
-        raise UserError(f"{path}: not a readable official-format state dict ({type(e).__name__}: "
+        raise CheckpointError(f"{path}: not a readable official-format state dict ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); give a .pth written by "
                         "swinv2-train (model_official.pth) or an official Swin V2 release") from None
 
@@ -325,7 +343,7 @@ def build_model(cfg, state_dict, user_keys: set, source: str) -> Tuple[nn.Module
 
     head = next((v for k, v in state_dict.items() if canonical_key(k) == "head.weight"), None)
     if head is None:
-        raise UserError(f"{source}: the checkpoint has no classification head (head.weight), "
+        raise CheckpointError(f"{source}: the checkpoint has no classification head (head.weight), "
                         "so there is nothing to score; evaluate a classifier checkpoint")
     kw = model_kwargs(cfg.model, int(head.shape[0]))
     try:
@@ -346,13 +364,13 @@ def build_model(cfg, state_dict, user_keys: set, source: str) -> Tuple[nn.Module
     except CheckpointMismatchError as e:
         detail = str(e).removeprefix("checkpoint does not match the model: ")
         detail = detail if len(detail) <= 160 else detail[:160] + "..."
-        raise UserError(f"{source} does not fit the model (model.variant={cfg.model.variant}, "
+        raise CheckpointError(f"{source} does not fit the model (model.variant={cfg.model.variant}, "
                         f"embed_dim={geometry.embed_dim}, depths={list(geometry.depths)}, "
                         f"num_heads={list(geometry.num_heads)}): the checkpoint has "
                         f"{checkpoint_architecture(state_dict)}; set those model.* keys "
                         f"({detail})") from None
     if report.head_action != "loaded":
-        raise UserError(f"{source}: the checkpoint's head does not fit the model ({report.messages[-1]})")
+        raise CheckpointError(f"{source}: the checkpoint's head does not fit the model ({report.messages[-1]})")
     notes += [m for m in report.messages if not m.startswith(("dropped", "window transfer"))]
     return model, notes
 
@@ -413,13 +431,12 @@ def run_eval(args: EvalArgs) -> Dict[str, Any]:
     user_keys = override_keys(args.overrides)
     if os.path.isdir(source):
         run_dir, tag_dir = find_checkpoint(source, args.step)
-        cfg = compose_config(args.overrides, base=load_run_config(run_dir))
-        from swinv2_train.checkpoint import fp32_state_dict
-        state_dict = fp32_state_dict(tag_dir)
+        cfg = compose_config(args.overrides, base=load_run_config(run_dir, tag_dir))
+        state_dict = load_checkpoint_weights(tag_dir)
         weights, step = tag_dir, int(os.path.basename(tag_dir).split("_")[1])
     else:
         if args.step is not None:
-            raise UserError(f"--step {args.step}: only for a run directory, {args.source} is a file")
+            raise UsageError(f"--step {args.step}: only for a run directory, {args.source} is a file")
         cfg = compose_config(args.overrides)
         if user_keys & {"model.variant", "model"} and not user_keys & {"experiment"}:
             # the default experiment's toy sizes are for the toy model; a named variant means its own
@@ -491,9 +508,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = parse_args(argv)
         result = run_eval(args)
-    except UserError as e:  # a user error: one clear line, no traceback
-        print(f"swinv2-eval: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # a user error: one clear message, no traceback
+        from swinv2_train.cli import exit_code_for, report_user_error
+        report_user_error("swinv2-eval", e)
+        return exit_code_for(e)
     print(format_result(result), flush=True)
     if args.json_out:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
