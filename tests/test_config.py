@@ -69,7 +69,7 @@ def test_recipe_matches_paper(name):
 
 
 def test_recipes_pick_the_imagenet_data_presets():
-    assert _compose(["experiment=swinv2_tiny_256_w8_1k"]).data.train_shards.startswith("/data/imagenet1k")
+    assert _compose(["experiment=swinv2_tiny_256_w8_1k"]).data.root == "/data/imagenet1k-wds"
     assert _compose(["experiment=swinv2_large_192_w12_22k"]).data.resampled is True
 
 
