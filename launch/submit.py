@@ -9,10 +9,17 @@ Settings (before ``--``) become ``#SBATCH`` lines; everything after ``--`` is pa
 trainer as Hydra overrides (embedded in the script, so a requeue replays them). The filled
 script is printed before it is submitted; ``--dry-run`` only prints it. ``sbatch.<opt>=<v>``
 passes any other sbatch option through (``sbatch.mail-type=END``).
+
+Submit from any directory: the job runs there (run dirs default to ./runs/slurm-<job id>). The
+script pins ``PYTHON`` to the interpreter running swinv2-submit (it has the package installed),
+or to ``$PYTHON`` when set, and ``SWINV2_ENTRY`` to ``-m swinv2_train.main`` (the installed
+trainer) or to ``$SWINV2_ENTRY`` when set; a script path there must exist relative to the
+submit directory, or the submission (dry run too) is refused.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -99,7 +106,41 @@ def directives(settings: dict[str, str], passthrough: dict[str, str]) -> list[st
     return lines
 
 
-def render(settings: dict[str, str], passthrough: dict[str, str], overrides: list[str]) -> str:
+DEFAULT_ENTRY = "-m swinv2_train.main"  # the installed trainer: works from any submit directory
+
+
+def entry_point(env: dict[str, str], submit_dir: str) -> str:
+    """The trainer the job starts: $SWINV2_ENTRY (a script path or `-m module`) or the installed
+    module. The job cd's to the submit directory, so a script path must exist from there; a
+    missing one would only fail once the job runs (after waiting in the queue)."""
+    entry = env.get("SWINV2_ENTRY", "").strip() or DEFAULT_ENTRY
+    try:
+        words = shlex.split(entry)
+    except ValueError as e:  # unbalanced quotes
+        raise SystemExit(f"swinv2-submit: SWINV2_ENTRY={entry}: {e}; give a script path or '-m module'") from None
+    if words[0] != "-m":
+        script = os.path.join(submit_dir, words[0])
+        if not os.path.isfile(script):
+            raise SystemExit(
+                f"swinv2-submit: SWINV2_ENTRY={entry}: no such script {os.path.abspath(script)} (the job runs "
+                f"in the submit directory {submit_dir}); unset SWINV2_ENTRY to run the installed trainer "
+                f"({DEFAULT_ENTRY}), give the script's absolute path, or submit from the directory it is "
+                f"relative to")
+    return entry
+
+
+def pinned_environment(env: dict[str, str], submit_dir: str) -> list[str]:
+    """Lines that fix the job's interpreter and entry point at submit time (a requeued job replays
+    them): $PYTHON if set, else this interpreter, which has the package; a bare `python` on the
+    compute node might not."""
+    python = env.get("PYTHON", "").strip() or sys.executable
+    return ["# --- pinned by swinv2-submit: the interpreter and the trainer entry point",
+            f"export PYTHON={shlex.quote(python)}",
+            f"export SWINV2_ENTRY={shlex.quote(entry_point(env, submit_dir))}"]
+
+
+def render(settings: dict[str, str], passthrough: dict[str, str], overrides: list[str],
+           env: Optional[dict[str, str]] = None, submit_dir: Optional[str] = None) -> str:
     launcher = settings.get("launcher", DEFAULTS["launcher"])
     template = TEMPLATES.get(launcher)
     if template is None:
@@ -114,14 +155,15 @@ def render(settings: dict[str, str], passthrough: dict[str, str], overrides: lis
                     and re.split(r"[ =]", ln.split()[1], maxsplit=1)[0] in ours_opts)]
     last = max(i for i, ln in enumerate(kept) if ln.startswith("#SBATCH ") or i == 0)
     body = kept[:last + 1] + ["# --- filled by swinv2-submit"] + ours + kept[last + 1:]
-    # Overrides are prepended to "$@" right after the header: sbatch stores the script, so a
-    # requeued job replays exactly these.
+    # The interpreter/entry and the overrides (prepended to "$@") go right after the header:
+    # sbatch stores the script, so a requeued job replays exactly these.
     body_text = "\n".join(body) + "\n"
     marker = "set -euo pipefail\n"
+    env = dict(os.environ) if env is None else env
+    inject = [*pinned_environment(env, submit_dir or os.getcwd())]
     if overrides:
-        inject = marker + "set -- " + " ".join(shlex.quote(o) for o in overrides) + ' "$@"\n'
-        body_text = body_text.replace(marker, inject, 1)
-    return body_text
+        inject.append("set -- " + " ".join(shlex.quote(o) for o in overrides) + ' "$@"')
+    return body_text.replace(marker, marker + "\n".join(inject) + "\n", 1)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -91,6 +91,58 @@ def test_sbatch_templates_parse():
         assert 'cd "${SLURM_SUBMIT_DIR' in text and "/work/" not in text
 
 
+def _submit_dry_run(cwd, **env):
+    """`python -m swinv2_launch.submit --dry-run` in `cwd` (any directory) with `env` on top."""
+    base = clean_env(**env)
+    for name in ("PYTHON", "SWINV2_ENTRY"):
+        if name not in env:
+            base.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "swinv2_launch.submit", "--dry-run", "ntasks=2",
+                           "gpus_per_node=0", "--", "train.max_steps=3"], cwd=cwd, env=base,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_submit_from_another_directory_pins_interpreter_and_entry(tmp_path):
+    r = _submit_dry_run(tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert f"export PYTHON={sys.executable}" in lines  # the interpreter that has the package
+    assert "export SWINV2_ENTRY='-m swinv2_train.main'" in lines  # the installed trainer, not a path
+    assert "train/main.py" not in r.stdout
+    # pinned before the template reads them (PYTHON=${PYTHON:-python} keeps ours)
+    assert lines.index(f"export PYTHON={sys.executable}") < next(
+        i for i, ln in enumerate(lines) if ln.startswith("PYTHON=${PYTHON"))
+    check = subprocess.run(["bash", "-n"], input=r.stdout, text=True, capture_output=True)
+    assert check.returncode == 0, check.stderr
+    # and that interpreter runs the entry point from this directory
+    probe = subprocess.run([sys.executable, "-c", "import swinv2_train.main"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+
+
+def test_submit_keeps_a_users_python_and_script_entry(tmp_path):
+    (tmp_path / "my_train.py").write_text("print('hi')\n")
+    r = _submit_dry_run(tmp_path, PYTHON="/opt/py/bin/python", SWINV2_ENTRY="my_train.py")
+    assert r.returncode == 0, r.stderr
+    assert "export PYTHON=/opt/py/bin/python" in r.stdout.splitlines()
+    assert "export SWINV2_ENTRY=my_train.py" in r.stdout.splitlines()
+
+
+@pytest.mark.parametrize("entry", ["train/main.py", "missing.py --flag"])
+def test_submit_refuses_a_script_entry_that_does_not_exist(tmp_path, entry, monkeypatch):
+    r = _submit_dry_run(tmp_path, SWINV2_ENTRY=entry)
+    assert r.returncode != 0 and r.stdout == ""  # refused before any script is printed
+    err = r.stderr.strip()
+    assert err.startswith(f"swinv2-submit: SWINV2_ENTRY={entry}: no such script") and len(err.splitlines()) == 1
+    assert "unset SWINV2_ENTRY" in err and "Traceback" not in r.stderr
+    # the real submission is refused the same way, before sbatch is called
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SWINV2_ENTRY", entry)
+    monkeypatch.setattr(submit.subprocess, "run", lambda *a, **k: pytest.fail("sbatch was called"))
+    with pytest.raises(SystemExit, match="SWINV2_ENTRY"):
+        submit.main(["ntasks=2", "gpus_per_node=0"])
+
+
 # ----------------------------------------------------------------------------- hostfile
 def test_tasks_per_node_spec():
     assert hostfile_from_slurm.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]

@@ -113,6 +113,29 @@ def test_train_sbatch_two_task_zero1_to_completion(slurm, tmp_path):
     _reference["losses"] = losses
 
 
+def test_submit_from_another_directory_runs_to_completion(slurm, tmp_path):
+    """swinv2-submit from a directory that is not the repository: the job runs the installed
+    trainer with the pinned interpreter; the run dir defaults to ./runs/slurm-<job id> there."""
+    out = tmp_path / "job.out"
+    env = _job_env(slurm)
+    env.pop("PYTHON", None)
+    env.pop("SWINV2_ENTRY", None)
+    env.pop("PYTHONPATH", None)  # only the installed package
+    r = slurm.run(sys.executable, "-m", "swinv2_launch.submit", "ntasks=2", "gpus_per_node=0",
+                  f"output={out}", "--", "train.max_steps=3", *TINY_TRAIN,
+                  cwd=tmp_path, env=env, timeout=60)
+    job = r.stdout.strip().splitlines()[-1]
+    assert job.isdigit(), r.stdout + r.stderr
+    assert f"export PYTHON={sys.executable}" in r.stdout
+    info = slurm.wait_state(job, DONE, 300)
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED", text[-6000:]
+    assert "world 2 (slurm)" in text and "-m swinv2_train.main" in text
+    run_dir = tmp_path / "runs" / f"slurm-{job}"
+    assert [s for s, _ in train_losses(run_dir)] == [1, 2, 3]
+    assert committed_steps(run_dir) == [3]
+
+
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
     """Submitted with swinv2-submit (the same template); USR1 mid-run -> all ranks stop at one
     step boundary, commit a checkpoint, rank 0 requeues, the same job id resumes and finishes."""
