@@ -196,9 +196,10 @@ def _block_geometry(model) -> list[dict[str, Any]]:
     import swinv2
 
     geo = []
-    for idx, name, blk in swinv2.iter_blocks(model):
+    for ref in swinv2.iter_blocks(model):
+        blk = ref.block
         H, W = blk.input_resolution
-        geo.append(dict(index=idx, name=name, stage=int(name.split(".")[1]), res=H, dim=blk.dim,
+        geo.append(dict(index=ref.index, name=ref.name, stage=ref.stage, res=H, dim=blk.dim,
                         heads=blk.num_heads, window=blk.window_size, N=blk.window_size**2))
     return geo
 
@@ -313,11 +314,13 @@ class Coefficients:
 
 def _stage_geometry(cfg, img: int, window: int, batch: int) -> list[dict[str, Any]]:
     """Per block geometry for a target; a window that does not divide a stage pads it (detection style)."""
+    from swinv2.config import window_geometry
+
     out = []
     pr = img // cfg.patch_size
     for i, depth in enumerate(cfg.depths):
         res = pr // 2**i
-        win = res if res <= window else window
+        win = window_geometry(res, window).window  # the model's clipping rule; padding is ours
         pad_res = math.ceil(res / win) * win
         for j in range(depth):
             out.append(dict(stage=i, res=res, dim=cfg.embed_dim * 2**i, heads=cfg.num_heads[i], window=win,

@@ -66,9 +66,9 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1, stages: Opt
     if bad:
         raise ValueError(f"stages {bad} out of range: the model has stages 0..{n_stages - 1}")
     wrapped = 0
-    for idx, name, blk in iter_blocks(model):
-        stage = int(name.split(".")[1])
-        if stage not in selected or idx % every or getattr(blk, _FLAG, False):
+    for ref in iter_blocks(model):
+        blk = ref.block
+        if ref.stage not in selected or ref.index % every or getattr(blk, _FLAG, False):
             continue
         blk.forward = _checkpointed_forward(blk) if granularity == "block" else _checkpointed_halves_forward(blk)
         setattr(blk, _FLAG, True)
@@ -79,7 +79,7 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1, stages: Opt
 def remove_activation_checkpointing(model: nn.Module) -> int:
     """Undo apply_activation_checkpointing; returns the number of blocks restored."""
     restored = 0
-    for _, _, blk in iter_blocks(model):
+    for blk in (ref.block for ref in iter_blocks(model)):
         if getattr(blk, _FLAG, False):
             del blk.forward
             delattr(blk, _FLAG)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 NORM_STYLES = ("res_post", "pre")
 ATTN_TYPES = ("cosine", "dot")
@@ -18,6 +18,28 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), extra_norm_every=6),
     "giant": dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), extra_norm_every=6),
 }
+
+
+class WindowGeometry(NamedTuple):
+    """Effective attention window of a stage and the shift of its odd (SW-MSA) blocks."""
+
+    window: int
+    shift: int
+
+    def block_shift(self, block_in_stage: int) -> int:
+        """Blocks alternate regular (even) and shifted (odd) windows."""
+        return self.shift if block_in_stage % 2 else 0
+
+
+def window_geometry(resolution: int, window_size: int) -> WindowGeometry:
+    """The official window-clipping rule, decided here only (model, flops and the memory model use it).
+
+    A map no larger than the window is attended as ONE window covering it; shifting a single
+    window would only move tokens around it, so there is no shift. Otherwise the configured window,
+    shifted by half of it in the odd blocks."""
+    if resolution <= window_size:
+        return WindowGeometry(resolution, 0)
+    return WindowGeometry(window_size, window_size // 2)
 
 
 @dataclass
@@ -76,12 +98,9 @@ class SwinV2Config:
     def stage_resolution(self, i: int) -> int:
         return self.patches_resolution // 2**i
 
-    def stage_window(self, i: int) -> tuple[int, int]:
-        """(window, shift) used by stage i's odd blocks after the official clipping rule."""
-        res = self.stage_resolution(i)
-        if res <= self.window_size:  # window covers the whole map: global attention, no shift
-            return res, 0
-        return self.window_size, self.window_size // 2
+    def stage_window(self, i: int) -> WindowGeometry:
+        """(window, shift) of stage i after the official clipping rule (:func:`window_geometry`)."""
+        return window_geometry(self.stage_resolution(i), self.window_size)
 
     @property
     def num_features(self) -> int:
@@ -130,7 +149,7 @@ class SwinV2Config:
             bad("img_size", f"{self.img_size}: patch grid {pr} must be divisible by {2 ** (n - 1)} "
                 "so every patch merging sees an even resolution")
         for i in range(n):
-            res, (win, _) = self.stage_resolution(i), self.stage_window(i)
+            res, win = self.stage_resolution(i), self.stage_window(i).window
             if res % win:
                 bad("window_size", f"stage {i} resolution {res} is neither <= window {self.window_size} "
                     f"nor divisible by it (img_size={self.img_size})")

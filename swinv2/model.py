@@ -6,14 +6,14 @@ the main branch at the end of every `extra_norm_every`-th block of a stage; no o
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import WindowAttention
-from .config import VARIANTS, SwinV2Config
+from .config import VARIANTS, SwinV2Config, WindowGeometry
 from .windows import (RegionMask, cyclic_shift, mask_from_regions, reverse_cyclic_shift, shifted_window_regions,
                       window_partition, window_reverse)
 
@@ -48,8 +48,22 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+def _check_window(resolution: tuple[int, int], window_size: int, shift_size: int) -> None:
+    # The block takes its window as given (clipping is config.window_geometry's job): say what is wrong
+    # here rather than fail later inside window_partition.
+    H, W = resolution
+    if window_size < 1 or H % window_size or W % window_size:
+        raise ValueError(f"window_size {window_size} does not tile the {H}x{W} map; "
+                         "use swinv2.config.window_geometry(resolution, window) for a stage's window and shift")
+    if not 0 <= shift_size < window_size:
+        raise ValueError(f"shift_size must be in [0, window_size), got {shift_size} for window {window_size}")
+
+
 class SwinTransformerV2Block(nn.Module):
-    """(S)W-MSA + MLP block. norm_style "res_post" (V2): x + DropPath(LN(f(x))); "pre" (V1): x + DropPath(f(LN(x)))."""
+    """(S)W-MSA + MLP block. norm_style "res_post" (V2): x + DropPath(LN(f(x))); "pre" (V1): x + DropPath(f(LN(x))).
+
+    `window_size` / `shift_size` are the effective ones (already clipped to the map, see
+    :func:`swinv2.config.window_geometry`)."""
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: int = 8,
                  shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
@@ -59,10 +73,7 @@ class SwinTransformerV2Block(nn.Module):
         super().__init__()
         self.dim, self.input_resolution, self.num_heads = dim, tuple(input_resolution), num_heads
         self.mlp_ratio, self.norm_style = mlp_ratio, norm_style
-        if min(self.input_resolution) <= window_size:  # official clipping: one global window, no shift
-            window_size, shift_size = min(self.input_resolution), 0
-        if not 0 <= shift_size < window_size:
-            raise ValueError(f"shift_size must be in [0, window_size), got {shift_size} for window {window_size}")
+        _check_window(self.input_resolution, window_size, shift_size)
         self.window_size, self.shift_size = window_size, shift_size
 
         self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
@@ -213,10 +224,13 @@ class PatchEmbed(nn.Module):
 
 
 class BasicLayer(nn.Module):
-    """One stage: `blocks`, then (official layout) this stage's `downsample` at its end."""
+    """One stage: `blocks`, then (official layout) this stage's `downsample` at its end.
 
-    def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int, window_size: int,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
+    `geometry` is the stage's effective window and shift (:func:`swinv2.config.window_geometry`);
+    the odd blocks get the shift."""
+
+    def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int,
+                 geometry: WindowGeometry, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: Sequence[float] | float = 0.0, downsample: bool = False, pretrained_window_size: int = 0,
                  norm_style: str = "res_post", attn_type: str = "cosine", attention: str = "reference",
                  sequential_chunk: int = 32, extra_norm_every: int = 0):
@@ -225,8 +239,8 @@ class BasicLayer(nn.Module):
         dp = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.blocks = nn.ModuleList([
             SwinTransformerV2Block(
-                dim, input_resolution, num_heads, window_size=window_size,
-                shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                dim, input_resolution, num_heads, window_size=geometry.window,
+                shift_size=geometry.block_shift(j), mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 drop=drop, attn_drop=attn_drop, drop_path=dp[j], pretrained_window_size=pretrained_window_size,
                 norm_style=norm_style, attn_type=attn_type, attention=attention, sequential_chunk=sequential_chunk,
                 extra_norm=extra_norm_every > 0 and (j + 1) % extra_norm_every == 0)
@@ -267,7 +281,7 @@ class SwinTransformerV2(nn.Module):
             res = c.stage_resolution(i)
             start = sum(c.depths[:i])
             self.layers.append(BasicLayer(
-                c.stage_dim(i), (res, res), c.depths[i], c.num_heads[i], c.window_size, mlp_ratio=c.mlp_ratio,
+                c.stage_dim(i), (res, res), c.depths[i], c.num_heads[i], c.stage_window(i), mlp_ratio=c.mlp_ratio,
                 qkv_bias=c.qkv_bias, drop=c.drop_rate, attn_drop=c.attn_drop_rate,
                 drop_path=dpr[start:start + c.depths[i]], downsample=i < c.num_stages - 1,
                 pretrained_window_size=c.pretrained_window_sizes[i], norm_style=c.norm_style, attn_type=c.attn_type,
@@ -301,8 +315,8 @@ class SwinTransformerV2(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute every geometry buffer (coords tables, indices, masks), e.g. after
         `model.to_empty(device=...)` of a model built on the meta device."""
-        for _, _, blk in iter_blocks(self):
-            blk.reset_buffers()
+        for ref in iter_blocks(self):
+            ref.block.reset_buffers()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not torch.is_tensor(x):
@@ -337,13 +351,23 @@ class SwinTransformerV2(nn.Module):
         return self.head(self.forward_features(x))
 
 
-def iter_blocks(model: nn.Module) -> Iterator[tuple[int, str, SwinTransformerV2Block]]:
-    """(index, qualified name, block) for every block in forward order; index 0..sum(depths)-1."""
-    idx = 0
-    for i, layer in enumerate(model.layers):
-        for j, blk in enumerate(layer.blocks):
-            yield idx, f"layers.{i}.blocks.{j}", blk
-            idx += 1
+class BlockRef(NamedTuple):
+    """One block of the model, as :func:`iter_blocks` yields it."""
+
+    index: int  # 0..sum(depths)-1 in forward order: the block index of probes and metrics
+    stage: int  # i of model.layers[i]
+    position: int  # j of model.layers[i].blocks[j]
+    name: str  # "layers.{i}.blocks.{j}", the module's qualified name
+    block: SwinTransformerV2Block
+
+
+def iter_blocks(model: nn.Module) -> Iterator[BlockRef]:
+    """Every block in forward order with its indices (callers never parse them out of `name`)."""
+    index = 0
+    for stage, layer in enumerate(model.layers):
+        for position, block in enumerate(layer.blocks):
+            yield BlockRef(index, stage, position, f"layers.{stage}.blocks.{position}", block)
+            index += 1
 
 
 _NO_DECAY_NAMES = ("absolute_pos_embed",)
@@ -378,4 +402,4 @@ def create_model(variant: str, img_size: int = 256, window_size: int = 8, num_cl
 
 
 __all__ = ["DropPath", "Mlp", "SwinTransformerV2Block", "PatchMerging", "PatchEmbed", "BasicLayer",
-           "SwinTransformerV2", "iter_blocks", "param_groups", "no_weight_decay", "create_model", "VARIANTS"]
+           "SwinTransformerV2", "BlockRef", "iter_blocks", "param_groups", "no_weight_decay", "create_model", "VARIANTS"]

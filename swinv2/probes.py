@@ -43,8 +43,8 @@ class AmplitudeProbe:
 
     def attach(self) -> "AmplitudeProbe":
         if not self._handles:
-            for idx, _, blk in iter_blocks(self.model):
-                self._handles.append(blk.register_forward_hook(self._hook(idx)))
+            for ref in iter_blocks(self.model):
+                self._handles.append(ref.block.register_forward_hook(self._hook(ref.index)))
         return self
 
     def remove(self) -> None:
@@ -73,9 +73,9 @@ class AmplitudeProbe:
 def logit_scales(model: nn.Module) -> dict[int, list[float]]:
     """{block_index: per-head exp(clamp(logit_scale, max=ln 100))}; blocks with dot attention are skipped."""
     out = {}
-    for idx, _, blk in iter_blocks(model):
-        ls: Optional[torch.Tensor] = getattr(blk.attn, "logit_scale", None)
+    for ref in iter_blocks(model):
+        ls: Optional[torch.Tensor] = getattr(ref.block.attn, "logit_scale", None)
         if ls is not None:
             with torch.no_grad():
-                out[idx] = torch.clamp(ls.detach().float(), max=LOGIT_SCALE_MAX).exp().flatten().tolist()
+                out[ref.index] = torch.clamp(ls.detach().float(), max=LOGIT_SCALE_MAX).exp().flatten().tolist()
     return out

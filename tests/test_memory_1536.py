@@ -43,7 +43,7 @@ def test_1536_model_keeps_only_compact_masks_resident():
     torch.manual_seed(0)
     model = create_model("tiny", img_size=IMG, window_size=WS)
     bound = dense = 0
-    for _, name, blk in iter_blocks(model):
+    for _, _, _, name, blk in iter_blocks(model):
         M, n = blk.window_size, blk.window_size ** 2
         bound += (2 * M - 1) ** 2 * 2 * 4 + n * n * 8  # relative_coords_table fp32 + relative_position_index int64
         if blk.shift_size:

@@ -101,7 +101,7 @@ def test_window_clipping_and_shift():
     with torch.device("meta"):
         m8 = create_model("tiny", window_size=8)
         m16 = create_model("tiny", window_size=16)
-    geo = lambda m: [(b.window_size, b.shift_size) for _, _, b in iter_blocks(m)]
+    geo = lambda m: [(r.block.window_size, r.block.shift_size) for r in iter_blocks(m)]
     # 256/W8: stages 64,32,16 use W8 (shift 4 on odd blocks); stage 4 (8x8) clipped, no shift
     assert geo(m8) == [(8, 0), (8, 4)] * 2 + [(8, 0), (8, 4)] * 3 + [(8, 0), (8, 0)]
     # 256/W16: stage 3 (16x16) global, no shift; stage 4 window 8
@@ -109,10 +109,49 @@ def test_window_clipping_and_shift():
     assert m16.layers[3].blocks[0].attn.relative_coords_table.shape == (1, 15, 15, 2)
 
 
+@pytest.mark.parametrize("res, window, want", [
+    (64, 8, (8, 4)),    # tiles: configured window, half-window shift
+    (9, 8, (8, 4)),     # larger than the window: not clipped (validation rejects the non-tiling map)
+    (8, 8, (8, 0)),     # exactly the window: one window, no shift
+    (4, 8, (4, 0)),     # smaller: the window shrinks to the map, no shift
+    (1, 8, (1, 0)),
+    (24, 7, (7, 3)),    # odd window: shift floor(7/2)
+])
+def test_window_geometry_clips_small_stages(res, window, want):
+    from swinv2.config import window_geometry
+
+    geo = window_geometry(res, window)
+    assert (geo.window, geo.shift) == want
+    assert [geo.block_shift(j) for j in range(4)] == [0, want[1], 0, want[1]]
+
+
+def test_blocks_receive_the_config_geometry():
+    # the model builds every block from SwinV2Config.stage_window, including the clipped stages
+    cfg = SwinV2Config(img_size=128, window_size=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), embed_dim=16)
+    with torch.device("meta"):
+        m = SwinTransformerV2(cfg)
+    for r in iter_blocks(m):
+        geo = cfg.stage_window(r.stage)
+        assert (r.block.window_size, r.block.shift_size) == (geo.window, geo.block_shift(r.position)), r.name
+    assert [cfg.stage_window(i) for i in range(4)] == [(8, 4), (8, 4), (8, 0), (4, 0)]
+
+
+def test_block_takes_its_window_as_given():
+    # no clipping inside the block any more: a window that does not tile its map is an error, not a surprise
+    from swinv2.model import SwinTransformerV2Block
+
+    with pytest.raises(ValueError, match="window_geometry"):
+        SwinTransformerV2Block(16, (4, 4), 1, window_size=8, shift_size=4)
+    with pytest.raises(ValueError, match="shift_size"):
+        SwinTransformerV2Block(16, (8, 8), 1, window_size=4, shift_size=4)
+    blk = SwinTransformerV2Block(16, (8, 8), 1, window_size=8, shift_size=0)
+    assert (blk.window_size, blk.shift_size, blk.attn_mask) == (8, 0, None)
+
+
 def test_stochastic_depth_is_linear():
     with torch.device("meta"):
         m = create_model("tiny", drop_path_rate=0.3)
-    rates = [b.drop_path.p for _, _, b in iter_blocks(m)]
+    rates = [r.block.drop_path.p for r in iter_blocks(m)]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3)
     assert rates == pytest.approx([0.3 * i / 11 for i in range(12)])
 
@@ -120,7 +159,7 @@ def test_stochastic_depth_is_linear():
 # --------------------------------------------------------------------------------------------- init
 def test_official_init(tiny256):
     sd = tiny256.state_dict()
-    for idx, name, blk in iter_blocks(tiny256):
+    for _, _, _, name, blk in iter_blocks(tiny256):
         for norm in (blk.norm1, blk.norm2):
             assert torch.count_nonzero(norm.weight) == 0 and torch.count_nonzero(norm.bias) == 0, name
         assert torch.allclose(blk.attn.logit_scale, torch.full((blk.num_heads, 1, 1), math.log(10.0)))
@@ -322,9 +361,14 @@ def test_param_groups_official_exclusions(tiny256):
 def test_iter_blocks_order():
     with torch.device("meta"):
         m = create_model("tiny")
-    got = [(i, n) for i, n, _ in iter_blocks(m)]
-    assert [i for i, _ in got] == list(range(12))
-    assert got[2] == (2, "layers.1.blocks.0") and got[-1] == (11, "layers.3.blocks.1")
+    got = [(r.index, r.stage, r.position, r.name) for r in iter_blocks(m)]
+    assert [g[0] for g in got] == list(range(12))
+    assert got[2] == (2, 1, 0, "layers.1.blocks.0") and got[-1] == (11, 3, 1, "layers.3.blocks.1")
+    assert [g[1] for g in got] == [0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3]
+    assert [g[2] for g in got] == [0, 1, 0, 1, 0, 1, 2, 3, 4, 5, 0, 1]
+    # the indices address the block they come with (not just a counter beside it)
+    assert all(r.block is m.layers[r.stage].blocks[r.position] for r in iter_blocks(m))
+    assert all(m.get_submodule(r.name) is r.block for r in iter_blocks(m))
 
 
 # --------------------------------------------------------------------------------------------- checkpointing
@@ -360,7 +404,7 @@ def test_activation_checkpointing_every_and_stages():
     with torch.device("meta"):
         m = create_model("tiny")
     assert apply_activation_checkpointing(m, every=2, stages=[2]) == 3  # blocks 4, 6, 8 (stage 2 = 4..9)
-    flagged = [i for i, _, b in iter_blocks(m) if swinv2.checkpointing.is_checkpointed(b)]
+    flagged = [r.index for r in iter_blocks(m) if swinv2.checkpointing.is_checkpointed(r.block)]
     assert flagged == [4, 6, 8]
     assert swinv2.remove_activation_checkpointing(m) == 3
     with pytest.raises(ValueError, match="stages"):
@@ -385,7 +429,7 @@ torch.manual_seed(0)
 t0 = time.time()
 model = swinv2.create_model("tiny", img_size=1536, window_size=24, attention="sequential", sequential_chunk=16)
 with torch.no_grad():  # zero-init post-norms would stop every gradient into attention: use trained-like values
-    for _, _, blk in swinv2.iter_blocks(model):
+    for blk in (ref.block for ref in swinv2.iter_blocks(model)):
         blk.norm1.weight.fill_(0.5), blk.norm2.weight.fill_(0.5)
 wrapped = swinv2.apply_activation_checkpointing(model, stages=[0, 1]) if sys.argv[1] == "1" else 0
 x = torch.randn(1, 3, 1536, 1536)

@@ -1,0 +1,95 @@
+"""The module's two projection steps as autograd functions with hand-written backward passes.
+
+Readable equivalents (tests/test_kernels.py holds them equal, values and gradients):
+``split_heads``      = qkv.view(B_, N, 3, nH, hd).permute(2, 0, 3, 1, 4).unbind(0)
+``scaled_cosine_qk`` = (F.normalize(q, dim=-1) * s, F.normalize(k, dim=-1))
+The custom backwards save a pass over the tensors each (measured on CPU, see docs/PERFORMANCE.md).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _SplitHeads(torch.autograd.Function):
+    """qkv (B_, N, 3*C) -> q, k, v (B_, nH, N, hd), each a contiguous copy.
+
+    The kernels want contiguous per-head tensors. Autograd of view/permute/unbind would stack the
+    three gradients and then copy the stack back into the projection's layout (two passes over 3C
+    per token); this backward writes each gradient into its slot of one (B_, N, 3, nH, hd) tensor.
+    Copies also mean no output keeps the whole qkv tensor alive.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads: int):
+        B_, N, C3 = qkv.shape
+        parts = qkv.view(B_, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+        return tuple(t.clone(memory_format=torch.contiguous_format) for t in parts.unbind(0))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dq, dk, dv):
+        like = next(g for g in (dq, dk, dv) if g is not None)
+        B_, nH, N, hd = like.shape
+        dqkv = torch.empty(B_, N, 3, nH, hd, dtype=like.dtype, device=like.device)
+        for i, g in enumerate((dq, dk, dv)):
+            if g is None:
+                dqkv[:, :, i].zero_()
+            else:
+                dqkv[:, :, i].copy_(g.transpose(1, 2))
+        return dqkv.view(B_, N, 3 * nH * hd), None
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int):
+    """(B_, N, 3*C) -> q, k, v (B_, num_heads, N, C/num_heads), contiguous (see _SplitHeads)."""
+    return _SplitHeads.apply(qkv, num_heads)
+
+
+NORM_EPS = 1e-12  # F.normalize's
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vecdot(a, b, dim=-1).unsqueeze(-1)
+
+
+class _ScaledCosineQK(torch.autograd.Function):
+    """(s * q / max(|q|, eps), k / max(|k|, eps)) over the last dim, written contiguous.
+
+    The same values as F.normalize (q's factor s / max(|q|, eps) as one division, k divided by its
+    clamped norm), but the backward is one projection per tensor,
+    dx = (g - x_hat (x_hat . g)) * s / max(|x|, eps) (no projection where the norm was clamped),
+    instead of autograd's chain of norm/div/mul backwards (~1 s of a 1536^2 step). Only the clamped
+    norms are saved: the outputs are saved by the attention kernel anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale):
+        nq = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
+        nk = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
+        qn = torch.mul(q, scale / nq, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
+        kn = torch.div(k, nk, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
+        ctx.save_for_backward(qn, kn, nq, nk, scale)
+        return qn, kn
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dqn, dkn):
+        qn, kn, nq, nk, scale = ctx.saved_tensors
+        dq = dk = ds = None
+        if dqn is not None:
+            r = _row_dot(qn, dqn)  # s * (q_hat . g) per row
+            if ctx.needs_input_grad[0]:
+                # qn = s q_hat: dq = (s g - qn (qn . g) / s) / |q|
+                proj = torch.where(nq > NORM_EPS, r / (scale * nq), 0.0)
+                dq = (dqn * (scale / nq)).addcmul_(qn, proj, value=-1)
+            if ctx.needs_input_grad[2]:  # d s = sum over rows of q_hat . g = r / s
+                ds = (r.sum(dim=tuple(i for i in range(r.ndim) if i != r.ndim - 3), keepdim=True)
+                      .view(-1, 1, 1) / scale).view(scale.shape)
+        if dkn is not None and ctx.needs_input_grad[1]:
+            proj = torch.where(nk > NORM_EPS, _row_dot(kn, dkn) / nk, 0.0)
+            dk = (dkn / nk).addcmul_(kn, proj, value=-1)
+        return dq, dk, ds
+
+
+def scaled_cosine_qk(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor):
+    """q (..., nH, N, hd), k alike, scale (nH, 1, 1) -> (s * normalize(q), normalize(k)), contiguous."""
+    return _ScaledCosineQK.apply(q, k, scale)

@@ -1,0 +1,324 @@
+"""The fast kernels ``fused`` and ``sequential``: flash forward, chunked recompute backward.
+
+Same function as :func:`swinv2.kernels.reference.reference_attention` (tests hold them equal), tuned
+for the CPU of docs/PERFORMANCE.md:
+
+* forward: the private CPU flash op (it returns the log-sum-exp the backward reuses) with the bias
+  DETACHED, because a float mask that requires grad pushes CPU SDPA onto its materialising path;
+* backward: windows in chunks that recompute the probabilities from the saved log-sum-exp and
+  accumulate the bias gradient over windows, in two score buffers reused by every chunk;
+* windows grouped by position into unmasked (bias only) and masked ones, cached per mask buffer.
+
+Off CPU, ``fused`` is plain SDPA under autograd. ``sequential`` uses the chunked engine everywhere,
+with ``chunk`` windows per chunk forward AND backward (the paper's "sequential self-attention").
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..windows import RegionMask
+from .reference import dense_mask, mask_rows, split_windows
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# fp32 scores per backward chunk of the fused kernel. Measured on the shared 2-core box: 4-8 MB
+# (cache-sized) chunks are best single-threaded on an idle core but several times slower under load
+# (many small parallel ops); 64 MB chunks were within 10% of the best in every condition tried.
+FUSED_BACKWARD_CHUNK_BYTES = 64 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# the two kernels
+# ---------------------------------------------------------------------------------------------
+def fused_attention(q, k, v, bias, mask, attn_drop: float = 0.0, chunk: int = 0):
+    """One SDPA call per window group forward; chunked recompute backward (CPU). `chunk` is ignored."""
+    if q.device.type != "cpu":
+        return _sdpa_autograd(q, k, v, bias, mask, attn_drop)
+    return _WindowAttentionFn.apply(q, k, v, bias, mask, 0, 0, float(attn_drop))
+
+
+def sequential_attention(q, k, v, bias, mask, attn_drop: float = 0.0, chunk: int = 32):
+    """Windows in chunks of `chunk` (forward AND backward): at most `chunk` windows' scores exist."""
+    return _WindowAttentionFn.apply(q, k, v, bias, mask, int(chunk), int(chunk), float(attn_drop))
+
+
+def _sdpa_autograd(q, k, v, bias, mask, attn_drop: float = 0.0):
+    # Plain SDPA under autograd (used off-CPU): on CUDA the memory-efficient kernel takes a float
+    # mask that requires grad. The (nW, nH, N, N) bias+mask is broadcast over the batch via a 5-D
+    # (B, nW, nH, N, hd) view: no B copies.
+    mask = dense_mask(mask, bias.dtype)
+    am = bias.unsqueeze(0)
+    if mask is not None:
+        nW = mask.shape[0]
+        am = bias.unsqueeze(0) + mask.unsqueeze(1)
+        q, k, v = (split_windows(t, nW) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=am.to(q.dtype), dropout_p=attn_drop, scale=1.0)
+    return out.reshape(-1, *out.shape[-3:])
+
+
+# ---------------------------------------------------------------------------------------------
+# window groups and chunk plumbing
+# ---------------------------------------------------------------------------------------------
+_GROUP_CACHE: dict[int, tuple] = {}  # id(mask) -> (weakref to mask, mask._version, groups)
+
+
+def _window_groups(mask, n_windows: int) -> list[tuple[Optional[torch.Tensor], bool]]:
+    """[(window positions or None for all, masked?)]: windows whose mask is all zero need only the
+    bias, so they form one group and never touch the mask. Cached per mask tensor (a module buffer:
+    the same object every forward; an in-place change bumps its version and recomputes)."""
+    if mask is None:
+        return [(None, False)]
+    region = isinstance(mask, RegionMask)
+    if region:  # cache on the module's region-id buffer (the wrapper is rebuilt every forward)
+        mask = mask.regions
+    hit = _GROUP_CACHE.get(id(mask))
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    if region:
+        flags = mask.amin(1) != mask.amax(1)  # more than one region in the window
+    else:
+        flags = (mask.amin((1, 2)) != 0) | (mask.amax((1, 2)) != 0)  # reductions: no (nW, N, N) temporary
+    masked, plain = flags.nonzero().flatten(), (~flags).nonzero().flatten()
+    groups = [(idx, m) for idx, m in ((plain, False), (masked, True)) if idx.numel()]
+    if plain.numel() == n_windows:
+        groups = [(None, False)]
+    _cache_groups(mask, groups)
+    return groups
+
+
+def _cache_groups(mask: torch.Tensor, groups: list) -> None:
+    # A weak reference: the cache neither keeps masks alive nor adds attributes to the buffer
+    # (state dicts and checkpoints are unchanged); the entry goes when the mask does.
+    key = id(mask)
+    try:
+        _GROUP_CACHE[key] = (weakref.ref(mask, lambda _r, key=key: _GROUP_CACHE.pop(key, None)), mask._version, groups)
+    except TypeError:  # not weak-referenceable: just do not cache
+        pass
+
+
+def _group_sizes(groups, n_windows: int) -> list[int]:
+    return [n_windows if idx is None else idx.numel() for idx, _ in groups]
+
+
+def _take(t: torch.Tensor, idx: Optional[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """Window positions [lo, hi) of group idx from a (B, nW, ...) view -> (B, c, ...)."""
+    if idx is None:
+        return t[:, lo:hi]
+    return t.index_select(1, idx[lo:hi])
+
+
+def _put(dst: torch.Tensor, idx: Optional[torch.Tensor], lo: int, hi: int, src: torch.Tensor) -> None:
+    if idx is None:
+        dst[:, lo:hi] = src
+    else:
+        dst.index_copy_(1, idx[lo:hi], src.to(dst.dtype))
+
+
+def _bmm_into(dst: torch.Tensor, idx: Optional[torch.Tensor], lo: int, hi: int, a, b) -> None:
+    """dst (B, nW, nH, N, hd)[:, window positions lo:hi of group idx] = a @ b (a, b: (B*c*nH, ., .)),
+    written straight into dst when that slice is contiguous (one image, unmasked group) and of a's dtype."""
+    if idx is None and dst.dtype == a.dtype:
+        view = dst[:, lo:hi]
+        if view.is_contiguous():
+            torch.bmm(a, b, out=view.view(a.shape[0], *dst.shape[-2:]))
+            return
+    B = dst.shape[0]
+    _put(dst, idx, lo, hi, torch.bmm(a, b).view(B, -1, *dst.shape[2:]))
+
+
+def _dropout_keep(shape, p: float, seed: int, start: int, device) -> torch.Tensor:
+    # Per-chunk generator seeded from (seed, chunk start) so backward regenerates the same mask.
+    g = torch.Generator(device=device)
+    g.manual_seed(seed + start)
+    return torch.rand(shape, generator=g, device=device) >= p
+
+
+def _flash_forward(q, k, v, am):
+    """(out, logsumexp or None) of softmax(q k^T + am) v. q, k, v: (b, h, N, hd); am broadcastable."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        try:
+            out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=am, scale=1.0)
+            return out, lse
+        except RuntimeError:  # shapes/strides the private kernel does not take: public API below
+            pass
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=1.0), None
+
+
+def _forward_step(chunk_fwd: int, B: int, n: int, masked: bool, p: float, nH: int, N: int) -> int:
+    """Windows per forward chunk of a group of n window positions."""
+    if chunk_fwd > 0:
+        return max(1, chunk_fwd // B)
+    if masked and p == 0:  # bias+mask of the group (c*nH, N, N): cap it like the backward chunks
+        return max(1, FUSED_BACKWARD_CHUNK_BYTES // (nH * N * N * 4))
+    return n
+
+
+def _backward_steps(groups, n_windows: int, B: int, nH: int, N: int, chunk_fwd: int, chunk_bwd: int,
+                    p: float) -> list[int]:
+    """Windows per backward chunk of every group."""
+    if p > 0:  # the dropout masks were drawn per forward chunk: replay the same ranges
+        return [n if chunk_fwd <= 0 else max(1, chunk_fwd // B) for n in _group_sizes(groups, n_windows)]
+    if chunk_bwd <= 0:
+        return [max(1, FUSED_BACKWARD_CHUNK_BYTES // (B * nH * N * N * 4))] * len(groups)
+    return [max(1, chunk_bwd // B)] * len(groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward chunks: write out (and the log-sum-exp) of windows [lo, hi) of one group
+# ---------------------------------------------------------------------------------------------
+def _forward_chunk_dropout(q5, k5, v5, bias, mask, idx, masked, lo, hi, p, seed, start, out):
+    # with dropout the probabilities are materialised (the flash op takes no replayable mask)
+    qc, kc, vc = (_take(t, idx, lo, hi) for t in (q5, k5, v5))
+    cdt = torch.promote_types(q5.dtype, torch.float32)
+    s = (qc @ kc.transpose(-2, -1)).to(cdt) + bias.to(cdt)
+    if masked:
+        s = s + mask_rows(mask, idx[lo:hi], cdt).unsqueeze(1).unsqueeze(0)
+    attn = s.softmax(-1)
+    attn = attn * _dropout_keep(attn.shape, p, seed, start, q5.device) / (1 - p)
+    _put(out, idx, lo, hi, attn.to(v5.dtype) @ vc)
+
+
+def _forward_chunk_flash(q5, k5, v5, bias, mask, idx, masked, lo, hi, out, lse) -> bool:
+    """Flash forward of one chunk; False when the op gave no log-sum-exp (public SDPA fallback)."""
+    B, _, nH, N, hd = q5.shape
+    c = hi - lo
+    qc, kc, vc = (_take(t, idx, lo, hi) for t in (q5, k5, v5))
+    if masked:  # (1, c*nH, N, N) broadcast over the B images: (B, c*nH, N, hd) views
+        am = (bias.unsqueeze(0) + mask_rows(mask, idx[lo:hi], bias.dtype).unsqueeze(1))
+        o, l = _flash_forward(*(t.reshape(B, c * nH, N, hd) for t in (qc, kc, vc)),
+                              am.reshape(1, c * nH, N, N).to(q5.dtype))
+    else:  # (1, nH, N, N) broadcast over all B*c windows
+        am = bias.unsqueeze(0).to(q5.dtype)
+        o, l = _flash_forward(*(t.reshape(B * c, nH, N, hd) for t in (qc, kc, vc)), am)
+    del am, qc, kc, vc  # free this chunk's bias+mask before the next one is built
+    _put(out, idx, lo, hi, o.reshape(B, c, nH, N, hd))
+    if l is None:
+        return False
+    _put(lse, idx, lo, hi, l.reshape(B, c, nH, N).float())
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# backward chunk: gradients of windows [lo, hi) of one group
+# ---------------------------------------------------------------------------------------------
+def _backward_chunk(t5, lse5, bias, mask, idx, masked, lo, hi, bufs, grads, keep_fn):
+    """t5 = (q5, k5, v5, do5, o5) (dout before out); grads = (dq, dk, dv, dbias), None where not needed;
+    keep_fn(shape) -> the forward chunk's dropout keep mask scaled by 1/(1-p), or None."""
+    q5 = t5[0]
+    B, _, nH, N, hd = q5.shape
+    c = hi - lo
+    cdt = torch.promote_types(q5.dtype, torch.float32)
+    dq, dk, dv, dbias = grads
+    qc, kc, vc, doc, oc = (_take(t, idx, lo, hi).to(cdt).reshape(B * c * nH, N, hd) for t in t5)
+    s = torch.bmm(qc, kc.transpose(1, 2), out=bufs[0][:B * c * nH]).view(B, c, nH, N, N)
+    s += bias.to(cdt)
+    if masked:
+        s += mask_rows(mask, idx[lo:hi], cdt).unsqueeze(1).unsqueeze(0)
+    if lse5 is not None:
+        prob = s.sub_(_take(lse5, idx, lo, hi).unsqueeze(-1).to(cdt)).exp_()
+    else:
+        prob = s.softmax(-1)
+    keep = keep_fn(prob.shape)
+    prob3 = prob.reshape(B * c * nH, N, N)
+    if dv is not None:
+        dropped = prob3 * keep.view_as(prob3) if keep is not None else prob3
+        _bmm_into(dv, idx, lo, hi, dropped.transpose(1, 2), doc)
+        del dropped
+    # dP (w.r.t. the dropped probabilities)
+    ds = torch.bmm(doc, vc.transpose(1, 2), out=bufs[1][:B * c * nH])
+    if keep is not None:
+        ds *= keep.view_as(ds)
+    # dS = P * (dP - D), D_i = sum_j P_ij dP_ij = dO_i . O_i (with dropout too: O used the dropped P)
+    ds.sub_((doc * oc).sum(-1, keepdim=True)).mul_(prob3)
+    if dq is not None:
+        _bmm_into(dq, idx, lo, hi, ds, kc)
+    if dk is not None:
+        _bmm_into(dk, idx, lo, hi, ds.transpose(1, 2), qc)
+    if dbias is not None:
+        dbias += ds.view(B * c, nH, N, N).sum(0)
+    # nothing of this chunk outlives the call (locals), so the next chunk reuses the memory
+
+
+class _WindowAttentionFn(torch.autograd.Function):
+    """softmax(q k^T + bias + mask) v over windows, never holding all windows' (N, N) scores.
+
+    q (already scaled), k, v: (B*nW, nH, N, hd); bias (nH, N, N) shared by all windows (its
+    gradient is the sum over windows, accumulated chunk by chunk); mask (nW, N, N) constant.
+    Windows are visited by position (all B images of a position together), in two groups: positions
+    whose mask is zero (bias only) and masked ones. `chunk_fwd` / `chunk_bwd` are windows per
+    chunk (0 = the whole group forward / FUSED_BACKWARD_CHUNK_BYTES of scores backward). With dropout
+    the forward materialises each chunk's probabilities and the backward replays the per-chunk
+    dropout mask. Backward computes in float32 (or the input dtype if wider) from the saved
+    log-sum-exp, in two score buffers that every chunk of the call reuses.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, chunk_fwd: int, chunk_bwd: int, p: float):
+        B_, nH, N, hd = q.shape
+        nW = mask.shape[0] if mask is not None else B_
+        B = B_ // nW
+        # q, k, v are usually strided views of the qkv projection: gathering masked windows from such
+        # a view (index_select) would copy the whole tensor per chunk, so copy once here instead
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        bias_d = bias.detach()  # a mask that requires grad would push CPU SDPA onto the math path
+        groups = _window_groups(mask, nW)
+        seed = int(torch.randint(0, 2**40, (1,)).item()) if p > 0 else 0
+        q5, k5, v5 = (t.view(B, nW, nH, N, hd) for t in (q, k, v))
+        out = torch.empty(B, nW, nH, N, hd, dtype=v.dtype, device=v.device)
+        lse = torch.empty(B, nW, nH, N, dtype=torch.float32, device=q.device) if p == 0 else None
+        have_lse = p == 0
+        for gi, (idx, masked) in enumerate(groups):
+            n = nW if idx is None else idx.numel()
+            step = _forward_step(chunk_fwd, B, n, masked, p, nH, N)
+            for lo in range(0, n, step):
+                hi = min(lo + step, n)
+                if p > 0:
+                    _forward_chunk_dropout(q5, k5, v5, bias_d, mask, idx, masked, lo, hi, p, seed, gi * nW + lo, out)
+                elif not _forward_chunk_flash(q5, k5, v5, bias_d, mask, idx, masked, lo, hi, out, lse):
+                    have_lse = False
+        out = out.view(B_, nH, N, hd)
+        ctx.region_mask = isinstance(mask, RegionMask)
+        ctx.save_for_backward(q, k, v, bias_d, mask.regions if ctx.region_mask else mask, out,
+                              lse if have_lse else None)
+        ctx.groups, ctx.chunk_bwd, ctx.p, ctx.seed, ctx.chunk_fwd = groups, chunk_bwd, p, seed, chunk_fwd
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, bias, mask, out, lse = ctx.saved_tensors
+        if ctx.region_mask:
+            mask = RegionMask(mask)
+        p, seed, groups = ctx.p, ctx.seed, ctx.groups
+        B_, nH, N, hd = q.shape
+        nW = mask.shape[0] if mask is not None else B_
+        B = B_ // nW
+        cdt = torch.promote_types(q.dtype, torch.float32)
+        need_q, need_k, need_v, need_b = ctx.needs_input_grad[:4]
+        t5 = tuple(t.view(B, nW, nH, N, hd) for t in (q, k, v, dout.contiguous(), out))
+        grads = (torch.empty_like(t5[0]) if need_q else None, torch.empty_like(t5[1]) if need_k else None,
+                 torch.empty_like(t5[2]) if need_v else None,
+                 torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None)
+        lse5 = lse.view(B, nW, nH, N) if lse is not None else None
+        steps = _backward_steps(groups, nW, B, nH, N, ctx.chunk_fwd, ctx.chunk_bwd, p)
+        # Two score-sized work buffers for ALL chunks of this call (scores/probabilities and their
+        # gradient): a fresh (> 32 MB) tensor per chunk is a fresh mmap under glibc, and its first-touch
+        # page faults cost a quarter of the CPU time at 1536^2. (b, N, N) so memory probes see scores.
+        rows = B * min(max(steps), max(_group_sizes(groups, nW))) * nH
+        bufs = tuple(torch.empty(rows, N, N, dtype=cdt, device=q.device) for _ in range(2))
+        for gi, ((idx, masked), step) in enumerate(zip(groups, steps)):
+            n = nW if idx is None else idx.numel()
+            for lo in range(0, n, step):
+                # regenerate the forward chunk's dropout mask: forward chunks are the same ranges
+                keep_fn = ((lambda shape, start=gi * nW + lo: _dropout_keep(shape, p, seed, start, q.device)
+                            .to(cdt) / (1 - p)) if p > 0 else (lambda shape: None))
+                _backward_chunk(t5, lse5, bias, mask, idx, masked, lo, min(lo + step, n), bufs, grads, keep_fn)
+        dq, dk, dv, dbias = grads
+        shape = (B_, nH, N, hd)
+        return (dq.view(shape) if need_q else None, dk.view(shape) if need_k else None,
+                dv.view(shape) if need_v else None, dbias.to(ctx.bias_dtype) if need_b else None,
+                None, None, None, None)
