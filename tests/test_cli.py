@@ -56,6 +56,11 @@ def test_plain_values_are_left_alone(arg):
     assert cli.prepare_overrides([arg]) == [arg]
 
 
+@pytest.mark.parametrize("key", ["data.root", "run.dir", "model.pretrained"])
+def test_other_path_keys_are_quoted_too(key):
+    assert parsed_value(cli.prepare_overrides([f"{key}=/x/{{a,b}} [1]"])[0]) == "/x/{a,b} [1]"
+
+
 def test_quotes_inside_a_value():
     out = cli.quote_path_value("data.root=/d/it's {x}")
     assert parsed_value(out) == "/d/it's {x}"

@@ -24,7 +24,8 @@ from swinv2_train.errors import UsageError, UserError
 # Keys whose values are shard patterns: several values are joined with '::' (expand_shards).
 SHARD_KEYS = ("data.train_shards", "data.val_shards")
 # Keys whose values are paths that may hold characters Hydra's grammar reserves ({ } [ ] , ...).
-PATH_KEYS = SHARD_KEYS + ("data.root",)
+PATH_KEYS = SHARD_KEYS + ("data.root", "run.dir", "run.resume", "model.pretrained",
+                          "model.pretrained_class_map", "train.eval_class_map")
 SHARD_SEPARATOR = "::"
 
 # Hydra's own flags that take the next argument as their value (it is not an override).
