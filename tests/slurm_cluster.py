@@ -30,26 +30,29 @@ def have_slurm() -> tuple[bool, str]:
     return (not missing, f"SLURM/munge binaries missing: {missing}" if missing else "")
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+def _port_free(port: int, hosts: tuple[str, ...] = ("127.0.0.1",)) -> bool:
+    """Free on every address in ``hosts`` (a listener on 0.0.0.0 makes each bind fail)."""
+    for host in hosts:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
 
 
-def _pick_port(env_name: str, default: int, taken: set[int]) -> int:
+def _pick_port(env_name: str, default: int, taken: set[int],
+               hosts: tuple[str, ...] = ("127.0.0.1",)) -> int:
     if os.environ.get(env_name):
         return int(os.environ[env_name])
-    if default not in taken and _port_free(default):
+    if default not in taken and _port_free(default, hosts):
         return default
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port not in taken:
+        if port not in taken and _port_free(port, hosts):
             return port
 
 
@@ -91,9 +94,10 @@ def _stop_pid(pid: int, grace: float = 5.0) -> None:
             pass
 
 
-def cleanup_stale(root: Path = ROOT) -> list[int]:
-    """Stop daemons left by dead owners under ``root``; only PIDs whose command line still
-    names that run's directory (PID reuse must not hit an unrelated process)."""
+def cleanup_stale(root: Path = ROOT, daemons: tuple[str, ...] = DAEMONS) -> list[int]:
+    """Stop daemons left by dead owners under ``root`` (``pids/<name>.pid`` for each name in
+    ``daemons``, in that order); only PIDs whose command line still names that run's directory
+    (PID reuse must not hit an unrelated process)."""
     stopped = []
     if not root.is_dir():
         return stopped
@@ -104,7 +108,7 @@ def cleanup_stale(root: Path = ROOT) -> list[int]:
                 continue
         except ValueError:
             pass
-        for name in DAEMONS:
+        for name in daemons:
             pf = run / "pids" / f"{name}.pid"
             try:
                 pid = int(pf.read_text())
@@ -154,6 +158,8 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
 
 
 class SlurmCluster:
+    STOP_ORDER = DAEMONS
+
     def __init__(self, cpus: int = 2, root: Path = ROOT):
         self.cpus = cpus
         root.mkdir(parents=True, exist_ok=True)
@@ -206,6 +212,27 @@ class SlurmCluster:
         cleanup_stale(self.base.parent)
         for d in ("munge/run", "state", "spool", "pids", "log"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
+        self._start_munge()
+
+        self.ctld_port = _pick_port("SWINV2_SLURMCTLD_PORT", 16817, set())
+        self.slurmd_port = _pick_port("SWINV2_SLURMD_PORT", 16818, {self.ctld_port})
+        self.conf.write_text(SLURM_CONF.format(base=self.base, ctld_port=self.ctld_port,
+                                               slurmd_port=self.slurmd_port, cpus=self.cpus,
+                                               munge_socket=self.munge_socket))
+        self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+        self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
+        self.wait_nodes_idle(["localhost"])
+        return self
+
+    def wait_nodes_idle(self, nodes: list[str], timeout: float = 30) -> None:
+        def idle():
+            r = self.run("sinfo", "-h", "-N", "-n", ",".join(nodes), "-o", "%T", check=False,
+                         timeout=10)
+            states = r.stdout.split()
+            return r.returncode == 0 and len(states) == len(nodes) and set(states) == {"idle"}
+        self._wait("slurm node(s) idle", idle, timeout)
+
+    def _start_munge(self) -> None:
         os.chmod(self.base / "munge" / "run", 0o755)  # munged insists on it
         self.munge_socket = self.base / "munge" / "run" / "munge.socket"
         key = self.base / "munge" / "munge.key"
@@ -226,24 +253,10 @@ class SlurmCluster:
                 capture_output=True).returncode == 0
         self._wait("munged", munge_ok)
 
-        self.ctld_port = _pick_port("SWINV2_SLURMCTLD_PORT", 16817, set())
-        self.slurmd_port = _pick_port("SWINV2_SLURMD_PORT", 16818, {self.ctld_port})
-        self.conf.write_text(SLURM_CONF.format(base=self.base, ctld_port=self.ctld_port,
-                                               slurmd_port=self.slurmd_port, cpus=self.cpus,
-                                               munge_socket=self.munge_socket))
-        self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
-        self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
-
-        def idle():
-            r = self.run("sinfo", "-h", "-n", "localhost", "-o", "%T", check=False, timeout=10)
-            return r.returncode == 0 and r.stdout.strip() == "idle"
-        self._wait("slurm node idle", idle)
-        return self
-
     def stop(self) -> None:
         if self.conf.exists() and "slurmctld" in self.procs:
             self.run("scancel", "--full", "-u", "root", check=False, timeout=15)
-        for name in DAEMONS:
+        for name in self.STOP_ORDER:
             p = self.procs.get(name)
             if p is not None:
                 _stop_pid(p.pid)
@@ -251,15 +264,18 @@ class SlurmCluster:
                     p.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     pass
+        self._stop_leftovers()
+        (self.base / "owner.pid").unlink(missing_ok=True)
+        if not os.environ.get("SWINV2_KEEP_SLURM_DIR"):  # keep daemon logs for debugging
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def _stop_leftovers(self) -> None:
         # Job processes slurmd started run in their own sessions; anything still naming our
         # directory is ours (e.g. a task that ignored SIGTERM).
         for pid_dir in Path("/proc").iterdir():
             if pid_dir.name.isdigit() and int(pid_dir.name) != os.getpid():
                 if str(self.base) in _cmdline(int(pid_dir.name)):
                     _stop_pid(int(pid_dir.name), grace=1)
-        (self.base / "owner.pid").unlink(missing_ok=True)
-        if not os.environ.get("SWINV2_KEEP_SLURM_DIR"):  # keep daemon logs for debugging
-            shutil.rmtree(self.base, ignore_errors=True)
 
     # -- job helpers -------------------------------------------------------------------------
     def sbatch(self, *args: str, cwd: str | os.PathLike | None = None,
