@@ -317,7 +317,7 @@ def window_transfer(model_cfg, state_dict, user_keys: set) -> Tuple[Optional[Lis
     another window (another window_size, or an img_size that clips a stage's window to its
     resolution) the official recipe normalises by the old window: pretrained_window_sizes."""
     stages = checkpoint_windows(state_dict)
-    new = [model_cfg.stage_window(i)[0] for i in range(model_cfg.num_stages)]
+    new = [model_cfg.stage_window(i).window for i in range(model_cfg.num_stages)]
     if sorted(stages) != list(range(len(new))):
         return None, None  # no buffers (or another depth: the load reports that)
     if "model.pretrained_window_sizes" in user_keys:
