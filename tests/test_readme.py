@@ -6,7 +6,8 @@ brace expansion happen as in a user's shell) with example paths substituted: `/d
 becomes a small ImageFolder tree, `/d/` and `/runs/` folders under a temp dir. Brace patterns of
 shards that no earlier command wrote are filled with copies of one small real shard. Training
 commands get a suffix that shrinks the model and the run to a few steps (the recipe, data and
-run-directory keys stay as typed); `swinv2-submit` gets `--dry-run`.
+run-directory keys stay as typed), `swinv2-eval` of a `.pth` the same model keys, and
+`swinv2-submit` gets `--dry-run`.
 """
 import os
 import re
@@ -30,7 +31,7 @@ SMOKE = ["model.variant=tiny", "model.img_size=32", "model.window_size=4", "mode
          "train.max_steps=2", "train.eval_every=0", "train.ckpt_every=0", "train.precision=fp32",
          "train.activation_checkpointing.every=0", "train.progress=lines", "data.num_workers=1",
          "sched.warmup_steps=0", "logger.wandb.mode=disabled"]
-CLASSES = 4
+CLASSES = 1000  # the README's examples are ImageNet-1K recipes
 
 
 def readme() -> str:
@@ -77,14 +78,12 @@ def test_readme_shows_each_user_command():
 
 def _image_folder(root: Path) -> Path:
     rng = np.random.default_rng(0)
-    for split, per_class in (("train", 8), ("val", 2)):
+    for split in ("train", "val"):  # one small image per class and split
         for c in range(CLASSES):
             d = root / split / f"class{c}"
             d.mkdir(parents=True)
-            for i in range(per_class):
-                colour = np.array([60 * c, 255 - 60 * c, 128], dtype=np.int16)
-                img = np.clip(colour + rng.integers(-20, 20, (48, 48, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
+            img = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+            Image.fromarray(img).save(d / "0.png")
     return root
 
 
@@ -105,6 +104,8 @@ def _as_run_here(cmd: str, tmp: Path) -> str:
     tool = cmd.split()[0]
     if tool in ("swinv2-train", "deepspeed"):
         cmd += " " + " ".join(shlex.quote(s) for s in SMOKE)
+    elif tool == "swinv2-eval" and ".pth" in cmd:  # weights trained with SMOKE's model sizes
+        cmd += " " + " ".join(shlex.quote(s) for s in SMOKE if s.startswith("model."))
     elif tool == "swinv2-submit":
         cmd = cmd.replace("swinv2-submit", "swinv2-submit --dry-run", 1)
     return cmd
