@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .class_map import load_class_map
+
 __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
@@ -40,6 +42,13 @@ __all__ = [
     "save_official_state_dict",
     "canonical_key",
     "read_class_map",
+    # the loader's steps, in order
+    "unwrap_checkpoint",
+    "canonicalize_checkpoint",
+    "model_key_index",
+    "window_transfer_message",
+    "plan_head",
+    "match_parameters",
 ]
 
 #: Keys containing one of these are window-dependent buffers: never loaded, always rebuilt.
@@ -117,8 +126,8 @@ def _is_buffer_key(key: str) -> bool:
     return any(word in key for word in BUFFER_KEYWORDS)
 
 
-def _unwrap_checkpoint(obj: Any) -> Mapping[str, Any]:
-    """Return the state dict inside an official / DeepSpeed / plain checkpoint object."""
+def unwrap_checkpoint(obj: Any) -> Mapping[str, Any]:
+    """Step 1: the state dict inside an official / DeepSpeed / plain checkpoint object (or a path to one)."""
     if isinstance(obj, (str, os.PathLike)):
         # weights_only: a released official file is {"model": tensors}.  Full training
         # checkpoints also pickle a yacs config; load those yourself and pass checkpoint["model"].
@@ -128,8 +137,11 @@ def _unwrap_checkpoint(obj: Any) -> Mapping[str, Any]:
     for wrapper in ("model", "state_dict", "module"):
         inner = obj.get(wrapper)
         if isinstance(inner, Mapping):
-            return _unwrap_checkpoint(inner)
+            return unwrap_checkpoint(inner)
     return obj
+
+
+_unwrap_checkpoint = unwrap_checkpoint  # the old private name, still imported by swinv2_train.evaluate
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
@@ -149,34 +161,17 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def read_class_map(class_map: Any, num_source: int = _NUM_22K) -> torch.Tensor:
-    """Class map as a 1-D int64 tensor of indices into the ``num_source`` classes.
+    """Class map as a 1-D int64 tensor: the source index (into ``num_source`` classes) of every target class.
 
-    Accepts a tensor, a sequence of ints or a path to a text file with one integer per line
-    (the official ``data/map22kto1k.txt``; blank lines and ``#`` comments are ignored).
-    """
-    if isinstance(class_map, (str, os.PathLike)):
-        values = []
-        with open(class_map, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                text = line.split("#", 1)[0].strip()
-                if not text:
-                    continue
-                try:
-                    values.append(int(text))
-                except ValueError as e:
-                    raise ValueError(f"{class_map}:{lineno}: not an integer: {line.strip()!r}") from e
-        index = torch.tensor(values, dtype=torch.int64)
-    else:
+    Reads every form :func:`swinv2.class_map.load_class_map` reads (the official text
+    ``map22kto1k.txt``, JSON list or {source: target} object, a sequence or mapping) and integer
+    tensors / arrays."""
+    if not isinstance(class_map, (str, os.PathLike, Mapping, list, tuple)):  # tensor, array, ...
         index = torch.as_tensor(class_map)
         if index.is_floating_point() or index.dtype == torch.bool:
             raise TypeError(f"class_map must hold integers, got dtype {index.dtype}")
-        index = index.to(torch.int64).flatten().cpu()
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_source):
-        raise ValueError(
-            f"class_map indices must lie in [0, {num_source}); got range "
-            f"[{int(index.min())}, {int(index.max())}]"
-        )
-    return index
+        class_map = index.to(torch.int64).flatten().cpu().tolist()
+    return torch.tensor(load_class_map(class_map).source_indices(num_source), dtype=torch.int64)
 
 
 def _window_of(coords_table_shape: torch.Size) -> int | None:
@@ -187,8 +182,184 @@ def _window_of(coords_table_shape: torch.Size) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------
-# loading
+# loading: pure steps, then load_official_state_dict applies them
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CanonicalCheckpoint:
+    """Step 2's result: parameters under official names, and what was left out."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffer_shapes: dict[str, torch.Size] = field(default_factory=dict)  # official name -> shape
+    dropped_buffers: list[str] = field(default_factory=list)  # checkpoint keys
+    messages: list[str] = field(default_factory=list)
+
+
+def _bare_key(key: Any) -> str:
+    return ".".join(p for p in str(key).split(".") if p not in _WRAPPER_COMPONENTS)
+
+
+def canonicalize_checkpoint(raw: Mapping[str, Any]) -> CanonicalCheckpoint:
+    """Step 2: official names (wrappers, SimMIM ``encoder.`` / ``rpe_mlp``), window-dependent buffers
+    and SimMIM-only entries set aside. Raises on a non-tensor entry or two entries for one name."""
+    out = CanonicalCheckpoint()
+    # SimMIM: only the encoder is the backbone (decoder.* is the pixel decoder)
+    simmim = any(_bare_key(k).startswith("encoder.") for k in raw)
+    renamed, simmim_dropped = 0, []
+    for key, value in raw.items():
+        key, bare = str(key), _bare_key(key)
+        name = canonical_key(key)
+        if (simmim and not bare.startswith("encoder.")) or name in _SIMMIM_ONLY:
+            simmim_dropped.append(key)
+            continue
+        renamed += name != bare and "rpe_mlp" in bare
+        if _is_buffer_key(name):
+            out.dropped_buffers.append(key)
+            if torch.is_tensor(value):
+                out.buffer_shapes[name] = value.shape
+            continue
+        if not torch.is_tensor(value):
+            raise CheckpointMismatchError(f"checkpoint entry {key!r} is not a tensor ({type(value).__name__})")
+        if name in out.tensors:
+            raise CheckpointMismatchError(f"checkpoint has two entries for {name!r} (after renaming)")
+        out.tensors[name] = value
+    out.messages = _canonicalize_messages(renamed, simmim_dropped, out.dropped_buffers)
+    return out
+
+
+def _canonicalize_messages(renamed: int, simmim_dropped: list[str], dropped_buffers: list[str]) -> list[str]:
+    messages = []
+    if renamed:
+        messages.append(f"renamed {renamed} SimMIM 'rpe_mlp' keys to 'cpb_mlp'")
+    if simmim_dropped:
+        messages.append(f"dropped {len(simmim_dropped)} SimMIM-only keys {_format_keys(simmim_dropped, 6)}")
+    if dropped_buffers:
+        messages.append(f"dropped {len(dropped_buffers)} window-dependent buffers from the checkpoint; "
+                        "the model keeps its own (rebuilt for its window)")
+    return messages
+
+
+def model_key_index(model_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Step 3: ({official name: the model's state-dict key} of parameters, {official name: buffer})."""
+    targets: dict[str, str] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    for key, value in model_sd.items():
+        name = canonical_key(key)
+        if _is_buffer_key(name):
+            buffers[name] = value
+            continue
+        if name in targets:
+            raise RuntimeError(f"model keys {targets[name]!r} and {key!r} have the same official name {name!r}")
+        targets[name] = key
+    return targets, buffers
+
+
+def window_transfer_message(ckpt_buffer_shapes: Mapping[str, torch.Size],
+                            model_buffers: Mapping[str, torch.Tensor]) -> str | None:
+    """Step 4: a note when the checkpoint's windows differ from the model's (their buffers are rebuilt)."""
+    changed = []
+    for name, shape in ckpt_buffer_shapes.items():
+        if not name.endswith("relative_coords_table") or name not in model_buffers:
+            continue
+        src, dst = _window_of(shape), _window_of(model_buffers[name].shape)
+        if src is not None and dst is not None and src != dst:
+            changed.append((name.rsplit(".attn.", 1)[0], src, dst))
+    if not changed:
+        return None
+    pairs = sorted({(s, d) for _, s, d in changed})
+    return ("window transfer: checkpoint windows -> model windows "
+            + ", ".join(f"W{s}->W{d}" for s, d in pairs)
+            + f" in {len(changed)} blocks; relative position buffers rebuilt for the model "
+            "(set pretrained_window_sizes to the checkpoint's windows, as the official fine-tuning configs do)")
+
+
+@dataclass
+class HeadPlan:
+    """Step 5's result: what to do with the classification head."""
+
+    action: str  # LoadReport.head_action: "loaded", "mapped_22k_to_1k", "reinitialised", "absent"
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # head.weight / head.bias to load
+    messages: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # also in messages; the loader warns with them
+
+    @property
+    def reinit(self) -> bool:
+        return self.action == "reinitialised"
+
+
+def plan_head(ckpt_head: Mapping[str, torch.Tensor], model_head: Mapping[str, torch.Tensor] | None,
+              class_map: Any = None) -> HeadPlan:
+    """Step 5: the checkpoint's ``head.*`` against the model's (None: the model has no head).
+
+    Same shapes: load; 21841 -> 1000 rows with a class map: select rows; anything else: re-initialise."""
+    if model_head is None:
+        plan = HeadPlan("absent")
+        if ckpt_head:
+            plan.messages.append(f"model has no classification head; dropped checkpoint {sorted(ckpt_head)}")
+        return plan
+    mw, mb = model_head["head.weight"], model_head["head.bias"]
+    cw, cb = ckpt_head.get("head.weight"), ckpt_head.get("head.bias")
+    if cw is None or cb is None:
+        return _reinit_plan(f"checkpoint has no complete head ({sorted(ckpt_head) or 'no head keys'}); "
+                            f"re-initialising the model head {tuple(mw.shape)}")
+    if cw.shape == mw.shape and cb.shape == mb.shape:
+        return HeadPlan("loaded", {"head.weight": cw, "head.bias": cb})
+    is_22k_to_1k = cw.ndim == 2 and cw.shape[0] == _NUM_22K and mw.shape[0] == _NUM_1K
+    if class_map is not None and is_22k_to_1k and cw.shape[1] == mw.shape[1] and cb.shape == (_NUM_22K,):
+        return _class_map_plan(cw, cb, class_map)
+    hint = " (pass class_map=map22kto1k.txt to keep the 22K->1K classifier)" if is_22k_to_1k and class_map is None else ""
+    return _reinit_plan(f"head shape mismatch: checkpoint head.weight {tuple(cw.shape)} / head.bias "
+                        f"{tuple(cb.shape)} vs model {tuple(mw.shape)} / {tuple(mb.shape)}; "
+                        f"re-initialising the model head{hint}")
+
+
+def _reinit_plan(warning: str) -> HeadPlan:
+    return HeadPlan("reinitialised", messages=[warning], warnings=[warning])
+
+
+def _class_map_plan(cw: torch.Tensor, cb: torch.Tensor, class_map: Any) -> HeadPlan:
+    index = read_class_map(class_map, _NUM_22K)
+    if index.numel() != _NUM_1K:
+        raise ValueError(f"class_map has {index.numel()} entries; expected {_NUM_1K}")
+    return HeadPlan("mapped_22k_to_1k", {"head.weight": cw.index_select(0, index), "head.bias": cb.index_select(0, index)},
+                    messages=[f"head: selected {_NUM_1K} of {_NUM_22K} rows with the class map"])
+
+
+@dataclass
+class KeyMatch:
+    """Step 6's result: checkpoint parameters (head excluded) against the model's."""
+
+    values: dict[str, torch.Tensor]  # official name -> value, shapes equal
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]  # "name: checkpoint (..) vs model (..)"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.missing:
+            out.append(f"missing keys (in the model, not in the checkpoint): {_format_keys(self.missing)}")
+        if self.unexpected:
+            out.append(f"unexpected keys (in the checkpoint, not in the model): {_format_keys(self.unexpected)}")
+        if self.mismatched:
+            more = len(self.mismatched) - _MAX_LISTED
+            out.append("shape mismatch: " + "; ".join(self.mismatched[:_MAX_LISTED])
+                       + (f"; ... and {more} more" if more > 0 else ""))
+        return out
+
+
+def match_parameters(ckpt: Mapping[str, torch.Tensor], targets: Mapping[str, str],
+                     model_sd: Mapping[str, torch.Tensor]) -> KeyMatch:
+    """Step 6: which non-head checkpoint parameters load, and which keys / shapes do not match."""
+    expected = {n for n in targets if n not in _HEAD_KEYS}
+    match = KeyMatch({}, sorted(expected - ckpt.keys()), sorted(ckpt.keys() - expected), [])
+    for name in sorted(expected & ckpt.keys()):
+        have, want = ckpt[name].shape, model_sd[targets[name]].shape
+        if have != want:
+            match.mismatched.append(f"{name}: checkpoint {tuple(have)} vs model {tuple(want)}")
+        else:
+            match.values[name] = ckpt[name]
+    return match
 
 
 def load_official_state_dict(
@@ -206,7 +377,7 @@ def load_official_state_dict(
         state_dict: the checkpoint dict, with or without the top-level ``"model"`` key, or a
             path to a file holding one.
         class_map: for a 21841-class checkpoint head and a 1000-class model: 1000 indices into
-            the 22K classes (sequence, tensor, or path to ``map22kto1k.txt``).
+            the 22K classes (sequence, tensor, or path to ``map22kto1k.txt``; see swinv2.class_map).
         strict: raise :class:`CheckpointMismatchError` on missing / unexpected parameter keys and
             on shape mismatches (the head is handled separately, see module docs).  With
             ``strict=False`` these are skipped and listed in the report.
@@ -217,188 +388,51 @@ def load_official_state_dict(
     Returns:
         a :class:`LoadReport`.
     """
-    if head_init not in ("trunc_normal", "zeros"):
+    if head_init not in _HEAD_INITS:
         raise ValueError(f"head_init must be 'trunc_normal' or 'zeros', got {head_init!r}")
-    report = LoadReport()
-    raw = _unwrap_checkpoint(state_dict)
-
-    # ---- checkpoint: canonical names, drop buffers and SimMIM-only entries ---------------
-    def _bare(k: Any) -> str:
-        return ".".join(p for p in str(k).split(".") if p not in _WRAPPER_COMPONENTS)
-
-    has_simmim_encoder = any(_bare(k).startswith("encoder.") for k in raw)
-    ckpt: dict[str, torch.Tensor] = {}
-    renamed = 0
-    simmim_dropped: list[str] = []
-    ckpt_buffer_shapes: dict[str, torch.Size] = {}
-    for key, value in raw.items():
-        key = str(key)
-        bare = _bare(key)
-        if has_simmim_encoder and not bare.startswith("encoder."):
-            # SimMIM: only the encoder is the backbone (decoder.* is the pixel decoder)
-            simmim_dropped.append(key)
-            continue
-        name = canonical_key(key)
-        if name != bare and "rpe_mlp" in bare:
-            renamed += 1
-        if _is_buffer_key(name):
-            report.dropped_buffers.append(key)
-            if torch.is_tensor(value):
-                ckpt_buffer_shapes[name] = value.shape
-            continue
-        if name in _SIMMIM_ONLY:
-            simmim_dropped.append(key)
-            continue
-        if not torch.is_tensor(value):
-            raise CheckpointMismatchError(f"checkpoint entry {key!r} is not a tensor ({type(value).__name__})")
-        if name in ckpt:
-            raise CheckpointMismatchError(f"checkpoint has two entries for {name!r} (after renaming)")
-        ckpt[name] = value
-    if renamed:
-        report.messages.append(f"renamed {renamed} SimMIM 'rpe_mlp' keys to 'cpb_mlp'")
-    if simmim_dropped:
-        report.messages.append(
-            f"dropped {len(simmim_dropped)} SimMIM-only keys {_format_keys(simmim_dropped, 6)}"
-        )
-    if report.dropped_buffers:
-        report.messages.append(
-            f"dropped {len(report.dropped_buffers)} window-dependent buffers from the checkpoint; "
-            "the model keeps its own (rebuilt for its window)"
-        )
-
-    # ---- model: canonical name -> actual state-dict key -----------------------------------
-    model_sd = model.state_dict()
-    targets: dict[str, str] = {}
-    model_buffers: dict[str, torch.Tensor] = {}
-    for key, value in model_sd.items():
-        name = canonical_key(key)
-        if _is_buffer_key(name):
-            model_buffers[name] = value
-            continue
-        if name in targets:
-            raise RuntimeError(f"model keys {targets[name]!r} and {key!r} have the same official name {name!r}")
-        targets[name] = key
-
-    _note_window_transfer(report, ckpt_buffer_shapes, model_buffers)
-
-    # ---- head --------------------------------------------------------------------------------
-    new_values: dict[str, torch.Tensor] = {}
-    reinit_head = False
-    model_has_head = all(k in targets for k in _HEAD_KEYS)
-    ckpt_head = {k: ckpt.pop(k) for k in _HEAD_KEYS if k in ckpt}
-    if not model_has_head:
-        report.head_action = "absent"
-        if ckpt_head:
-            report.messages.append(
-                f"model has no classification head; dropped checkpoint {sorted(ckpt_head)}"
-            )
-    else:
-        mw, mb = model_sd[targets["head.weight"]], model_sd[targets["head.bias"]]
-        cw, cb = ckpt_head.get("head.weight"), ckpt_head.get("head.bias")
-        if cw is None or cb is None:
-            reinit_head = True
-            _warn(report, f"checkpoint has no complete head ({sorted(ckpt_head) or 'no head keys'}); "
-                  f"re-initialising the model head {tuple(mw.shape)}")
-        elif cw.shape == mw.shape and cb.shape == mb.shape:
-            new_values["head.weight"], new_values["head.bias"] = cw, cb
-            report.head_action = "loaded"
-        elif (
-            class_map is not None
-            and cw.ndim == 2
-            and cw.shape[0] == _NUM_22K
-            and mw.shape[0] == _NUM_1K
-            and cw.shape[1] == mw.shape[1]
-            and cb.shape == (_NUM_22K,)
-        ):
-            index = read_class_map(class_map, _NUM_22K)
-            if index.numel() != _NUM_1K:
-                raise ValueError(f"class_map has {index.numel()} entries; expected {_NUM_1K}")
-            new_values["head.weight"] = cw.index_select(0, index)
-            new_values["head.bias"] = cb.index_select(0, index)
-            report.head_action = "mapped_22k_to_1k"
-            report.messages.append(f"head: selected {_NUM_1K} of {_NUM_22K} rows with the class map")
-        else:
-            reinit_head = True
-            hint = ""
-            if cw.ndim == 2 and cw.shape[0] == _NUM_22K and mw.shape[0] == _NUM_1K and class_map is None:
-                hint = " (pass class_map=map22kto1k.txt to keep the 22K->1K classifier)"
-            _warn(report, f"head shape mismatch: checkpoint head.weight {tuple(cw.shape)} / head.bias "
-                  f"{tuple(cb.shape)} vs model {tuple(mw.shape)} / {tuple(mb.shape)}; "
-                  f"re-initialising the model head{hint}")
-
-    # ---- strict key / shape checks -------------------------------------------------------------
-    expected = {n for n in targets if n not in _HEAD_KEYS}
-    missing = sorted(expected - ckpt.keys())
-    unexpected = sorted(ckpt.keys() - expected)
-    mismatched = []
-    for name in sorted(expected & ckpt.keys()):
-        have, want = ckpt[name].shape, model_sd[targets[name]].shape
-        if have != want:
-            mismatched.append(f"{name}: checkpoint {tuple(have)} vs model {tuple(want)}")
-        else:
-            new_values[name] = ckpt[name]
-    problems = []
-    if missing:
-        problems.append(f"missing keys (in the model, not in the checkpoint): {_format_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys (in the checkpoint, not in the model): {_format_keys(unexpected)}")
-    if mismatched:
-        problems.append("shape mismatch: " + "; ".join(mismatched[:_MAX_LISTED])
-                        + (f"; ... and {len(mismatched) - _MAX_LISTED} more" if len(mismatched) > _MAX_LISTED else ""))
+    ckpt = canonicalize_checkpoint(unwrap_checkpoint(state_dict))
+    model_sd = model.state_dict()  # shares storage with the parameters: the head is re-initialised through it
+    targets, model_buffers = model_key_index(model_sd)
+    transfer = window_transfer_message(ckpt.buffer_shapes, model_buffers)
+    body = {k: v for k, v in ckpt.tensors.items() if k not in _HEAD_KEYS}
+    has_head = all(k in targets for k in _HEAD_KEYS)
+    head = plan_head({k: ckpt.tensors[k] for k in _HEAD_KEYS if k in ckpt.tensors},
+                     {k: model_sd[targets[k]] for k in _HEAD_KEYS} if has_head else None, class_map)
+    for message in head.warnings:
+        warnings.warn(message, stacklevel=2)
+    match = match_parameters(body, targets, model_sd)
+    problems = match.problems()
     if problems and strict:
         raise CheckpointMismatchError("checkpoint does not match the model: " + " | ".join(problems))
-    report.missing, report.unexpected, report.mismatched = missing, unexpected, mismatched
-    for p in problems:
-        report.messages.append("ignored (strict=False): " + p)
-
-    # ---- copy ----------------------------------------------------------------------------------
-    with torch.no_grad():
-        to_load = {targets[name]: value for name, value in new_values.items()}
-        result = model.load_state_dict(to_load, strict=False)
-        assert not result.unexpected_keys, result.unexpected_keys  # by construction
-        if reinit_head:
-            _reinit_head(model, model_sd, targets, head_init)
-            report.head_action = "reinitialised"
-            report.messages.append(
-                "head re-initialised: " + ("weight trunc_normal(std=0.02), bias 0" if head_init == "trunc_normal"
-                                           else "weight 0, bias 0 (official load_pretrained)")
-            )
-    report.loaded = sorted(new_values)
-    return report
+    values = {**head.values, **match.values}
+    _copy_into(model, model_sd, targets, values, head_init if head.reinit else None)
+    return LoadReport(
+        loaded=sorted(values), dropped_buffers=ckpt.dropped_buffers, head_action=head.action,
+        messages=(ckpt.messages + ([transfer] if transfer else []) + head.messages
+                  + ["ignored (strict=False): " + p for p in problems]
+                  + ([_HEAD_INITS[head_init]] if head.reinit else [])),
+        missing=match.missing, unexpected=match.unexpected, mismatched=match.mismatched)
 
 
-def _warn(report: LoadReport, message: str) -> None:
-    report.messages.append(message)
-    warnings.warn(message, stacklevel=3)
+_HEAD_INITS = {"trunc_normal": "head re-initialised: weight trunc_normal(std=0.02), bias 0",
+               "zeros": "head re-initialised: weight 0, bias 0 (official load_pretrained)"}
 
 
-def _reinit_head(model: nn.Module, model_sd: Mapping[str, torch.Tensor], targets: Mapping[str, str], how: str) -> None:
-    # model_sd tensors share storage with the parameters (state_dict() is not a copy)
+@torch.no_grad()
+def _copy_into(model: nn.Module, model_sd: Mapping[str, torch.Tensor], targets: Mapping[str, str],
+               values: Mapping[str, torch.Tensor], reinit_head: str | None) -> None:
+    """Step 7 (the only one with effects): copy `values` (official names) into the model, then
+    re-initialise the head if asked (``"trunc_normal"`` or ``"zeros"``)."""
+    result = model.load_state_dict({targets[name]: value for name, value in values.items()}, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # by construction
+    if reinit_head is None:
+        return
     weight, bias = model_sd[targets["head.weight"]], model_sd[targets["head.bias"]]
-    if how == "zeros":
+    if reinit_head == "zeros":
         weight.zero_()
     else:
         nn.init.trunc_normal_(weight, std=0.02)
     bias.zero_()
-
-
-def _note_window_transfer(report: LoadReport, ckpt_shapes: Mapping[str, torch.Size],
-                          model_buffers: Mapping[str, torch.Tensor]) -> None:
-    changed = []
-    for name, shape in ckpt_shapes.items():
-        if not name.endswith("relative_coords_table") or name not in model_buffers:
-            continue
-        src, dst = _window_of(shape), _window_of(model_buffers[name].shape)
-        if src is not None and dst is not None and src != dst:
-            changed.append((name.rsplit(".attn.", 1)[0], src, dst))
-    if changed:
-        pairs = sorted({(s, d) for _, s, d in changed})
-        report.messages.append(
-            "window transfer: checkpoint windows -> model windows "
-            + ", ".join(f"W{s}->W{d}" for s, d in pairs)
-            + f" in {len(changed)} blocks; relative position buffers rebuilt for the model "
-            "(set pretrained_window_sizes to the checkpoint's windows, as the official fine-tuning configs do)"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,7 +446,7 @@ def official_state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[s
     registers ``relative_coords_table``, ``relative_position_index`` and ``attn_mask`` as
     persistent buffers)."""
     if isinstance(model, Mapping):
-        source = _unwrap_checkpoint(model)
+        source = unwrap_checkpoint(model)
     else:
         source = _unwrap_model(model).state_dict()
     out: dict[str, torch.Tensor] = {}

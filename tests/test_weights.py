@@ -338,3 +338,176 @@ def test_no_warning_on_clean_load(source):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_official_state_dict(make(seed=9), sd)
+
+
+# --------------------------------------------------------------------------------------------- loader steps
+from swinv2.weights import (canonicalize_checkpoint, match_parameters, model_key_index, plan_head,  # noqa: E402
+                            unwrap_checkpoint, window_transfer_message)
+
+
+def test_step_unwrap_checkpoint(tmp_path):
+    sd = {"a.weight": torch.ones(2)}
+    assert unwrap_checkpoint({"model": {"state_dict": sd}, "epoch": 3}) is sd
+    assert unwrap_checkpoint({"module": sd}) is sd and unwrap_checkpoint(sd) is sd
+    torch.save({"model": sd}, tmp_path / "c.pth")
+    assert torch.equal(unwrap_checkpoint(tmp_path / "c.pth")["a.weight"], sd["a.weight"])
+    with pytest.raises(TypeError, match="list"):
+        unwrap_checkpoint([1, 2])
+
+
+def test_step_canonicalize_checkpoint():
+    t = torch.zeros(3)
+    raw = {"encoder.layers.0.blocks.0.attn.rpe_mlp.0.weight": t, "module.encoder.norm.weight": t,
+           "encoder.layers.0.blocks.1.attn_mask": torch.zeros(4, 16, 16),
+           "encoder.layers.0.blocks.0.attn.relative_coords_table": torch.zeros(1, 7, 7, 2),
+           "encoder.mask_token": t, "decoder.0.weight": t}
+    c = canonicalize_checkpoint(raw)
+    assert sorted(c.tensors) == ["layers.0.blocks.0.attn.cpb_mlp.0.weight", "norm.weight"]
+    assert c.dropped_buffers == ["encoder.layers.0.blocks.1.attn_mask",
+                                 "encoder.layers.0.blocks.0.attn.relative_coords_table"]
+    assert c.buffer_shapes["layers.0.blocks.0.attn.relative_coords_table"] == (1, 7, 7, 2)
+    assert c.messages == ["renamed 1 SimMIM 'rpe_mlp' keys to 'cpb_mlp'",
+                          "dropped 2 SimMIM-only keys [decoder.0.weight, encoder.mask_token]",
+                          "dropped 2 window-dependent buffers from the checkpoint; the model keeps its own "
+                          "(rebuilt for its window)"]
+    assert raw["encoder.mask_token"] is t  # pure: the input is not modified
+    with pytest.raises(CheckpointMismatchError, match="two entries for 'norm.weight'"):
+        canonicalize_checkpoint({"norm.weight": t, "module.norm.weight": t})
+    with pytest.raises(CheckpointMismatchError, match="'norm.weight' is not a tensor"):
+        canonicalize_checkpoint({"norm.weight": 1.0})
+
+
+def test_step_model_key_index():
+    m = make()
+    wrapped = {"_orig_mod." + k: v for k, v in m.state_dict().items()}
+    targets, buffers = model_key_index(wrapped)
+    assert targets["head.weight"] == "_orig_mod.head.weight"
+    assert not any(w in n for n in targets for w in BUFFER_WORDS)
+    assert "layers.0.blocks.1.attn_mask" in buffers and "layers.0.blocks.0.attn.relative_position_index" in buffers
+    with pytest.raises(RuntimeError, match="same official name"):
+        model_key_index({"norm.weight": 1, "module.norm.weight": 2})
+
+
+def test_step_window_transfer_message():
+    key = "layers.0.blocks.0.attn.relative_coords_table"
+    model_buffers = {key: torch.zeros(1, 15, 15, 2)}  # W8
+    msg = window_transfer_message({key: torch.Size((1, 7, 7, 2))}, model_buffers)  # W4 checkpoint
+    assert msg.startswith("window transfer: checkpoint windows -> model windows W4->W8 in 1 blocks")
+    assert window_transfer_message({key: torch.Size((1, 15, 15, 2))}, model_buffers) is None
+    assert window_transfer_message({}, model_buffers) is None
+
+
+def _head(rows, cols=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"head.weight": torch.randn(rows, cols, generator=g), "head.bias": torch.randn(rows, generator=g)}
+
+
+def test_step_plan_head_every_branch():
+    model10, ckpt10 = _head(10, seed=1), _head(10, seed=2)
+    plan = plan_head(ckpt10, model10)
+    assert plan.action == "loaded" and plan.values["head.weight"] is ckpt10["head.weight"] and not plan.messages
+    plan = plan_head(ckpt10, None)
+    assert plan.action == "absent" and not plan.values
+    assert plan.messages == ["model has no classification head; dropped checkpoint ['head.bias', 'head.weight']"]
+    assert plan_head({}, None).messages == []
+    plan = plan_head({"head.weight": ckpt10["head.weight"]}, model10)
+    assert plan.reinit and plan.warnings == plan.messages and "no complete head (['head.weight'])" in plan.messages[0]
+    plan = plan_head(_head(5), model10)
+    assert plan.reinit and "head.weight (5, 8)" in plan.warnings[0] and "class_map" not in plan.warnings[0]
+    c22, m1k = _head(21841, seed=3), _head(1000, seed=4)
+    plan = plan_head(c22, m1k)
+    assert plan.reinit and "pass class_map=map22kto1k.txt" in plan.warnings[0]
+    index = list(range(21840, 21840 - 2000, -2))
+    plan = plan_head(c22, m1k, class_map=index)
+    assert plan.action == "mapped_22k_to_1k" and not plan.warnings
+    assert torch.equal(plan.values["head.bias"], c22["head.bias"][index])
+    assert torch.equal(plan.values["head.weight"], c22["head.weight"][index])
+    with pytest.raises(ValueError, match="999 entries; expected 1000"):
+        plan_head(c22, m1k, class_map=index[:999])
+
+
+def test_step_match_parameters():
+    model_sd = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1), "head.weight": torch.zeros(1)}
+    targets = {k: "module." + k for k in model_sd}
+    model_sd = {"module." + k: v for k, v in model_sd.items()}
+    ckpt = {"a": torch.ones(2), "b": torch.ones(4), "d": torch.ones(1)}
+    match = match_parameters(ckpt, targets, model_sd)
+    assert list(match.values) == ["a"] and match.values["a"] is ckpt["a"]
+    assert (match.missing, match.unexpected) == (["c"], ["d"])  # the head is not this step's business
+    assert match.mismatched == ["b: checkpoint (4,) vs model (3,)"]
+    assert match.problems() == ["missing keys (in the model, not in the checkpoint): [c]",
+                                "unexpected keys (in the checkpoint, not in the model): [d]",
+                                "shape mismatch: b: checkpoint (4,) vs model (3,)"]
+    assert match_parameters({"a": torch.ones(2)}, {"a": "a"}, {"a": torch.zeros(2)}).problems() == []
+
+
+# --------------------------------------------------------------------------------------------- class maps
+from swinv2.class_map import ClassMapError, load_class_map  # noqa: E402
+
+_SOURCES = [7, 3, 21840, 0]  # target class i <- source class _SOURCES[i]
+
+
+@pytest.mark.parametrize("form, text", [
+    ("text, one per line", "7\n3\n21840\n0\n"),
+    ("text, comments, blank lines, no final newline", "# map\n7  # cat\n\n3\n 21840 \n0"),
+    ("text, several per line", "7 3\n21840\t0\n"),
+    ("JSON list", "[7, 3, 21840, 0]"),
+    ("JSON list of strings, leading whitespace", '\n  ["7", "3", "21840", "0"]'),
+    ("JSON object {source: target}", '{"21840": 2, "7": 0, "0": 3, "3": 1}'),
+])
+def test_class_map_reader_accepts_every_file_form(tmp_path, form, text):
+    path = tmp_path / "map.txt"
+    path.write_text(text)
+    cm = load_class_map(path)
+    assert cm.source_indices(21841) == _SOURCES, form
+    assert cm.label_map() == {7: 0, 3: 1, 21840: 2, 0: 3}, form
+    assert torch.equal(read_class_map(str(path)), torch.tensor(_SOURCES)), form
+
+
+@pytest.mark.parametrize("value", [_SOURCES, tuple(_SOURCES), torch.tensor(_SOURCES), torch.tensor([_SOURCES]),
+                                   {7: 0, 3: 1, 21840: 2, 0: 3}])
+def test_class_map_reader_accepts_in_code_forms(value):
+    assert read_class_map(value).tolist() == _SOURCES
+
+
+def test_class_map_label_map_keeps_many_to_one():
+    # relabelling data may send several source classes to one target; a head cannot
+    cm = load_class_map({5: 0, 6: 0, 9: 1})
+    assert cm.label_map() == {5: 0, 6: 0, 9: 1}
+    with pytest.raises(ClassMapError, match="target class 0 has two sources"):
+        cm.source_indices()
+    assert load_class_map([4, 4]).source_indices() == [4, 4]  # a list: one source per target, repeats fine
+
+
+@pytest.mark.parametrize("text, where, what", [
+    ("7\n3\nseven\n", ":3:", "not an integer: 'seven'"),
+    ("7\n3.5\n", ":2:", "not an integer: '3.5'"),
+    ("1\n-4\n", ":2:", "negative class index -4"),
+    ("[1, 2,\n 3,,]", ":2:", "invalid JSON"),
+    ("[1, 2.0, 3]", ": entry 1", "not an integer: 2.0"),
+    ("[1, true]", ": entry 1", "not a class index: True"),
+    ('{"1": 0, "x": 1}', ": key 'x'", "not an integer: 'x'"),
+    ('{"1": null}', ": value of key '1'", "not an integer: None"),
+    ("[[1]]", ": entry 0", "not an integer: [1]"),
+])
+def test_class_map_reader_names_file_and_line_on_bad_input(tmp_path, text, where, what):
+    path = tmp_path / "bad_map.txt"
+    path.write_text(text)
+    with pytest.raises(ClassMapError) as e:
+        load_class_map(path)
+    assert str(e.value).startswith(f"{path}{where}") and what in str(e.value), str(e.value)
+
+
+def test_class_map_reader_rejects_bad_maps_for_a_head(tmp_path):
+    path = tmp_path / "gap.json"
+    path.write_text('{"4": 0, "5": 2}')
+    with pytest.raises(ClassMapError, match=f"{re.escape(str(path))}: .*no source for target 1"):
+        read_class_map(path)
+    with pytest.raises(ValueError, match=r"\[0, 21841\)"):
+        read_class_map([21841])
+    with pytest.raises(TypeError, match="integers"):
+        read_class_map(torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="path, a sequence of ints or a mapping"):
+        load_class_map(3)
+    with pytest.raises(FileNotFoundError):
+        load_class_map(tmp_path / "missing.txt")
