@@ -107,50 +107,64 @@ class SwinV2Config:
         return self.stage_dim(self.num_stages - 1)
 
     def validate(self) -> "SwinV2Config":
-        def bad(field: str, msg: str) -> None:
-            raise ValueError(f"{field}: {msg}")
+        """Raise ValueError("<field>: why") for the first invalid field; return self."""
+        self._validate_choices()
+        self._validate_ranges()
+        self._validate_stages()
+        self._validate_geometry()
+        return self
 
-        if self.norm_style not in NORM_STYLES:
-            bad("norm_style", f"unknown norm style {self.norm_style!r}; valid: {', '.join(NORM_STYLES)}")
-        if self.attn_type not in ATTN_TYPES:
-            bad("attn_type", f"unknown attention type {self.attn_type!r}; valid: {', '.join(ATTN_TYPES)}")
-        if self.attention not in ATTENTION_KERNELS:
-            bad("attention", f"unknown attention kernel {self.attention!r}; valid: {', '.join(ATTENTION_KERNELS)}")
+    def _validate_choices(self) -> None:
+        for name, valid, what in (("norm_style", NORM_STYLES, "norm style"), ("attn_type", ATTN_TYPES, "attention type"),
+                                  ("attention", ATTENTION_KERNELS, "attention kernel")):
+            if getattr(self, name) not in valid:
+                _bad(name, f"unknown {what} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+
+    def _validate_ranges(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "window_size", "sequential_chunk"):
             if int(getattr(self, name)) < 1:
-                bad(name, f"must be >= 1, got {getattr(self, name)}")
+                _bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 0:
-            bad("num_classes", f"must be >= 0 (0 = no head), got {self.num_classes}")
+            _bad("num_classes", f"must be >= 0 (0 = no head), got {self.num_classes}")
         if self.extra_norm_every < 0:
-            bad("extra_norm_every", f"must be >= 0 (0 = off), got {self.extra_norm_every}")
+            _bad("extra_norm_every", f"must be >= 0 (0 = off), got {self.extra_norm_every}")
         if self.mlp_ratio <= 0:
-            bad("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+            _bad("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                bad(name, f"must be in [0, 1), got {getattr(self, name)}")
+                _bad(name, f"must be in [0, 1), got {getattr(self, name)}")
+
+    def _validate_stages(self) -> None:
         n = len(self.depths)
         if n == 0:
-            bad("depths", "needs at least one stage")
+            _bad("depths", "needs at least one stage")
         if len(self.num_heads) != n:
-            bad("num_heads", f"has {len(self.num_heads)} entries but depths has {n}")
+            _bad("num_heads", f"has {len(self.num_heads)} entries but depths has {n}")
         if len(self.pretrained_window_sizes) != n:
-            bad("pretrained_window_sizes", f"has {len(self.pretrained_window_sizes)} entries but depths has {n}")
+            _bad("pretrained_window_sizes", f"has {len(self.pretrained_window_sizes)} entries but depths has {n}")
         if any(d < 1 for d in self.depths):
-            bad("depths", f"every stage needs >= 1 block, got {self.depths}")
+            _bad("depths", f"every stage needs >= 1 block, got {self.depths}")
         if any(p < 0 for p in self.pretrained_window_sizes):
-            bad("pretrained_window_sizes", f"must be >= 0 (0 = this window), got {self.pretrained_window_sizes}")
+            _bad("pretrained_window_sizes", f"must be >= 0 (0 = this window), got {self.pretrained_window_sizes}")
         for i, h in enumerate(self.num_heads):
             if h < 1 or self.stage_dim(i) % h:
-                bad("num_heads", f"stage {i} dim {self.stage_dim(i)} is not divisible by {h} heads")
+                _bad("num_heads", f"stage {i} dim {self.stage_dim(i)} is not divisible by {h} heads")
+
+    def _validate_geometry(self) -> None:
+        n = self.num_stages
         if self.img_size % self.patch_size:
-            bad("img_size", f"{self.img_size} is not divisible by patch_size {self.patch_size}")
+            _bad("img_size", f"{self.img_size} is not divisible by patch_size {self.patch_size}")
         pr = self.patches_resolution
         if pr % 2 ** (n - 1):
-            bad("img_size", f"{self.img_size}: patch grid {pr} must be divisible by {2 ** (n - 1)} "
-                "so every patch merging sees an even resolution")
+            _bad("img_size", f"{self.img_size}: patch grid {pr} must be divisible by {2 ** (n - 1)} "
+                 "so every patch merging sees an even resolution")
         for i in range(n):
             res, win = self.stage_resolution(i), self.stage_window(i).window
             if res % win:
-                bad("window_size", f"stage {i} resolution {res} is neither <= window {self.window_size} "
-                    f"nor divisible by it (img_size={self.img_size})")
-        return self
+                _bad("window_size", f"stage {i} resolution {res} is neither <= window {self.window_size} "
+                     f"nor divisible by it (img_size={self.img_size})")
+
+
+def _bad(field: str, msg: str) -> None:
+    # "<field>: why": the trainer maps the field to its model.<field> config key
+    raise ValueError(f"{field}: {msg}")
