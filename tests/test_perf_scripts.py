@@ -85,6 +85,23 @@ def test_activation_prediction_scales_attention_only_without_sequential():
     assert ck["held"] == pytest.approx(sum(d * (64 // 2**i) ** 2 * 96 * 2**i * 4 for i, d in enumerate((2, 2, 6, 2))))
 
 
+def test_memory_model_uses_the_model_window_geometry():
+    # the memory model takes window and shift from swinv2's one rule (clipped small stages), and
+    # pads a stage the window does not tile (W32 at 1536: 48x48 -> 64x64) as detection does
+    import swinv2
+
+    cfg = swinv2.SwinV2Config.from_variant("tiny", img_size=256, window_size=16)
+    geo = mm._stage_geometry(cfg, 256, 16, batch=1)
+    assert [g["window"] for g in geo[::2]][:3] == [16, 16, 16] and geo[-1]["window"] == 8  # 8x8 stage clipped
+    assert [g["window"] for g in geo] == [cfg.stage_window(g["stage"]).window for g in geo]
+    with torch.device("meta"):
+        model = swinv2.create_model("tiny", img_size=256, window_size=16)
+    assert [(g["stage"], g["window"]) for g in mm._block_geometry(model)] == [(g["stage"], g["window"]) for g in geo]
+    giant = mm._stage_geometry(swinv2.SwinV2Config.from_variant("giant", img_size=1536, window_size=24), 1536, 32, 1)
+    last = giant[-1]
+    assert (last["res"], last["window"], last["att_tokens"]) == (48, 32, 64 * 64)
+
+
 def test_bench_quick_writes_json_with_both_models(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
