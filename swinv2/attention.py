@@ -1,6 +1,6 @@
 """Window attention of SwinV2: scaled cosine (or V1 dot) attention, log-spaced CPB, q/v bias.
 
-The module computes q, k, v, the continuous position bias and the scale, then hands them to one of
+The module computes q, k, v (the scale folded into q) and the continuous position bias, then hands them to one of
 the interchangeable kernels of :mod:`swinv2.kernels` (``reference``: materialised softmax like the
 official code; ``fused`` / ``sequential``: the device-tuned, chunked forms of the same function).
 """
