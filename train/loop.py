@@ -225,9 +225,13 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
         if rank == 0:
             print(already_completed_message(run_dir, plan["step"], "train.max_steps", t.max_steps), flush=True)
         return {"step": plan["step"], "stopped": "already_completed", "run_dir": run_dir}
+    # the resolved config, class count included (data.num_classes may be null = from the data
+    # source): the run dir's config.yaml and every checkpoint's copy, which resume checks read
+    saved_config = OmegaConf.to_container(cfg, resolve=True)
+    saved_config["data"]["num_classes"] = data_cfg.num_classes
     os.makedirs(run_dir, exist_ok=True)
     if rank == 0:
-        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
+        OmegaConf.save(OmegaConf.create(saved_config), os.path.join(run_dir, "config.yaml"))
     num_classes = data_cfg.num_classes
     if env.device.type == "cpu":
         torch.set_num_threads(cpu_threads(t.cpu_threads, data_cfg.num_workers))
@@ -298,9 +302,6 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
              t.grad_accum, env.world_size, total, steps_per_epoch, warmup, lr_peak, cfg.optim.lr,
              cfg.optim.lr_batch_ref)
     log.info("optimizer: %s", info["optimizer"])
-
-    saved_config = OmegaConf.to_container(cfg, resolve=True)
-    saved_config["data"]["num_classes"] = num_classes  # as resolved: what the resume check compares
 
     def client_state():
         return {"epoch": stream.position()[0], "data_position": stream.position(),
