@@ -7,7 +7,10 @@ every node (it reads ``./.deepspeed_env`` and ``~/.deepspeed_env``, or ``$DS_ENV
 Only needed for pdsh/ssh-style multi-node launches: locally and under srun the environment is
 inherited anyway. The launcher parses each line as ``KEY=VALUE`` (split at the first ``=``,
 stripped, double-quoted if it has shell-special characters), so values containing newlines are
-skipped and no blank lines are written (either would break its parser).
+skipped and no blank lines are written (either would break its parser). The pdsh launcher then
+puts each one into the nodes' shell command as ``export KEY="VALUE"`` without escaping, so a
+value with ``"``, ``$``, a backquote or a backslash would arrive changed (a ``$(...)`` would even
+run): such variables are left out too, and named on stderr.
 """
 from __future__ import annotations
 
@@ -19,6 +22,13 @@ from typing import Iterable, Mapping, Optional
 DEFAULT_PREFIXES = ("NCCL_", "WANDB_", "SWINV2_", "TORCH_NCCL_", "FI_", "UCX_")
 DEFAULT_VARS = ("PYTHONPATH", "LD_LIBRARY_PATH", "CUDA_HOME", "DS_ACCELERATOR",
                 "OMP_NUM_THREADS", "HYDRA_FULL_ERROR")
+# Characters a value cannot carry through the launcher's parser and the remote shell unchanged.
+UNSAFE_CHARS = frozenset('\n"$`\\')
+
+
+def unsafe(value: str) -> bool:
+    """True when the deepspeed launcher cannot pass ``value`` to the nodes unchanged."""
+    return not UNSAFE_CHARS.isdisjoint(value)
 
 
 def select(env: Mapping[str, str], names: Iterable[str] = DEFAULT_VARS,
@@ -26,7 +36,7 @@ def select(env: Mapping[str, str], names: Iterable[str] = DEFAULT_VARS,
     names, prefixes = set(names), tuple(prefixes)
     out = {}
     for k in sorted(env):
-        if (k in names or k.startswith(prefixes)) and "\n" not in env[k] and env[k] != "":
+        if (k in names or k.startswith(prefixes)) and not unsafe(env[k]) and env[k] != "":
             # WANDB_API_KEY is a secret: the file would spread it to every node's disk view.
             if k == "WANDB_API_KEY":
                 continue
@@ -58,10 +68,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     names = list(a.var) + ([] if a.only else list(DEFAULT_VARS))
     prefixes = list(a.prefix) + ([] if a.only else list(DEFAULT_PREFIXES))
     variables = select(os.environ, names, prefixes)
+    left_out = sorted(k for k in os.environ if (k in names or k.startswith(tuple(prefixes)))
+                      and unsafe(os.environ[k]))
+    if left_out:
+        print(f"left out (a newline, quote, $, backquote or backslash would not reach the nodes "
+              f"as written): {', '.join(left_out)}", file=sys.stderr)
     for kv in a.set:
         k, sep, v = kv.partition("=")
-        if not sep or not k or "\n" in v:
-            p.error(f"--set expects KEY=VALUE, got {kv!r}")
+        if not sep or not k or unsafe(v):
+            p.error(f"--set expects KEY=VALUE without newlines, quotes, $, backquotes or "
+                    f"backslashes in VALUE, got {kv!r}")
         variables[k] = v
     write(os.path.expanduser(a.output), variables)
     print(f"wrote {a.output}: {', '.join(variables) or '(empty)'}", file=sys.stderr)

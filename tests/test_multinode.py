@@ -220,9 +220,12 @@ def test_deepspeed_pdsh_over_ssh_two_nodes(cluster, env, reference, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=2\nnode2 slots=2\n")
     ds_env = tmp_path / "ds_env"
-    subprocess.run([sys.executable, "-m", "swinv2_launch.deepspeed_env", "-o", str(ds_env)],
-                   env=env, check=True, capture_output=True, text=True)
+    # pdsh's remote shell would expand this (`export K="$(...)"`): left out of the file
+    made = subprocess.run([sys.executable, "-m", "swinv2_launch.deepspeed_env", "-o", str(ds_env)],
+                          env={**env, "SWINV2_UNSAFE": "$(echo changed)"}, check=True,
+                          capture_output=True, text=True)
     assert "DS_ACCELERATOR=cpu" in ds_env.read_text()
+    assert "SWINV2_UNSAFE" not in ds_env.read_text() and "SWINV2_UNSAFE" in made.stderr
     cmd = [_bin("deepspeed"), "--hostfile", str(hostfile), "--launcher", "pdsh",
            "--master_addr", "node1", "--master_port", str(cluster.free_port()),
            "train/main.py", f"run.dir={run_dir}", *TRAIN_ARGS]
