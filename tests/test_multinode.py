@@ -33,7 +33,7 @@ from slurm_cluster import REPO, train_losses
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 HAVE_CLUSTER, WHY = have_multinode()
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-RUN_TIMEOUT = 300  # seconds per launch; a run takes ~30-60 s on a busy 2-core machine
+RUN_TIMEOUT = 300  # seconds per launch; a run takes 20-45 s on a busy 2-core machine
 STEPS = 4
 
 # 4 ranks x 4 images per step of a tiny model; one intra-op thread per rank (4 ranks share 2
