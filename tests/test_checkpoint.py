@@ -49,3 +49,81 @@ def test_resume_at_another_world_size_is_refused_clearly(tmp_path):
     open(os.path.join(d, MARKER), "w").write('{"step": 10, "world_size": 8}')
     with pytest.raises(ResumeMismatchError, match=r"world size 8, this run has 2.*ds_to_universal"):
         CheckpointManager(str(tmp_path), keep=2, rank=0, world_size=2).load(engine=None, tag_dir=d)
+
+
+# ----------------------------------------------------------------------------- resume checks
+def _tiny_cfg():
+    """The parts of a resolved run config that the resume check reads (schema defaults + tiny)."""
+    from dataclasses import asdict
+
+    from swinv2_train.config import ModelConfig
+
+    model = {**asdict(ModelConfig()), "img_size": 32, "window_size": 4, "embed_dim": 16, "depths": [1, 1, 1, 1],
+             "num_heads": [1, 2, 2, 4]}
+    return {"model": model, "data": {"num_classes": 10}, "train": {"precision": "fp32"}}
+
+
+TINY_CFG = _tiny_cfg()
+
+
+def _committed_with_config(root, step, cfg, world_size=1):
+    import json
+
+    import torch
+    from omegaconf import OmegaConf
+
+    d = _make(root, step)
+    open(os.path.join(d, MARKER), "w").write(json.dumps({"step": step, "world_size": world_size}))
+    OmegaConf.save(OmegaConf.create(cfg), os.path.join(d, "config.yaml"))
+    torch.save({"w": torch.zeros(64)}, os.path.join(d, "mp_rank_00_model_states.pt"))
+    return d
+
+
+def _cfg(**changes):
+    import copy
+
+    from omegaconf import OmegaConf
+
+    cfg = copy.deepcopy(TINY_CFG)
+    for key, value in changes.items():
+        group, name = key.split("__")
+        cfg[group][name] = value
+    return OmegaConf.create(cfg)
+
+
+def test_check_resumable_names_what_differs(tmp_path):
+    from swinv2_train.checkpoint import check_resumable
+
+    d = _committed_with_config(str(tmp_path / "checkpoints"), 5, TINY_CFG)
+    check_resumable(d, _cfg(), 1, str(tmp_path), num_classes=10)  # same setup: fine
+    check_resumable(d, _cfg(model__drop_path_rate=0.3, model__attention="sequential"), 1, str(tmp_path), 10)
+    with pytest.raises(ResumeMismatchError, match=r"model.embed_dim 16 -> 32; model.window_size 4 -> 8") as e:
+        check_resumable(d, _cfg(model__embed_dim=32, model__window_size=8), 1, str(tmp_path), 10)
+    assert "run.dir=" in str(e.value) and "run.resume=never" in str(e.value)
+    with pytest.raises(ResumeMismatchError, match=r"data.num_classes 10 -> 100"):
+        check_resumable(d, _cfg(), 1, str(tmp_path), num_classes=100)
+    with pytest.raises(ResumeMismatchError, match=r"train.precision fp32 -> bf16"):
+        check_resumable(d, _cfg(train__precision="bf16"), 1, str(tmp_path), 10)
+    with pytest.raises(ResumeMismatchError, match=r"world size 1 -> 4"):
+        check_resumable(d, _cfg(), 4, str(tmp_path), 10)
+
+
+def test_check_resumable_finds_a_truncated_file(tmp_path):
+    from swinv2_train.checkpoint import check_resumable
+
+    d = _committed_with_config(str(tmp_path / "checkpoints"), 5, TINY_CFG)
+    f = os.path.join(d, "mp_rank_00_model_states.pt")
+    os.truncate(f, os.path.getsize(f) - 100)
+    with pytest.raises(CheckpointError, match=r"damaged: mp_rank_00_model_states.pt"):
+        check_resumable(d, _cfg(), 1, str(tmp_path), 10)
+
+
+def test_resume_never_sets_earlier_checkpoints_aside(tmp_path):
+    from swinv2_train.checkpoint import set_aside_checkpoints
+
+    assert set_aside_checkpoints(str(tmp_path)) is None  # nothing there
+    _make(str(tmp_path / "checkpoints"), 3)
+    assert set_aside_checkpoints(str(tmp_path)) == str(tmp_path / "checkpoints.old-1")
+    _make(str(tmp_path / "checkpoints"), 4)
+    assert set_aside_checkpoints(str(tmp_path)) == str(tmp_path / "checkpoints.old-2")
+    assert not os.path.exists(tmp_path / "checkpoints")

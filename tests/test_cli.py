@@ -108,6 +108,11 @@ def test_user_error_message_on_terminal_traceback_in_log_file(tmp_path, capsys, 
         with pytest.raises(SystemExit):
             with cli.user_errors_as_messages("prog", rank=3):
                 raise CheckpointError("line one\nline two")
+        shared = CheckpointError("decided on rank 0, raised by all")
+        shared.same_on_every_rank = True
+        with pytest.raises(SystemExit):
+            with cli.user_errors_as_messages("prog", rank=1):  # rank 0 says it: rank 1 stays quiet
+                raise shared
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -115,7 +120,7 @@ def test_user_error_message_on_terminal_traceback_in_log_file(tmp_path, capsys, 
     assert ex.value.code == 1
     assert err.splitlines() == ["prog: error: checkpoint /r/step_1 is damaged", "prog (rank 3): line one"]
     log = (tmp_path / "train.log").read_text()
-    assert log.count("Traceback (most recent call last)") == 2 and "CheckpointError" in log
+    assert log.count("Traceback (most recent call last)") == 3 and "CheckpointError" in log
 
 
 def test_bugs_keep_their_traceback(capsys):

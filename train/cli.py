@@ -180,7 +180,10 @@ def exit_code_for(exc: UserError) -> int:
 
 
 def report_user_error(prog: str, exc: UserError, rank: int = 0, kind: str = "error") -> None:
-    """Print `exc` for a person: rank 0 the whole message, other ranks one line."""
+    """Print `exc` for a person: rank 0 the whole message, other ranks one line (none for an
+    error that every rank raised from one shared decision: `exc.same_on_every_rank`)."""
+    if rank != 0 and getattr(exc, "same_on_every_rank", False):
+        return
     if debug_enabled():
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     message = user_message(exc)

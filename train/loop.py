@@ -217,6 +217,7 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
     data_cfg = _prepare_data_cfg(cfg)  # the class count may come from the data source
     plan = broadcast_object(_plan_resume(cfg, run_dir, env.world_size, data_cfg.num_classes) if rank == 0 else None)
     if isinstance(plan, UserError):
+        plan.same_on_every_rank = True  # rank 0 reports it; the others stay quiet
         raise plan
     resume_dir = plan["resume_dir"]
     if plan["set_aside"] and rank == 0:
