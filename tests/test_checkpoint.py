@@ -127,3 +127,14 @@ def test_resume_never_sets_earlier_checkpoints_aside(tmp_path):
     _make(str(tmp_path / "checkpoints"), 4)
     assert set_aside_checkpoints(str(tmp_path)) == str(tmp_path / "checkpoints.old-2")
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_a_config_of_an_older_schema_is_not_compared(tmp_path):
+    from swinv2_train.checkpoint import check_resumable
+
+    old = _tiny_cfg()
+    del old["model"]["extra_norm_every"]  # a key the schema did not have then
+    d = _committed_with_config(str(tmp_path / "checkpoints"), 5, old)
+    check_resumable(d, _cfg(model__embed_dim=32), 1, str(tmp_path), 10)  # DeepSpeed's load decides
+    with pytest.raises(ResumeMismatchError, match=r"world size 1 -> 2"):
+        check_resumable(d, _cfg(), 2, str(tmp_path), 10)  # the marker is still read

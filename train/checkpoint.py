@@ -171,9 +171,15 @@ def resume_mismatches(saved_cfg: Optional[Dict[str, Any]], saved_world: Optional
     `num_classes`: this run's class count; the checkpoint's config holds its resolved count
     (not stored by older checkpoints: then not compared)."""
     diffs = []
+    then = None
     if saved_cfg is not None:
         saved_classes = (saved_cfg.get("data") or {}).get("num_classes") or num_classes
-        then, now = _shape_fields(saved_cfg, saved_classes), _shape_fields(cfg, num_classes)
+        try:
+            then = _shape_fields(saved_cfg, saved_classes)
+        except Exception as e:  # noqa: BLE001 - a config of an older schema: DeepSpeed's load decides
+            log.warning("cannot compare the checkpoint's model config with this run's (%s)", e)
+    if then is not None:
+        now = _shape_fields(cfg, num_classes)
         diffs += [f"{k} {_plain(then[k])} -> {_plain(now[k])}" for k in now
                   if k in then and _plain(then[k]) != _plain(now[k])]
     if saved_world is not None and saved_world != world_size:

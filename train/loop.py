@@ -216,8 +216,9 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
     # model or engine exists (a checkpoint that does not fit must not cost a DeepSpeed start-up)
     data_cfg = _prepare_data_cfg(cfg)  # the class count may come from the data source
     plan = broadcast_object(_plan_resume(cfg, run_dir, env.world_size, data_cfg.num_classes) if rank == 0 else None)
-    if isinstance(plan, UserError):
-        plan.same_on_every_rank = True  # rank 0 reports it; the others stay quiet
+    if isinstance(plan, Exception):
+        if isinstance(plan, UserError):
+            plan.same_on_every_rank = True  # rank 0 reports it; the others stay quiet
         raise plan
     resume_dir = plan["resume_dir"]
     if plan["set_aside"] and rank == 0:
@@ -418,7 +419,7 @@ def _run(cfg: DictConfig, env, t_start: float, preempt) -> Dict[str, Any]:
 
 def _plan_resume(cfg: DictConfig, run_dir: str, world_size: int, num_classes: int):
     """Rank 0, before anything is built: {resume_dir, step, completed, set_aside}, or the
-    UserError that stops the run (returned, so that it can be broadcast to every rank)."""
+    exception that stops the run (returned, so that it is broadcast and raised on every rank)."""
     from swinv2_train.checkpoint import check_resumable, read_marker, resolve_resume, set_aside_checkpoints
 
     plan = {"resume_dir": None, "step": 0, "completed": False, "set_aside": None}
@@ -435,7 +436,7 @@ def _plan_resume(cfg: DictConfig, run_dir: str, world_size: int, num_classes: in
         if max_steps is not None and step > max_steps:
             raise _beyond_budget_error(run_dir, step, f"train.max_steps={max_steps}")
         plan.update(resume_dir=resume_dir, step=step, completed=max_steps is not None and step == max_steps)
-    except UserError as e:
+    except Exception as e:  # returned, not raised: the other ranks wait for this answer
         return e
     return plan
 
