@@ -129,12 +129,12 @@ def check_override(arg: str) -> None:
 def prepare_overrides(args: List[str]) -> List[str]:
     """Command-line arguments (without argv[0]) -> arguments for Hydra; see the module docstring.
     Hydra's own flags (--help, --cfg job, -cn NAME, ...) pass through untouched."""
-    positions = override_positions(args)
-    overrides = join_expanded_shards([args[i] for i in positions])
+    positions = set(override_positions(args))
+    overrides = join_expanded_shards([a for i, a in enumerate(args) if i in positions])
     overrides = [quote_path_value(a) for a in overrides]
     for arg in overrides:
         check_override(arg)
-    flags = [a for i, a in enumerate(args) if i not in set(positions)]
+    flags = [a for i, a in enumerate(args) if i not in positions]
     return flags + overrides
 
 
