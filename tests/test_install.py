@@ -1,5 +1,6 @@
 """A user's install: a wheel built from this tree, installed into a fresh virtual environment and
-used from a directory outside the repository (no configs/ or train/ folder in sight)."""
+used from a directory outside the repository (no configs/ or train/ folder in sight): train,
+--help, evaluate, make-shards --help."""
 import os
 import subprocess
 import sys
@@ -87,3 +88,7 @@ def test_installed_commands_work_from_another_directory(env):
     run_dir = env.workdir / "runs" / "default"
     assert (run_dir / "checkpoints" / "step_00000004" / "COMMITTED").is_file()
     assert (run_dir / "model_official.pth").is_file()
+
+    evaluated = env(str(env.bin / "swinv2-eval"), "runs/default")
+    assert evaluated.returncode == 0 and "Traceback" not in evaluated.stderr, evaluated.stderr[-3000:]
+    assert "top-1" in evaluated.stdout
