@@ -51,7 +51,11 @@ class DataConfig:
     synthetic_dir: Optional[str] = None  # cache dir for the generated default dataset
     # --- streaming ------------------------------------------------------------------------
     num_workers: int = 2
-    shuffle_buffer: int = 2000           # encoded samples per worker; 0 disables
+    # Train order (stream.py): C streams, each owning shards i with i % C == its index, dealt to
+    # (rank, worker); the order depends on C, never on ranks x workers. null: the first run's
+    # ranks x workers, kept in the checkpoint and reused on resume (any ranks x workers dividing C).
+    canonical_streams: Optional[int] = None
+    shuffle_buffer: int = 2000           # encoded samples per canonical stream (train); 0 disables
     shard_shuffle: bool = True
     resampled: bool = False              # draw shards with replacement (huge datasets)
     pin_memory: bool = False
@@ -104,6 +108,10 @@ class DataConfig:
                 bad(k, "must be a split name, e.g. train or validation")
         if self.num_workers < 0:
             bad("num_workers", "must be >= 0")
+        if self.canonical_streams is not None and (not isinstance(self.canonical_streams, int)
+                                                   or self.canonical_streams < 1):
+            bad("canonical_streams", "must be a positive integer or null (null: ranks x workers "
+                "of the first run)")
         if self.shuffle_buffer < 0:
             bad("shuffle_buffer", "must be >= 0")
         if self.timeout_s < 0:

@@ -47,6 +47,10 @@ class DataPipelineError(UserError, RuntimeError):
     """Raised for data problems that must stop training (no samples, too many bad samples)."""
 
 
+class DataGeometryError(UserError, ValueError):
+    """The batch, ranks, workers or streams do not fit the shards; the message names the keys."""
+
+
 def mix_seed(*parts: Any) -> int:
     """Stable 63-bit seed from arbitrary parts (Python's hash() is salted per process)."""
     h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
@@ -86,11 +90,16 @@ class BadSampleTracker:
             raise DataPipelineError(
                 f"too many bad samples in {self.where}: {self.n_bad_recent} of the last "
                 f"{len(self.recent)} samples are bad (max_bad_fraction={self.max_fraction} of "
-                f"bad_window={self.window}); counts so far: {dict(self.counts)}")
+                f"bad_window={self.window}); counts so far: {dict(self.counts)}. {_BAD_WAY_OUT}")
         if self.consecutive_bad >= self.dead_limit:
             raise DataPipelineError(
                 f"no decodable sample in the last {self.consecutive_bad} samples in "
-                f"{self.where}; counts: {dict(self.counts)}")
+                f"{self.where}; counts: {dict(self.counts)}. {_BAD_WAY_OUT}")
+
+
+_BAD_WAY_OUT = ("Inspect the shards (e.g. list a few samples with `tar tf`) and rebuild the "
+                "damaged ones (swinv2-make-shards), or raise data.max_bad_fraction to accept "
+                "more bad samples")
 
 
 def load_class_map(path: str) -> Dict[int, int]:
@@ -382,14 +391,14 @@ def build_train_loader(cfg, *, img_size: int, global_batch_size: int, rank: int,
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad rank/world_size: {rank}/{world_size}")
     if global_batch_size < world_size or global_batch_size % world_size:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple "
-                         f"of world_size={world_size}")
+        raise DataGeometryError(f"global batch {global_batch_size} must be a positive multiple "
+                                f"of world_size={world_size}: set train.batch_size to one")
     # resolved once by the trainer (counts filled): then this only re-reads _info.json
     cfg = resolve_sources(cfg, ("train",))
     pattern = cfg.train_shards
     urls = S.expand_shards(pattern)
     if not cfg.resampled and len(urls) < world_size:
-        raise ValueError(
+        raise DataGeometryError(
             f"shard pattern {pattern!r} has {len(urls)} shards for {world_size} ranks: need at "
             f"least one shard per rank (re-shard finer, or set data.resampled=true)")
     W = max(1, cfg.num_workers)
@@ -399,7 +408,9 @@ def build_train_loader(cfg, *, img_size: int, global_batch_size: int, rank: int,
     n = cfg.train_samples
     bpe = n // global_batch_size
     if bpe < 1:
-        raise ValueError(f"{n} samples per epoch < global_batch_size={global_batch_size}")
+        raise DataGeometryError(f"{n} samples per epoch (data.train_samples or the shards' count) "
+                                f"< global batch {global_batch_size}: lower train.batch_size or "
+                                f"add data")
     if not 0 <= start_batch <= bpe:
         raise ValueError(f"start_batch={start_batch} outside [0, {bpe}]")
     ds = _TrainStream(urls, cfg, build_transform(cfg, img_size, train=True), pattern=pattern,

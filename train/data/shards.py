@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
+from ..errors import UserError
+
 # Reasons used in bad-sample counts (public: loader.bad_samples() keys).
 CORRUPT_IMAGE = "corrupt_image"
 MISSING_IMAGE = "missing_image"
@@ -36,20 +38,29 @@ def is_local(url: str) -> bool:
     return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
 
 
+class ShardPatternError(UserError, FileNotFoundError):
+    """A shard pattern names no shard (empty, or no local file exists)."""
+
+
+# the way out of a ShardPatternError, in one place
+_FIX_PATTERN = ("fix the path or the {a..b} range in data.train_shards / data.val_shards, or "
+                "point data.root at the shard directory")
+
+
 def expand_shards(pattern: str, *, check_local: bool = True) -> List[str]:
     """Brace-expand `pattern` ('::' joins several). Local paths must exist (clear error)."""
     if not pattern or not str(pattern).strip():
-        raise ValueError(f"empty shard pattern {pattern!r}")
+        raise ShardPatternError(f"empty shard pattern {pattern!r}: {_FIX_PATTERN}")
     urls = expand_urls(str(pattern))
     if not urls:
-        raise FileNotFoundError(f"shard pattern {pattern!r} expands to no shards")
+        raise ShardPatternError(f"shard pattern {pattern!r} expands to no shards: {_FIX_PATTERN}")
     if check_local:
         local = [u for u in urls if is_local(u)]
         missing = [u for u in local if not os.path.exists(_local_path(u))]
         if local and len(missing) == len(local):
-            raise FileNotFoundError(
+            raise ShardPatternError(
                 f"shard pattern {pattern!r} matches no existing file ({len(urls)} expanded, "
-                f"e.g. {missing[0]!r} does not exist)")
+                f"e.g. {missing[0]!r} does not exist): {_FIX_PATTERN}")
     return urls
 
 
@@ -68,17 +79,26 @@ def info_path(pattern: str) -> Optional[str]:
 
 def info_num_samples(pattern: str, split: str, urls: List[str]) -> Optional[int]:
     """Samples of `urls` per `_info.json` (sum of shard_lengths of the listed files)."""
+    lengths = info_shard_lengths(pattern, split, urls)
+    return None if lengths is None else sum(lengths)
+
+
+def info_shard_lengths(pattern: str, split: str, urls: List[str]) -> Optional[List[int]]:
+    """Samples of each of `urls` per `_info.json` (its shard_lengths), or None if not listed."""
     p = info_path(pattern)
     if p is None:
         return None
     splits = read_info(p)["splits"]
-    names = {os.path.basename(_local_path(u)) for u in urls}
+    names = [os.path.basename(_local_path(u)) for u in urls]
     named = [splits[n] for n in split_names(split) if n in splits]
     for sp in named + list(splits.values()):
         files = sp.get("filenames") or []
+        if isinstance(files, str):  # a brace pattern instead of a list
+            files = expand_urls(files)
         lengths = sp.get("shard_lengths") or []
-        if files and len(files) == len(lengths) and names <= set(files):
-            return int(sum(n for fn, n in zip(files, lengths) if fn in names))
+        if files and len(files) == len(lengths) and set(names) <= set(files):
+            by_name = dict(zip(files, lengths))
+            return [int(by_name[n]) for n in names]
     return None
 
 

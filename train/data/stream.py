@@ -1,0 +1,410 @@
+"""Elastic train order: an epoch's global sample sequence that does not depend on ranks x workers.
+
+The idea is MosaicML Streaming's canonical partitions, done for tar shards (our own code):
+
+* C canonical streams (`data.canonical_streams`; null = the first run's ranks x workers, kept in
+  the checkpoint's data position and reused on resume). Shard i belongs to stream i % C: shards
+  are the unit of reading. A stream's encoded samples come in an order seeded by (seed, epoch,
+  stream) only: its shard order, then its own shuffle buffer (`data.shuffle_buffer` samples per
+  stream). A sample's augmentation is seeded by (seed, epoch, stream, its index in the stream),
+  so its pixels do not depend on who decodes it. Resampled mode: each stream draws shards of the
+  whole set with replacement from its own (seed, epoch, stream) RNG.
+* Global batch b (B = `train.batch_size` samples) is chunk b of every stream: the stream's next
+  B/C good samples (a bad one is counted and skipped; the stream takes the next good one).
+  B must be divisible by C.
+* Rank r of R owns the streams s with s % R == r; its share of batch b is its streams' chunks in
+  stream order (B/R samples), cut into `train.grad_accum` micro-batches. Worker w of W reads
+  every W-th of the rank's streams and yields (batch, stream, chunk) items; the rank's main
+  process assembles the share in stream order, so nothing depends on W. R x W must divide C
+  (else a `DataGeometryError` naming `data.canonical_streams` and the counts that fit), which
+  gives every worker the same number of streams and DataLoader's round robin stays in step.
+* Epoch length: the number of full global batches every stream can supply, from the shard
+  lengths in `_info.json` (else the resolved sample count spread over the shards). What a stream
+  holds beyond that is dropped for the epoch (like drop_last; the shuffle makes it a different
+  set each epoch). A stream that runs short (bad samples, an overestimated count) reads its
+  shards again in a new seeded order (a warning says so).
+* Position (saved in checkpoints): epoch, global batch index and, per stream, how many encoded
+  samples its chunks so far consumed. It is world-independent: resuming at batch b on any
+  (R', W') has each stream skip that many encoded samples (read, not decoded) and go on; with the
+  offsets the skip is exact even past bad samples. A resize mid-epoch therefore reads every
+  sample of the epoch exactly once.
+
+Global batch b is the same set of samples for every R x W dividing C; the loss of a step (the
+mean over its B samples) then matches to float tolerance, provided the per-sample randomness
+outside this module (mixup pairs within a micro-batch, drop path per rank) is off or also
+world-independent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections import Counter, deque
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset
+
+from . import shards as S
+from .config import DataConfig, as_data_config
+from .pipeline import (BadSampleTracker, DataGeometryError, DataPipelineError, _Decoder, _read,
+                       _shuffled, _worker_id, _worker_init, mix_seed)
+from .sources import resolve_sources
+from .transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+Position = Dict[str, Any]  # {"epoch", "batch", "canonical_streams", "global_batch", "offsets"}
+
+
+# ----------------------------------------------------------------------------- geometry
+def divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_canonical_streams(configured: Optional[int], saved: Optional[Position],
+                              world_size: int, workers: int) -> int:
+    """C: the configured value, else the one in the saved position, else ranks x workers."""
+    saved_c = saved.get("canonical_streams") if saved else None
+    if configured is None:
+        return saved_c or world_size * workers
+    if saved_c and configured != saved_c and _mid_epoch(saved):
+        raise DataGeometryError(
+            f"data.canonical_streams={configured}, but the checkpoint was written mid-epoch with "
+            f"{saved_c} streams, which fix this epoch's order: set data.canonical_streams="
+            f"{saved_c} (or null) to resume; a new value can start with a new epoch")
+    return configured
+
+
+def _mid_epoch(pos: Position) -> bool:
+    return pos.get("batch", 0) > 0
+
+
+def check_geometry(streams: int, global_batch: int, grad_accum: int, world_size: int,
+                   workers: int) -> None:
+    """Raise a `DataGeometryError` naming the keys when the batch cannot be dealt as designed."""
+    C, B, R, W = streams, global_batch, world_size, workers
+    if B < 1 or B % (R * grad_accum):
+        raise DataGeometryError(
+            f"train.batch_size={B} must be a positive multiple of world_size x train.grad_accum "
+            f"= {R} x {grad_accum}")
+    if B % C:
+        raise DataGeometryError(
+            f"train.batch_size={B} is not divisible by data.canonical_streams={C} (each global "
+            f"batch takes the same number of samples from every stream): set train.batch_size "
+            f"to a multiple of {C}, or data.canonical_streams to a divisor of {B}")
+    if C % R:
+        raise DataGeometryError(
+            f"data.canonical_streams={C} cannot be dealt to {R} ranks: the rank count must divide "
+            f"{C} (one of {divisors(C)}), or start a new epoch with data.canonical_streams set to "
+            f"a multiple of {R} x data.num_workers")
+    if C % (R * W):
+        raise DataGeometryError(
+            f"data.canonical_streams={C} cannot be dealt to {R} ranks x {W} data workers: with "
+            f"{R} ranks data.num_workers must divide {C // R} (one of {divisors(C // R)}), or "
+            f"start a new epoch with data.canonical_streams set to a multiple of {R * W}")
+
+
+def rank_streams(streams: int, rank: int, world_size: int) -> List[int]:
+    """The canonical streams rank `rank` reads, in stream order."""
+    return list(range(rank, streams, world_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    """The world-independent layout of the train order: shards, C streams, batches per epoch."""
+
+    urls: Tuple[str, ...]
+    pattern: str
+    streams: int
+    chunk: int                 # samples per stream per global batch (B / C)
+    batches_per_epoch: int
+    resampled: bool
+
+    def shards_of(self, stream: int) -> List[str]:
+        return list(self.urls[stream::self.streams])
+
+
+def plan_streams(cfg: DataConfig, global_batch: int, streams: int) -> StreamPlan:
+    """Layout for a resolved DataConfig (train shards and train_samples filled in)."""
+    pattern = cfg.train_shards
+    urls = S.expand_shards(pattern)
+    if not cfg.resampled and len(urls) < streams:
+        raise DataGeometryError(
+            f"shard pattern {pattern!r} has {len(urls)} shards for data.canonical_streams="
+            f"{streams} (ranks x workers when null): each stream needs at least one shard; "
+            f"re-shard finer, set data.canonical_streams <= {len(urls)}, or set "
+            f"data.resampled=true")
+    chunk = global_batch // streams
+    if cfg.resampled:
+        smallest = cfg.train_samples // streams  # every stream draws without end
+    else:
+        smallest = min(stream_sizes(cfg, urls, streams))
+    batches = smallest // chunk
+    if batches < 1:
+        raise DataGeometryError(
+            f"an epoch of {cfg.train_samples} samples over data.canonical_streams={streams} "
+            f"gives a stream {smallest} samples, fewer than train.batch_size / streams = "
+            f"{chunk}: lower train.batch_size or data.canonical_streams, or add data")
+    return StreamPlan(tuple(urls), pattern, streams, chunk, batches, cfg.resampled)
+
+
+def stream_sizes(cfg: DataConfig, urls: Sequence[str], streams: int) -> List[int]:
+    """Samples per stream: exact from _info.json shard lengths when they add up to the epoch,
+    else the epoch's samples spread over the shards (an estimate: a short stream re-reads)."""
+    lengths = S.info_shard_lengths(cfg.train_shards, cfg.train_split, list(urls))
+    if lengths is None or sum(lengths) != cfg.train_samples:
+        lengths = [cfg.train_samples / len(urls)] * len(urls)
+    return [int(sum(lengths[s::streams])) for s in range(streams)]
+
+
+# ----------------------------------------------------------------------------- one stream
+def stream_samples(plan: StreamPlan, cfg: DataConfig, stream: int, seed: int, epoch: int,
+                   counts: Counter) -> Iterator[dict]:
+    """Encoded samples of canonical stream `stream`, without end: a pure function of
+    (data, seed, epoch, stream)."""
+    if plan.resampled:
+        return _resampled(plan, cfg, stream, seed, epoch, counts)
+    return _passes(plan, cfg, stream, seed, epoch, counts)
+
+
+def _passes(plan, cfg, stream, seed, epoch, counts) -> Iterator[dict]:
+    # pass 0 is the epoch; later passes only fill a stream that ran short
+    own = plan.shards_of(stream)
+    p = 0
+    while True:
+        shards = list(own)
+        if cfg.shard_shuffle:
+            random.Random(mix_seed("shards", seed, epoch, stream, p)).shuffle(shards)
+        rng = random.Random(mix_seed("buf", seed, epoch, stream, p))
+        got = False
+        for s in _shuffled(_read(shards, counts, 1, 0), cfg.shuffle_buffer, rng):
+            got = True
+            yield s
+        if not got:
+            raise DataPipelineError(
+                f"canonical stream {stream} of shard pattern {plan.pattern!r} has no readable "
+                f"sample (shards {own[:3]}{' ...' if len(own) > 3 else ''}; counts "
+                f"{dict(counts)}): inspect or rebuild these shards, or set data.resampled=true")
+        if p == 0:
+            log.warning("canonical stream %d of %r ran short of samples for the epoch (bad "
+                        "samples, or the sample count overestimates it): re-reading its shards",
+                        stream, plan.pattern)
+        p += 1
+
+
+def _resampled(plan, cfg, stream, seed, epoch, counts) -> Iterator[dict]:
+    rng = random.Random(mix_seed("resampled", seed, epoch, stream))
+    limit = min(max(3 * len(plan.urls), 10), 1000)
+
+    def draws():
+        empty = 0
+        while True:
+            got = False
+            for s in S.iter_shard(rng.choice(plan.urls), counts):
+                got = True
+                yield s
+            empty = 0 if got else empty + 1
+            if empty >= limit:
+                raise DataPipelineError(
+                    f"shard pattern {plan.pattern!r} yielded no sample: {empty} shards in a row "
+                    f"were empty or unreadable (counts: {dict(counts)}); inspect or rebuild "
+                    f"the shards")
+
+    return _shuffled(draws(), cfg.shuffle_buffer, rng)
+
+
+class _StreamReader:
+    """One stream's samples as chunks of good decoded samples; `consumed` counts encoded ones."""
+
+    def __init__(self, samples: Iterator[dict], stream: int, skip: int):
+        self.samples, self.stream, self.consumed = samples, stream, 0
+        for _ in range(skip):  # resume: read, do not decode
+            next(self.samples)
+            self.consumed += 1
+
+    def chunk(self, n: int, decode: _Decoder) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+        got: List[Tuple[torch.Tensor, int, str]] = []
+        while len(got) < n:
+            sample = next(self.samples)
+            index, self.consumed = self.consumed, self.consumed + 1
+            decoded = decode(sample, (self.stream, index))
+            if decoded is not None:
+                got.append((*decoded, sample["__key__"]))
+        return (torch.stack([x for x, _, _ in got]),
+                torch.tensor([y for _, y, _ in got], dtype=torch.int64), [k for _, _, k in got])
+
+
+class _ChunkSource(IterableDataset):
+    """Items (batch, stream, images, targets, keys, consumed, stats) of one rank's streams for
+    one epoch from `start_batch`, each DataLoader worker reading every W-th of them."""
+
+    def __init__(self, plan: StreamPlan, cfg: DataConfig, transform, *, streams: List[int],
+                 workers: int, seed: int, epoch: int, start_batch: int, offsets: Dict[int, int]):
+        self.plan, self.cfg, self.transform, self.streams = plan, cfg, transform, streams
+        self.W, self.seed, self.epoch = workers, seed, epoch
+        self.start_batch, self.offsets = start_batch, offsets
+
+    def __iter__(self):
+        w, nw = _worker_id()
+        if nw != self.W:
+            raise RuntimeError(f"expected {self.W} DataLoader workers, got {nw}")
+        mine = self.streams[w::self.W]
+        tracker = BadSampleTracker(self.cfg.max_bad_fraction, self.cfg.bad_window,
+                                   f"train shards {self.plan.pattern!r} (streams {mine})")
+        decode = _Decoder(self.cfg, self.transform, tracker, ("aug", self.seed, self.epoch))
+        readers = [_StreamReader(stream_samples(self.plan, self.cfg, s, self.seed, self.epoch,
+                                                tracker.counts), s, self.offsets[s])
+                   for s in mine]
+        for b in range(self.start_batch, self.plan.batches_per_epoch):
+            for r in readers:
+                images, targets, keys = r.chunk(self.plan.chunk, decode)
+                yield b, r.stream, images, targets, keys, r.consumed, (w, dict(tracker.counts))
+
+
+# ----------------------------------------------------------------------------- one rank
+class TrainStream:
+    """Micro-batches of one rank across epochs, in the elastic order (module docstring); its
+    position resumes on any ranks x workers that divide the canonical stream count."""
+
+    def __init__(self, data_cfg: Any, *, img_size: int, global_batch: int, grad_accum: int,
+                 rank: int, world_size: int, seed: int, position: Optional[Position] = None):
+        cfg = resolve_sources(as_data_config(data_cfg).resolved(), ("train",))
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad rank/world_size: {rank}/{world_size}")
+        W = max(1, cfg.num_workers)
+        C = resolve_canonical_streams(cfg.canonical_streams, position, world_size, W)
+        check_geometry(C, global_batch, grad_accum, world_size, W)
+        _check_saved_batch(position, global_batch)
+        self.cfg, self.seed, self.workers = cfg, seed, W
+        self.global_batch, self.grad_accum = global_batch, grad_accum
+        self.plan = plan_streams(cfg, global_batch, C)
+        self.streams = rank_streams(C, rank, world_size)
+        self.transform = build_transform(cfg, img_size, train=True)
+        self.last_keys: List[str] = []  # sample keys of the micro-batch `next` returned last
+        self._counts_done: Counter = Counter()
+        self._counts: Dict[int, Dict[str, int]] = {}  # this epoch's, by worker
+        self._micro: deque = deque()
+        self._it = None
+        pos = position or {}
+        offsets = pos.get("offsets") or {}
+        self._start(pos.get("epoch", 0), pos.get("batch", 0),
+                    {s: int(offsets.get(s, pos.get("batch", 0) * self.plan.chunk))
+                     for s in self.streams})
+
+    # -- what the trainer reads
+    @property
+    def canonical_streams(self) -> int:
+        return self.plan.streams
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches (= optimizer steps) per epoch."""
+        return self.plan.batches_per_epoch
+
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch (images, targets) of this rank; `last_keys` names its samples."""
+        if not self._micro:
+            self._micro.extend(self._next_share())
+        images, targets, self.last_keys = self._micro.popleft()
+        return images, targets
+
+    def position(self) -> Position:
+        """This rank's data position, between global batches (offsets of its streams only)."""
+        if self._micro:
+            raise RuntimeError("position() in the middle of a global batch: save at step boundaries")
+        if self.batch >= self.plan.batches_per_epoch:
+            return self._position(self.epoch + 1, 0, {s: 0 for s in self.streams})
+        return self._position(self.epoch, self.batch, dict(self.offsets))
+
+    def global_position(self) -> Position:
+        """The position of all ranks (a collective when distributed: call it on every rank)."""
+        mine = self.position()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return mine
+        parts: List[Optional[Position]] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        return merge_positions(parts)
+
+    def bad_samples(self) -> Dict[str, int]:
+        """Bad-sample counts by reason on this rank, over the chunks handed out so far."""
+        return dict(self._counts_done + self._epoch_counts())
+
+    def _epoch_counts(self) -> Counter:
+        total: Counter = Counter()
+        for c in self._counts.values():  # the latest cumulative counts of each worker
+            total.update(c)
+        return total
+
+    def close(self) -> None:
+        """Stop the DataLoader workers (also done at each epoch end)."""
+        if self._it is not None:
+            shutdown = getattr(self._it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self._it = None
+
+    # -- internals
+    def _position(self, epoch: int, batch: int, offsets: Dict[int, int]) -> Position:
+        return {"epoch": epoch, "batch": batch, "canonical_streams": self.plan.streams,
+                "global_batch": self.global_batch, "offsets": offsets}
+
+    def _start(self, epoch: int, batch: int, offsets: Dict[int, int]) -> None:
+        if batch >= self.plan.batches_per_epoch:  # saved at an epoch's end
+            epoch, batch, offsets = epoch + 1, 0, {s: 0 for s in self.streams}
+        self.close()
+        self._counts_done.update(self._epoch_counts())  # the epoch that ends, if any
+        self._counts = {}
+        self.epoch, self.batch, self.offsets = epoch, batch, offsets
+        self._pending: Dict[Tuple[int, int], tuple] = {}
+        source = _ChunkSource(self.plan, self.cfg, self.transform, streams=self.streams,
+                              workers=self.workers, seed=self.seed, epoch=epoch,
+                              start_batch=batch, offsets=offsets)
+        kw = dict(batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
+                  worker_init_fn=_worker_init,
+                  generator=torch.Generator())  # its own seed source: the global RNG is untouched
+        if self.cfg.num_workers > 0:
+            kw.update(prefetch_factor=self.cfg.prefetch_factor, timeout=self.cfg.timeout_s)
+        self._loader = DataLoader(source, **kw)
+
+    def _next_share(self) -> List[Tuple[torch.Tensor, torch.Tensor, List[str]]]:
+        """This rank's share of the next global batch, cut into micro-batches."""
+        if self.batch >= self.plan.batches_per_epoch:
+            self._start(self.epoch + 1, 0, {s: 0 for s in self.streams})
+        if self._it is None:
+            self._it = iter(self._loader)
+        while any((self.batch, s) not in self._pending for s in self.streams):
+            b, s, images, targets, keys, consumed, (worker, counts) = next(self._it)
+            self._pending[(b, s)] = (images, targets, keys, consumed)
+            self._counts[worker] = counts
+        chunks = [self._pending.pop((self.batch, s)) for s in self.streams]
+        for s, (_, _, _, consumed) in zip(self.streams, chunks):
+            self.offsets[s] = consumed
+        self.batch += 1
+        images = torch.cat([c[0] for c in chunks])
+        targets = torch.cat([c[1] for c in chunks])
+        keys = [k for c in chunks for k in c[2]]
+        n = len(keys) // self.grad_accum
+        return [(images[i:i + n], targets[i:i + n], keys[i:i + n]) for i in range(0, len(keys), n)]
+
+
+def _check_saved_batch(position: Optional[Position], global_batch: int) -> None:
+    saved = (position or {}).get("global_batch")
+    if saved is not None and saved != global_batch and _mid_epoch(position):
+        raise DataGeometryError(
+            f"train.batch_size={global_batch}, but the checkpoint was written mid-epoch with "
+            f"train.batch_size={saved}, which fixes the epoch's batches: resume with "
+            f"train.batch_size={saved}; a new batch size can start with a new epoch")
+
+
+def merge_positions(parts: Sequence[Position]) -> Position:
+    """One position from every rank's: the same epoch and batch, the union of the offsets."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p["epoch"], p["batch"]) != (first["epoch"], first["batch"]):
+            raise RuntimeError(f"ranks disagree on the data position: {[(q['epoch'], q['batch']) for q in parts]}")
+    offsets: Dict[int, int] = {}
+    for p in parts:
+        offsets.update(p["offsets"])
+    return {**first, "offsets": offsets}
