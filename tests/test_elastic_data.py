@@ -1,10 +1,13 @@
 """Elastic train order (train/data/stream.py): global batch b is the same set of samples for every
 ranks x workers; a resize mid-epoch reads each sample of the epoch exactly once. Real shards,
 real DataLoader workers; ranks are simulated by one TrainStream per rank in this process."""
+import json
 import os
+import random
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +39,7 @@ def next_global_batch(ranks):
     batch = []
     for st in ranks:
         for _ in range(A):
-            x, y = st.next()
+            x, y = st.next_batch()
             assert x.shape[0] == len(st.last_keys) == B // (len(ranks) * A)
             for key, xi, yi in zip(st.last_keys, x, y.tolist()):
                 assert key == f"s{yi:05d}"  # the targets belong to the keys (cls = index)
@@ -117,7 +120,8 @@ def test_resize_mid_epoch_reads_each_sample_once(data_bad, before, after):
     k = next(b + 1 for b, p in enumerate(positions) if sum(p["offsets"].values()) > (b + 1) * B)
     assert k < len(full)
     head, _ = run(cfg_for(pattern, num_workers=w0), r0, k)
-    tail, end = run(cfg_for(pattern, num_workers=w1), r1, len(full) - k, position=positions[k - 1])
+    saved = json.loads(json.dumps(positions[k - 1]))  # survives JSON (offsets keys as strings)
+    tail, end = run(cfg_for(pattern, num_workers=w1), r1, len(full) - k, position=saved)
     assert_same_batches(head + tail, full)
     trace = Counter(key for b in keys(head + tail) for key in b)
     assert sorted(trace) == [f"s{i:05d}" for i in range(n)] and set(trace.values()) == {1}
@@ -143,7 +147,7 @@ def test_bad_samples_counted_and_skipped_over_epochs(data_bad):
     st = open_ranks(cfg_for(pattern, canonical_streams=2, num_workers=2), 1)[0]
     keys = []
     for _ in range(2 * (n // B) * A):  # two epochs
-        st.next()
+        st.next_batch()
         keys += st.last_keys
     assert not any(k.startswith("bad") for k in keys)
     assert st.bad_samples() == {"corrupt_image": 4}  # 2 per epoch
@@ -156,12 +160,13 @@ def test_position_only_between_global_batches_and_global_rng_untouched(data8):
     pattern, _ = data8
     st = open_ranks(cfg_for(pattern, canonical_streams=4), 1)[0]
     torch.manual_seed(7)
-    state = torch.get_rng_state()
-    st.next()
-    assert torch.equal(torch.get_rng_state(), state)  # training randomness is not shifted
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    st.next_batch()  # opens the DataLoader: training randomness must not shift
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert (np.random.get_state()[1] == states[2]).all()
     with pytest.raises(RuntimeError, match="middle of a global batch"):
         st.position()
-    st.next()
+    st.next_batch()
     assert st.position()["batch"] == 1
     st.close()
 
@@ -178,7 +183,9 @@ def geometry_error(cfg, world_size=1, match="", **kw):
 def test_geometry_errors_name_the_keys(data8):
     pattern, _ = data8
     geometry_error(cfg_for(pattern, canonical_streams=3), match=r"train.batch_size=8 is not "
-                   r"divisible by data.canonical_streams=3")
+                   r"divisible by data.canonical_streams=3.*one of \[1, 2, 4, 8\]")
+    geometry_error(cfg_for(pattern, num_workers=3), world_size=2, match=r"canonical_streams=6 "
+                   r"\(null: .*set data.num_workers to one of \[1, 2, 4\]")
     geometry_error(cfg_for(pattern, canonical_streams=4, num_workers=3),
                    match=r"data.num_workers must divide 4 \(one of \[1, 2, 4\]\)")
     geometry_error(cfg_for(pattern, canonical_streams=4), world_size=3, batch=12,
@@ -214,7 +221,7 @@ def test_too_many_bad_samples_says_what_to_do(tmp_path):
     st = open_ranks(cfg, 1)[0]
     with pytest.raises(DataPipelineError, match=r"rebuild the damaged ones.*raise "
                                                 r"data.max_bad_fraction"):
-        st.next()
+        st.next_batch()
     st.close()
 
 
@@ -224,5 +231,39 @@ def test_unreadable_stream_names_its_shards(tmp_path):
         f.write(b"not a tar" * 100)
     st = open_ranks(cfg_for(pattern, canonical_streams=2, train_samples=16), 1)[0]
     with pytest.raises(DataPipelineError, match=r"canonical stream 1 .*train-0001.tar"):
-        st.next()
+        st.next_batch()
     st.close()
+
+
+# ----------------------------------------------------------------------------- distributed
+def _gather_position(rank, port, pattern, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        st = TrainStream(cfg_for(pattern, canonical_streams=4, num_workers=0), img_size=16,
+                         global_batch=B, grad_accum=A, rank=rank, world_size=2, seed=0)
+        for _ in range(3 * A):
+            st.next_batch()
+        torch.save({"local": st.position(), "global": st.global_position()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_global_position_gathers_every_rank(data8, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_position, args=(port, data8[0], str(tmp_path)), nprocs=2)
+    got = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    assert got[0]["global"] == got[1]["global"] == merge_positions([g["local"] for g in got])
+    assert got[0]["global"]["batch"] == 3 and sorted(got[0]["global"]["offsets"]) == [0, 1, 2, 3]
+    # it resumes a single rank where the two left off
+    _, want = run(cfg_for(data8[0], canonical_streams=4), 1, 3)
+    assert got[0]["global"] == want[-1]

@@ -91,9 +91,9 @@ def check_geometry(streams: int, global_batch: int, grad_accum: int, world_size:
             f"= {R} x {grad_accum}")
     if B % C:
         raise DataGeometryError(
-            f"train.batch_size={B} is not divisible by data.canonical_streams={C} (each global "
-            f"batch takes the same number of samples from every stream): set train.batch_size "
-            f"to a multiple of {C}, or data.canonical_streams to a divisor of {B}")
+            f"train.batch_size={B} is not divisible by data.canonical_streams={C} (null: ranks "
+            f"x data.num_workers; each global batch takes the same number of samples from every "
+            f"stream): {_streams_that_fit(B, R, W)}")
     if C % R:
         raise DataGeometryError(
             f"data.canonical_streams={C} cannot be dealt to {R} ranks: the rank count must divide "
@@ -104,6 +104,17 @@ def check_geometry(streams: int, global_batch: int, grad_accum: int, world_size:
             f"data.canonical_streams={C} cannot be dealt to {R} ranks x {W} data workers: with "
             f"{R} ranks data.num_workers must divide {C // R} (one of {divisors(C // R)}), or "
             f"start a new epoch with data.canonical_streams set to a multiple of {R * W}")
+
+
+def _streams_that_fit(global_batch: int, world_size: int, workers: int) -> str:
+    B, R, W = global_batch, world_size, workers
+    fit = [c for c in divisors(B) if c % (R * W) == 0]
+    if fit:
+        return (f"set data.canonical_streams to one of {fit[:8]} (they divide the batch and "
+                f"{R} ranks x {W} workers divide them), or change train.batch_size")
+    workers_fit = [w for w in range(1, 2 * W + 1) if B % (R * w) == 0]
+    return (f"no stream count fits {R} ranks x {W} workers: set data.num_workers to one of "
+            f"{workers_fit} (then data.canonical_streams=null works), or change train.batch_size")
 
 
 def rank_streams(streams: int, rank: int, world_size: int) -> List[int]:
@@ -282,16 +293,18 @@ class TrainStream:
         self.plan = plan_streams(cfg, global_batch, C)
         self.streams = rank_streams(C, rank, world_size)
         self.transform = build_transform(cfg, img_size, train=True)
-        self.last_keys: List[str] = []  # sample keys of the micro-batch `next` returned last
+        self.last_keys: List[str] = []  # sample keys of the micro-batch last returned
         self._counts_done: Counter = Counter()
         self._counts: Dict[int, Dict[str, int]] = {}  # this epoch's, by worker
         self._micro: deque = deque()
         self._it = None
         pos = position or {}
-        offsets = pos.get("offsets") or {}
-        self._start(pos.get("epoch", 0), pos.get("batch", 0),
-                    {s: int(offsets.get(s, pos.get("batch", 0) * self.plan.chunk))
-                     for s in self.streams})
+        batch = pos.get("batch", 0)
+        # int keys: a position that went through JSON comes back with string keys
+        offsets = {int(s): int(n) for s, n in (pos.get("offsets") or {}).items()}
+        # a stream without an offset: as if it met no bad sample so far
+        self._start(pos.get("epoch", 0), batch,
+                    {s: offsets.get(s, batch * self.plan.chunk) for s in self.streams})
 
     # -- what the trainer reads
     @property
@@ -303,8 +316,9 @@ class TrainStream:
         """Global batches (= optimizer steps) per epoch."""
         return self.plan.batches_per_epoch
 
-    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The next micro-batch (images, targets) of this rank; `last_keys` names its samples."""
+    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch (images, targets) of this rank; `last_keys` names its samples.
+        Draws nothing from the global RNGs (the DataLoader gets its own generator)."""
         if not self._micro:
             self._micro.extend(self._next_share())
         images, targets, self.last_keys = self._micro.popleft()
