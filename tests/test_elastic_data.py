@@ -40,7 +40,7 @@ def next_global_batch(ranks):
     for st in ranks:
         for _ in range(A):
             x, y = st.next_batch()
-            assert x.shape[0] == len(st.last_keys) == B // (len(ranks) * A)
+            assert x.shape[0] == len(st.last_keys) == st.global_batch // (len(ranks) * A)
             for key, xi, yi in zip(st.last_keys, x, y.tolist()):
                 assert key == f"s{yi:05d}"  # the targets belong to the keys (cls = index)
                 batch.append((key, xi))
@@ -140,6 +140,23 @@ def test_resampled_draws_independent_of_ranks_workers_and_resize(tmp_path):
     head, _ = run(cfg(1), 2, 3)
     tail, _ = run(cfg(2), 1, 5, position=positions[2])
     assert_same_batches(head + tail, ref)
+
+
+def test_short_stream_rereads_its_shards(tmp_path, caplog):
+    # no _info.json: 30 counted samples spread as 10 per stream; stream 2's one shard holds 6
+    for sh, n in enumerate((12, 12, 6)):
+        write_tar(os.path.join(tmp_path, f"train-{sh}.tar"),
+                  [{"__key__": f"s{sh * 100 + i:05d}", "jpg": jpeg_bytes(i),
+                    "cls": str(sh * 100 + i).encode()} for i in range(n)])
+    cfg = lambda w: cfg_for(os.path.join(tmp_path, "train-{0..2}.tar"), canonical_streams=3,  # noqa
+                            num_workers=w)
+    with caplog.at_level("WARNING"):
+        ref, _ = run(cfg(0), 1, 5, batch=6)
+    assert "canonical stream 2" in caplog.text and "re-reading its shards" in caplog.text
+    assert_same_batches(run(cfg(1), 3, 5, batch=6)[0], ref)
+    trace = Counter(k for b in keys(ref) for k in b)
+    assert {k for k, c in trace.items() if c > 1} <= {f"s{200 + i:05d}" for i in range(6)}
+    assert sum(trace.values()) == 30
 
 
 def test_bad_samples_counted_and_skipped_over_epochs(data_bad):
