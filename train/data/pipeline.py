@@ -103,19 +103,14 @@ _BAD_WAY_OUT = ("Inspect the shards (e.g. list a few samples with `tar tf`) and 
 
 
 def load_class_map(path: str) -> Dict[int, int]:
-    """22K->1K map. Text (official map22kto1k.txt: line i holds the 22K index of 1K class i),
-    JSON list (same meaning) or JSON dict {"22k_index": 1k_index}."""
-    import json
+    """22K->1K label map {source label: target label}, read by swinv2's one class-map reader.
+    Imported here, only when data.class_map is set: the data package loads no model code otherwise."""
+    from swinv2.class_map import ClassMapError, load_class_map as read_class_map
 
-    with open(path) as f:
-        text = f.read()
     try:
-        obj = json.loads(text)
-    except ValueError:
-        obj = [int(tok) for tok in text.split()]
-    if isinstance(obj, dict):
-        return {int(k): int(v) for k, v in obj.items()}
-    return {int(src): dst for dst, src in enumerate(obj)}
+        return read_class_map(path).label_map()
+    except ClassMapError as e:
+        raise DataPipelineError(f"data.class_map: {e}") from None
 
 
 def parse_label(sample: Dict[str, bytes], num_classes: int, class_map: Optional[Dict[int, int]]
