@@ -258,23 +258,48 @@ def test_resume_with_another_model_names_the_difference(finished_run, tmp_path):
     assert sorted(t for t in os.listdir(run / "checkpoints") if t.startswith("step_")) == ["step_00000002"]
 
 
-@pytest.mark.slow
-def test_resume_at_another_world_size_is_refused(finished_run, tmp_path):
-    import json
-    run = copy_run(finished_run, tmp_path)
-    marker = run / "checkpoints" / "step_00000003" / "COMMITTED"
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "world_size": 2}))
-    p = swinv2_train(["train.max_steps=5", f"run.dir={run}", *QUICK], cwd=tmp_path)
-    assert_one_message(p, "world size 2 -> 1", "run.dir=", "run.resume=never")
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """The tiny default on 2 ranks (deepspeed launcher), 3 steps, checkpoints at steps 2 and 3."""
+    from swinv2_train.distributed import free_port
+
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    run = tmp / "run"
+    p = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
+                        str(free_port()), "--module", "swinv2_train.main", "train.max_steps=3", "train.ckpt_every=2",
+                        f"run.dir={run}", *QUICK], cwd=tmp, env=clean_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    tags = sorted(t for t in os.listdir(run / "checkpoints") if t.startswith("step_"))
+    assert tags == ["step_00000002", "step_00000003"]
+    return run
 
 
 @pytest.mark.slow
-def test_damaged_checkpoint_is_a_message(finished_run, tmp_path):
-    run = copy_run(finished_run, tmp_path)
-    f = run / "checkpoints" / "step_00000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    os.truncate(f, os.path.getsize(f) // 2)
+def test_resume_at_another_world_size_continues(two_rank_run, tmp_path):
+    run = copy_run(two_rank_run, tmp_path)
     p = swinv2_train(["train.max_steps=5", f"run.dir={run}", *QUICK], cwd=tmp_path)
-    assert_one_message(p, "damaged", "step_00000003", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "run.resume=never")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert "written by 2 ranks, this run has 1" in out
+    assert "(step 3," in out and "completed at step 5" in out, out[-3000:]
+    assert os.path.isdir(run / "checkpoints" / "step_00000003" / "universal")  # DeepSpeed's universal copy
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_falls_back_else_is_a_message(two_rank_run, tmp_path):
+    run = copy_run(two_rank_run, tmp_path)
+    victim = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    newest, previous = run / "checkpoints" / "step_00000003", run / "checkpoints" / "step_00000002"
+    os.truncate(newest / victim, os.path.getsize(newest / victim) // 2)
+    p = swinv2_train(["train.max_steps=2", f"run.dir={run}", *QUICK], cwd=tmp_path)  # step 2 is the last intact one
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert f"{newest} is damaged: {victim}" in out and f"previous intact checkpoint {previous}" in out
+    assert "already completed its 2 steps" in out
+    os.truncate(previous / victim, 0)
+    p = swinv2_train(["train.max_steps=5", f"run.dir={run}", *QUICK], cwd=tmp_path)
+    assert_one_message(p, "damaged", "step_00000003", victim, "no intact checkpoint", "run.resume=never")
     # with HYDRA_FULL_ERROR=1 the traceback comes to the terminal as well
     p = swinv2_train(["train.max_steps=5", f"run.dir={run}", *QUICK], cwd=tmp_path,
                      env=clean_env(HYDRA_FULL_ERROR="1"))
