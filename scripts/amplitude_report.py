@@ -3,7 +3,7 @@
     swinv2-amplitude-report RUN_DIR [--out DIR]
     python -m swinv2_tools.amplitude_report RUN_DIR [--out DIR]
 
-Reads RUN_DIR/metrics.jsonl (the trainer's `amp/NN/{mean_abs,rms,max}` and `logit_scale/NN` keys,
+Reads RUN_DIR/metrics.jsonl (the trainer's `amplitude/NN/{mean_abs,rms,max}` and `logit_scale/NN` keys,
 see train/amplitudes.py) and RUN_DIR/config.yaml when present (for stage boundaries), and writes:
 
 - `amplitude_layers.png`: activation amplitude of every block output versus block index, mean |x|
@@ -282,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             line += f", within deepest stage {s['mean_abs_ratio_deep_stage']:.3g}"
         print(line)
     else:
-        print("no amplitudes in metrics.jsonl (train.amp_every=0?)")
+        print("no amplitudes in metrics.jsonl (train.probe_every=0?)")
     print(f"diverged: {s['diverged']} (non-finite steps {s['nonfinite_steps']}, loss exploded {s['loss_exploded']}); "
           f"failed to train: {s['failed_to_train']}"
           + (f"; final val top-1 {s['final_val_top1']:.2f}%" if s.get("final_val_top1") is not None else ""))

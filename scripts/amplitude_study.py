@@ -71,10 +71,10 @@ def trainer_command() -> List[str]:
 
 
 def build_overrides(*, norm: str, attn: str, lr: float, steps: int, depth: int, run_dir: str, seed: int,
-                    amp_every: int, quick: bool) -> List[str]:
+                    probe_every: int, quick: bool) -> List[str]:
     ov = ["experiment=stability", f"model.norm_style={norm}", f"model.attn_type={attn}",
           f"model.depths=[1,1,{depth},1]", f"optim.lr={lr:g}", f"train.max_steps={steps}",
-          f"train.amp_every={amp_every}", f"run.dir={run_dir}", f"run.seed={seed}", "run.resume=never",
+          f"train.probe_every={probe_every}", f"run.dir={run_dir}", f"run.seed={seed}", "run.resume=never",
           "train.progress=lines", "train.nan_policy=skip", "train.max_consecutive_nonfinite=1000000"]
     if quick:  # seconds, not minutes: small batch, warmup shorter than the run
         ov += ["train.batch_size=8", "train.eval_batch_size=128", "train.log_every=1",
@@ -139,7 +139,7 @@ def same_setup(results: List[Dict[str, Any]]) -> Dict[str, Any]:
         c = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         model = {k: v for k, v in c["model"].items() if k not in ("norm_style", "attn_type")}
         key = {"data": c["data"], "model": model, "seed": c["run"]["seed"],
-               "train": {k: c["train"][k] for k in ("batch_size", "max_steps", "amp_every", "precision")},
+               "train": {k: c["train"][k] for k in ("batch_size", "max_steps", "probe_every", "precision")},
                "optim": {k: v for k, v in c["optim"].items() if k != "lr"}}
         prints[r["name"]] = json.dumps(key, sort_keys=True)
     groups = sorted(set(prints.values()))
@@ -283,7 +283,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lrs", default=None, help="comma-separated peak LRs (default 1e-3,1e-2; quick 1e-3)")
     p.add_argument("--variants", default=None,
                    help="comma-separated norm:attn pairs, or 'all' (default all; quick res_post:cosine,pre:dot)")
-    p.add_argument("--amp-every", type=int, default=None, help="amplitude logging interval (default steps/10)")
+    p.add_argument("--probe-every", "--amp-every", type=int, default=None, help="amplitude logging interval (default steps/10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="runs at the same time (default 1: sequential)")
     p.add_argument("--figures-dir", default=None, help="where the PNGs go (default OUT/figures)")
@@ -301,7 +301,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         for v in a.variants:
             if v not in VARIANTS:
                 p.error(f"--variants: {':'.join(v)} is not one of " + ", ".join(":".join(x) for x in VARIANTS))
-    a.amp_every = a.amp_every or max(1, a.steps // 10)
+    a.probe_every = a.probe_every or max(1, a.steps // 10)
     if a.jobs < 1:
         p.error("--jobs must be >= 1")
     return a
@@ -326,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             specs.append({"name": name, "lr": lr, "norm": norm, "attn": attn, "run_dir": run_dir,
                           "log": os.path.join(out, "logs", name + ".log"),
                           "overrides": build_overrides(norm=norm, attn=attn, lr=lr, steps=a.steps, depth=a.depth,
-                                                       run_dir=run_dir, seed=a.seed, amp_every=a.amp_every,
+                                                       run_dir=run_dir, seed=a.seed, probe_every=a.probe_every,
                                                        quick=a.quick)})
     print(f"amplitude study: {len(specs)} runs ({a.steps} steps, stage-3 depth {a.depth}, lrs {a.lrs}, "
           f"jobs {a.jobs}) -> {out}", flush=True)
@@ -356,7 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     figures = plot_study(results, fig_dir)
     table = summary_table(results)
     summary = {"config": {"steps": a.steps, "depth": a.depth, "lrs": a.lrs, "seed": a.seed,
-                          "amp_every": a.amp_every, "quick": a.quick, "jobs": a.jobs,
+                          "probe_every": a.probe_every, "quick": a.quick, "jobs": a.jobs,
                           "variants": [list(v) for v in a.variants],
                           "trainer": " ".join(trainer_command()[1:])},
                "git_head": git_head(), "same_setup": same_setup(results),

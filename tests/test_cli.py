@@ -130,7 +130,7 @@ def test_bugs_keep_their_traceback(capsys):
 
 
 # ----------------------------------------------------------------------------- subprocess runs
-QUICK = ["train.eval_every=0", "train.amp_every=0", "logger.wandb.mode=disabled", "logger.tensorboard=false"]
+QUICK = ["train.eval_every=0", "train.probe_every=0", "logger.wandb.mode=disabled", "logger.tensorboard=false"]
 
 
 def swinv2_train(args, cwd, env=None, timeout=600):

@@ -1,5 +1,7 @@
-"""Config tree: every recipe composes and validates with the paper's numbers; bad configs are
-rejected naming the key; DeepSpeed config and LR schedule. In-process, no process group."""
+"""Config tree -> run spec: every recipe composes and resolves with the paper's numbers; bad configs
+are rejected naming the key; the model node is SwinV2Config field by field; DeepSpeed config and LR
+schedule from the spec. In-process, no process group."""
+import dataclasses
 import math
 import os
 
@@ -9,8 +11,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
 import swinv2_train.config as C
-from swinv2_train.loop import cosine_lr
+from swinv2.config import SwinV2Config
 from swinv2_train.parallelize import build_ds_config
+from swinv2_train.spec import cosine_lr, resolve_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -50,10 +53,11 @@ def test_recipe_matches_paper(name):
     ov = [f"experiment={name}", *SHARDS]
     if "22kto1k" in name:
         ov.append(f"model.pretrained={os.path.join(REPO, 'setup.py')}")  # any existing file
-    cfg = C.validate(_compose(ov), world_size=8)
+    cfg = _compose(ov)
+    spec = resolve_spec(cfg, world_size=8, resolve_data=False)
     variant, img, win, lr, epochs, wd, dp, batch, warm, ncls = PAPER[name]
-    assert (cfg.model.variant, cfg.model.img_size, cfg.model.window_size) == (variant, img, win)
-    assert math.isclose(C.effective_lr(cfg), lr, rel_tol=1e-9)
+    assert (spec.variant, spec.model.img_size, spec.model.window_size) == (variant, img, win)
+    assert math.isclose(spec.schedule.lr, lr, rel_tol=1e-9)
     assert cfg.train.epochs == epochs and cfg.train.max_steps is None
     assert cfg.optim.weight_decay == wd and cfg.optim.clip_grad == 5.0
     assert cfg.model.drop_path_rate == dp and cfg.train.batch_size == batch
@@ -62,7 +66,7 @@ def test_recipe_matches_paper(name):
     if "22kto1k" in name:
         assert list(cfg.model.pretrained_window_sizes) == [12, 12, 12, 6]
         assert cfg.data.test_crop is (False if img == 384 else None)
-        assert math.isclose(C.effective_lr(cfg, cfg.sched.min_lr), 4e-7)  # official MIN_LR 2e-7 x 2
+        assert math.isclose(spec.schedule.min_lr, 4e-7)  # official MIN_LR 2e-7 x 2
     if variant == "giant":
         assert cfg.model.attention == "sequential" and cfg.train.precision == "bf16"
         assert cfg.train.activation_checkpointing.every == 1
@@ -112,19 +116,63 @@ def test_batch_divisibility_uses_world_size():
         C.validate(cfg, world_size=5)
 
 
+def _spec(overrides=(), world_size=1):
+    return resolve_spec(_compose(overrides), world_size, resolve_data=False)
+
+
+def test_spec_batch_geometry_and_schedule():
+    spec = _spec(["train.batch_size=64", "train.grad_accum=2", "optim.lr=1e-3", "optim.lr_batch_ref=32",
+                  "sched.warmup_steps=null", "sched.warmup_epochs=2", "train.max_steps=null", "train.epochs=3"], 4)
+    b = spec.batch
+    assert (b.global_batch, b.micro, b.accum, b.world_size, b.micro_global, b.eval_batch) == (64, 8, 2, 4, 32, 8)
+    s = spec.schedule
+    assert math.isclose(s.lr, 2e-3) and math.isclose(s.min_lr, 2e-5)  # x 64/32
+    assert s.total_steps(steps_per_epoch=10.5) == 32 and s.warmup(10.5) == 21
+    assert s.budget == ("train.epochs", 3.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.batch = None
+
+
+def test_model_node_is_swinv2config_field_by_field():
+    """Every SwinV2Config field but the class count (data.num_classes) is a model key; a key set
+    reaches the spec's SwinV2Config, an unset one is the variant's value or the dataclass default."""
+    model_keys = set(C.ModelConfig.__dataclass_fields__)
+    assert {f.name for f in dataclasses.fields(SwinV2Config)} - {"num_classes"} <= model_keys
+    spec = _spec(["model.mlp_ratio=2.0", "model.qkv_bias=false", "model.patch_size=2", "model.img_size=64",
+                  "model.window_size=4"])
+    assert (spec.model.mlp_ratio, spec.model.qkv_bias, spec.model.patch_size) == (2.0, False, 2)
+    assert resolve_spec(_compose(), 1).model.num_classes == 10  # resolved: the synthetic set's classes
+    assert spec.model.sequential_chunk == SwinV2Config.sequential_chunk  # unset: the dataclass default
+    assert _spec(["model.variant=base", "model.embed_dim=null", "model.depths=null",
+                  "model.num_heads=null"]).model.embed_dim == 128  # unset: the variant's value
+    with pytest.raises(C.ConfigError, match=r"^model.mlp_ratio: must be > 0"):
+        _spec(["model.mlp_ratio=0"])
+
+
+def test_deprecated_amp_every_is_probe_every(caplog):
+    assert _spec(["train.amp_every=7"]).train.probe_every == 7
+    assert "train.amp_every is deprecated" in caplog.text
+    assert _spec(["train.probe_every=3"]).train.probe_every == 3
+
+
+def test_task_group_default_and_unknown():
+    assert _spec().task.name == "classification"
+    with pytest.raises(C.ConfigError, match="task.name"):
+        _spec(["task.name=simmim"])
+
+
 def test_deepspeed_config():
-    cfg = _compose(["train.batch_size=64", "train.grad_accum=2", "train.precision=bf16"])
-    ds = build_ds_config(cfg, world_size=4)
+    ds = build_ds_config(_spec(["train.batch_size=64", "train.grad_accum=2", "train.precision=bf16"], 4))
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 2 * 4 == 64
     assert ds["zero_optimization"]["stage"] == 1
     assert ds["zero_optimization"]["overlap_comm"] and ds["zero_optimization"]["contiguous_gradients"]
     assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32"
     assert ds["data_types"]["buffer_dtype"] == "bf16"
     assert ds["gradient_clipping"] == 5.0 and "fp16" not in ds
-    ds16 = build_ds_config(_compose(["train.precision=fp16", "+deepspeed.extra.wall_clock_breakdown=true"]), 1)
+    ds16 = build_ds_config(_spec(["train.precision=fp16", "+deepspeed.extra.wall_clock_breakdown=true"]))
     assert ds16["fp16"]["enabled"] and ds16["fp16"]["loss_scale"] == 0  # dynamic
     assert ds16["wall_clock_breakdown"] is True  # deepspeed.extra merged verbatim
-    assert "bf16" not in build_ds_config(_compose(), 1)
+    assert "bf16" not in build_ds_config(_spec())
 
 
 def test_cosine_schedule():

@@ -94,6 +94,7 @@ def test_slurm_port_is_stable_and_in_range():
 
 
 # ----------------------------------------------------------------------------- env discovery
+@pytest.mark.slow  # worker subprocesses (torch + DeepSpeed start-up each)
 def test_single_process_defaults():
     out = _run_worker("env", _clean_env())
     assert out["rank"] == 0 and out["world_size"] == 1 and out["local_rank"] == 0
@@ -102,6 +103,7 @@ def test_single_process_defaults():
     assert out["DS_ACCELERATOR"] == "cpu" and out["is_main"]
 
 
+@pytest.mark.slow  # worker subprocesses (torch + DeepSpeed start-up each)
 def test_slurm_srun_task_env_mapping(tmp_path):
     """A one-task srun step: SLURM_* only, mapped to env:// (master via scontrol)."""
     conf = tmp_path / "slurm.conf"
@@ -118,6 +120,7 @@ def test_slurm_srun_task_env_mapping(tmp_path):
     assert out["MASTER_PORT"] == str(20000 + 4242)
 
 
+@pytest.mark.slow  # worker subprocesses (torch + DeepSpeed start-up each)
 def test_slurm_mapping_initialises_on_loopback(tmp_path):
     conf = tmp_path / "slurm.conf"
     conf.write_text(SLURM_CONF_MIN.replace("node[01-04]", "localhost"))
@@ -129,6 +132,7 @@ def test_slurm_mapping_initialises_on_loopback(tmp_path):
     assert out["MASTER_ADDR"] == "localhost"
 
 
+@pytest.mark.slow  # worker subprocesses (torch + DeepSpeed start-up each)
 def test_batch_shell_is_not_a_task(tmp_path):
     """The sbatch shell has SLURM_PROCID/SLURM_NTASKS=2 but no step: one process, no hang."""
     env = _clean_env(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0",
@@ -137,6 +141,7 @@ def test_batch_shell_is_not_a_task(tmp_path):
     assert out["launcher"] == "single" and out["world_size"] == 1
 
 
+@pytest.mark.slow  # worker subprocesses (torch + DeepSpeed start-up each)
 def test_torchrun_and_deepspeed_launcher_detection():
     out = _run_worker("env", _clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(D.free_port()),
@@ -148,14 +153,30 @@ def test_torchrun_and_deepspeed_launcher_detection():
     assert out["launcher"] == "deepspeed"
 
 
+@pytest.mark.parametrize("environ,expected", [
+    ({}, (0, 1, 0)),
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, (3, 4, 1)),               # torchrun / deepspeed
+    ({"SLURM_PROCID": "2", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0"}, (2, 8, 0)),
+    ({"SLURM_PROCID": "2", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4",
+      "SLURM_LOCALID": "2"}, (2, 4, 2)),                                             # the step's task count
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, (0, 1, 0)),                         # batch shell: one process
+    ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_STEP_ID": "0"}, (1, 2, 0)),  # launcher wins
+])
+def test_launch_ranks_is_the_one_reader(environ, expected):
+    assert D.launch_ranks(environ) == expected
+
+
 def test_helpers_without_process_group():
     assert D.all_reduce_max(True) == 1.0 and D.all_reduce_max(2.5) == 2.5
+    assert D.all_reduce_sum([1, 2.5]) == [1.0, 2.5] and D.all_reduce_max_list([3, 1]) == [3.0, 1.0]
+    assert D.sum_counts({"b": 2, "a": 1}) == {"b": 2, "a": 1}
     assert D.broadcast_object({"a": 1}) == {"a": 1}
     D.barrier()
     D.shutdown()
 
 
 # ----------------------------------------------------------------------------- collectives
+@pytest.mark.slow  # worker subprocesses (torch + DeepSpeed start-up each)
 def test_two_process_gloo_collectives():
     procs = _start_workers("allreduce", 2)
     outs = []
@@ -169,8 +190,11 @@ def test_two_process_gloo_collectives():
         assert o["flag_any"] == 1.0       # only rank 1 had True
         assert o["flag_none"] == 0.0
         assert o["obj"] == {"from": 0, "tag": "global_step7"}
+        assert o["sum"] == [2.0, 1.0]
+        assert o["counts"] == {"bad_label": 2, "corrupt_image": 2}  # the union of keys, summed
 
 
+@pytest.mark.slow  # worker subprocesses (torch + DeepSpeed start-up each)
 def test_dead_peer_gives_bounded_error():
     """Rank 1 exits hard before the collective: rank 0 must fail, not hang."""
     procs = _start_workers("die", 2, SWINV2_DIST_TIMEOUT="20")
@@ -204,7 +228,9 @@ def _worker(mode: str) -> None:
                "flag_any": D.all_reduce_max(env.rank == 1),
                "flag_none": D.all_reduce_max(False),
                "obj": D.broadcast_object({"from": env.rank, "tag": "global_step7"}
-                                         if env.rank == 0 else None)}
+                                         if env.rank == 0 else None),
+               "sum": D.all_reduce_sum([1.0, env.rank]),
+               "counts": D.sum_counts({"corrupt_image": 1 + env.rank} if env.rank else {"bad_label": 2})}
         D.barrier()
     elif mode == "die":
         D.barrier()

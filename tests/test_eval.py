@@ -175,7 +175,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evalrun")
     run_dir = tmp / "run"
     p = subprocess.run(["swinv2-train", f"run.dir={run_dir}", "train.max_steps=30", "logger=none",
-                        "train.amp_every=0", "train.progress=lines"],
+                        "train.probe_every=0", "train.progress=lines"],
                        cwd=tmp, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -39,6 +41,7 @@ def _wait_for(path: Path, timeout: float = 90) -> str:
     raise TimeoutError(path)
 
 
+@pytest.mark.slow  # two processes with a gloo group
 def test_signal_on_one_rank_stops_all_at_same_step(tmp_path):
     port = str(D.free_port())
     procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)], stdout=subprocess.PIPE,
@@ -80,6 +83,7 @@ def test_no_signal_no_stop_and_requeue_noop(monkeypatch):
         h.restore()
 
 
+@pytest.mark.slow  # a real scontrol waits for its controller to time out (~9 s)
 def test_requeue_failure_is_logged_not_raised(monkeypatch, tmp_path, caplog):
     # scontrol against a cluster that does not exist: must return False, not raise.
     conf = tmp_path / "slurm.conf"

@@ -45,6 +45,7 @@ def quick_study(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- the study, end to end
+@pytest.mark.slow  # subprocess trainers
 def test_quick_study_runs_all_requested_variants_and_writes_plots(quick_study):
     out, summary = quick_study
     runs = {(r["norm"], r["attn"]): r for r in summary["runs"]}
@@ -66,9 +67,9 @@ def test_quick_study_runs_all_requested_variants_and_writes_plots(quick_study):
         has_scale = any(k.startswith("logit_scale/") for rec in recs for k in rec)
         assert has_scale == (attn == "cosine")
         n_blocks = 1 + 1 + 2 + 1  # --quick: depths [1, 1, 2, 1]
-        amp_recs = [rec for rec in recs if "amp/00/mean_abs" in rec]
-        assert amp_recs and all(f"amp/{n_blocks - 1:02d}/max" in rec for rec in amp_recs)
-        assert not any(f"amp/{n_blocks:02d}/max" in rec for rec in amp_recs)
+        amp_recs = [rec for rec in recs if "amplitude/00/mean_abs" in rec]
+        assert amp_recs and all(f"amplitude/{n_blocks - 1:02d}/max" in rec for rec in amp_recs)
+        assert not any(f"amplitude/{n_blocks:02d}/max" in rec for rec in amp_recs)
     # identical seeds, data, budget and model apart from the variant (from the resolved configs)
     assert len({r["command"].split("run.seed=")[1].split()[0] for r in summary["runs"]}) == 1
     assert summary["same_setup"] == {"identical": True, "differing_runs": []}
@@ -142,10 +143,10 @@ def test_amplitude_stats_equal_direct_hook_computation():
     m = amplitude_metrics(stats, logit_scales(model))
     for i, e in expected.items():
         for k, v in e.items():
-            assert m[f"amp/{i:02d}/{k}"] == pytest.approx(v, rel=1e-5)
+            assert m[f"amplitude/{i:02d}/{k}"] == pytest.approx(v, rel=1e-5)
         assert m[f"logit_scale/{i:02d}"] == pytest.approx(direct_scales[i], rel=1e-6)
     assert m["logit_scale/05"] <= 100.0 + 1e-4 and max(direct_scales.values()) > 50
-    assert len([k for k in m if k.startswith("amp/")]) == 18
+    assert len([k for k in m if k.startswith("amplitude/")]) == 18
 
     # and what the report derives from those logged metrics
     recs = [{"step": 1, "train/loss": 2.0, **m}]
@@ -155,8 +156,8 @@ def test_amplitude_stats_equal_direct_hook_computation():
 
 
 def test_summary_flags_divergence_and_explosion():
-    amps = {f"amp/{i:02d}/mean_abs": float(2 ** i) for i in range(4)}
-    amps.update({f"amp/{i:02d}/max": float(10 * (i + 1)) for i in range(4)})
+    amps = {f"amplitude/{i:02d}/mean_abs": float(2 ** i) for i in range(4)}
+    amps.update({f"amplitude/{i:02d}/max": float(10 * (i + 1)) for i in range(4)})
     ok = [{"step": 1, "train/loss": 2.3, **amps}, {"step": 2, "train/loss": 2.0, "train/nonfinite_steps": 0},
           {"step": 2, "val/top1": 40.0, "val/loss": 1.9}]
     s = summarize_run(ok, depths=[1, 2, 1])
@@ -177,6 +178,7 @@ def test_summary_flags_divergence_and_explosion():
 
 
 # ----------------------------------------------------------------------------- report command
+@pytest.mark.slow  # subprocess trainers
 def test_report_on_real_trainer_run_dir(quick_study, tmp_path):
     _, summary = quick_study
     run = next(r for r in summary["runs"] if r["attn"] == "cosine")
@@ -188,9 +190,9 @@ def test_report_on_real_trainer_run_dir(quick_study, tmp_path):
         _assert_png(str(out / name))
     rep = json.load(open(out / "amplitude_summary.json"))
     recs = read_jsonl(os.path.join(run["run_dir"], "metrics.jsonl"))
-    last = [r for r in recs if "amp/00/mean_abs" in r][-1]
-    assert rep["mean_abs_ratio_all"] == pytest.approx(last["amp/04/mean_abs"] / last["amp/00/mean_abs"])
-    assert rep["mean_abs_ratio_deep_stage"] == pytest.approx(last["amp/03/mean_abs"] / last["amp/02/mean_abs"])
+    last = [r for r in recs if "amplitude/00/mean_abs" in r][-1]
+    assert rep["mean_abs_ratio_all"] == pytest.approx(last["amplitude/04/mean_abs"] / last["amplitude/00/mean_abs"])
+    assert rep["mean_abs_ratio_deep_stage"] == pytest.approx(last["amplitude/03/mean_abs"] / last["amplitude/02/mean_abs"])
     assert "last/first block" in p.stdout
 
 

@@ -1,5 +1,6 @@
 """The trainer end to end, as users run it (subprocess `swinv2-train`): artifacts and logs of the
-default run, official-format export, exact resume, commit markers, NaN policies."""
+default run, official-format export, exact resume, commit markers, NaN policies, preemption.
+Integration tests (slow); the policies themselves are unit-tested in test_trainer_units.py."""
 import glob
 import math
 import os
@@ -10,6 +11,8 @@ import sys
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A few-hundred-K-parameter SwinV2 at 32x32 (patch grid 8, W4): seconds per run on 2 cores.
@@ -79,7 +82,7 @@ def default_run(tmp_path_factory):
     """The embedded default (no model/data overrides) with a small step budget."""
     tmp = tmp_path_factory.mktemp("default")
     run_dir = tmp / "run"
-    p = train(["train.max_steps=8", "train.eval_every=4", "train.ckpt_every=4", "train.amp_every=4",
+    p = train(["train.max_steps=8", "train.eval_every=4", "train.ckpt_every=4", "train.probe_every=4",
                f"run.dir={run_dir}"], cwd=tmp)
     return str(run_dir), p
 
@@ -97,10 +100,10 @@ def test_default_run_artifacts(default_run):
     train_keys = set().union(*(r.keys() for r in recs if "train/loss" in r))
     assert {"lr", "train/grad_norm", "train/loss_scale", "train/skipped_steps", "train/images_per_s",
             "train/samples_seen", "train/peak_mem_mb", "train/data_wait_frac"} <= train_keys
-    amp = [r for r in recs if "amp/00/rms" in r]
+    amp = [r for r in recs if "amplitude/00/rms" in r]
     assert [r["step"] for r in amp] == [1, 4, 8]
     n_blocks = 5  # default depths 1,1,2,1
-    assert all(f"amp/{i:02d}/{s}" in amp[-1] for i in range(n_blocks) for s in ("mean_abs", "rms", "max"))
+    assert all(f"amplitude/{i:02d}/{s}" in amp[-1] for i in range(n_blocks) for s in ("mean_abs", "rms", "max"))
     assert f"logit_scale/{n_blocks - 1:02d}" in amp[-1]
     png = os.path.join(run_dir, "amplitudes.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -118,15 +121,15 @@ def test_default_run_tensorboard_and_wandb(default_run):
     acc = EventAccumulator(events[0])
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "lr", "val/top1", "amp/00/rms", "amp/04/max", "logit_scale/00"} <= tags
-    assert [e.step for e in acc.Scalars("amp/02/mean_abs")] == [1, 4, 8]
+    assert {"train/loss", "lr", "val/top1", "amplitude/00/rms", "amplitude/04/max", "logit_scale/00"} <= tags
+    assert [e.step for e in acc.Scalars("amplitude/02/mean_abs")] == [1, 4, 8]
 
     runs = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
     assert len(runs) == 1
     wid = open(os.path.join(run_dir, "wandb_id")).read().strip()
     assert runs[0].endswith(wid)
     keys = wandb_history_keys(glob.glob(os.path.join(runs[0], "*.wandb"))[0])
-    assert {"train/loss", "val/top1", "amp/00/rms", "amp/04/mean_abs", "logit_scale/03"} <= keys
+    assert {"train/loss", "val/top1", "amplitude/00/rms", "amplitude/04/mean_abs", "logit_scale/03"} <= keys
 
 
 def test_export_official_format_same_logits(default_run, tmp_path):
@@ -164,7 +167,7 @@ def test_resume_is_bit_identical_and_ignores_uncommitted(tmp_path):
     # augmentation, mixup/cutmix and drop path all draw random numbers; 80 samples per epoch
     # (5 steps) so the run crosses an epoch boundary after resuming mid-epoch at step 3
     common = [*TINY, "train.max_steps=8", "data.augment=light", "data.mixup=0.8", "data.cutmix=1.0",
-              "model.drop_path_rate=0.1", "data.train_samples=80", "train.amp_every=0"]
+              "model.drop_path_rate=0.1", "data.train_samples=80", "train.probe_every=0"]
     a, b = tmp_path / "a", tmp_path / "b"
     train([*common, f"run.dir={a}", "logger=none"], cwd=tmp_path)
     train([*common, f"run.dir={b}", "train.stop_at_step=3"], cwd=tmp_path)
@@ -194,7 +197,7 @@ def test_resume_is_bit_identical_and_ignores_uncommitted(tmp_path):
 
 def test_resume_with_other_worker_count_warns(tmp_path):
     """Mid-epoch positions are exact only for the worker count that wrote them: say so, keep going."""
-    common = [*TINY, "train.max_steps=6", "train.amp_every=0", "logger=none", "run.export_official=false",
+    common = [*TINY, "train.max_steps=6", "train.probe_every=0", "logger=none", "run.export_official=false",
               f"run.dir={tmp_path / 'r'}"]
     train([*common, "train.stop_at_step=3", "data.num_workers=1"], cwd=tmp_path)
     p = train([*common, "data.num_workers=2"], cwd=tmp_path)
@@ -205,7 +208,7 @@ def test_resume_with_other_worker_count_warns(tmp_path):
 
 
 # ----------------------------------------------------------------------------- NaN policies
-NAN_COMMON = [*TINY, "logger=none", "run.export_official=false", "train.amp_every=0"]
+NAN_COMMON = [*TINY, "logger=none", "run.export_official=false", "train.probe_every=0"]
 
 
 def test_nan_skip_leaves_weights_and_continues(tmp_path):
@@ -266,7 +269,7 @@ def test_bf16_accum_checkpointing_sequential_and_export(tmp_path):
     run = tmp_path / "run"
     p = train([*TINY, "train.max_steps=3", "train.grad_accum=2", "train.precision=bf16",
                "train.activation_checkpointing.every=1", "model.attention=sequential", "logger=none",
-               "train.amp_every=1", f"run.dir={run}"], cwd=tmp_path)
+               "train.probe_every=1", f"run.dir={run}"], cwd=tmp_path)
     log = p.stdout + p.stderr
     assert "checkpointed blocks=4" in log and "precision=bf16" in log and "8 micro x 2 accum" in log
     recs = [r for r in metrics(run) if "train/loss" in r]
@@ -280,21 +283,3 @@ def test_bf16_accum_checkpointing_sequential_and_export(tmp_path):
     assert module[w].dtype == torch.bfloat16 and exported[w].dtype == torch.float32
     assert torch.allclose(exported[w].to(torch.bfloat16).float(), module[w].float())  # bf16 = rounded master
     assert not torch.equal(exported[w], module[w].float())  # ... but the export kept fp32 precision
-
-
-def test_cpu_threads_leave_cores_for_data_workers(monkeypatch):
-    from swinv2_train.loop import cpu_threads
-
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.delenv("LOCAL_SIZE", raising=False)
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
-    assert cpu_threads(None, num_workers=4) == 12
-    assert cpu_threads(3, num_workers=4) == 3                      # explicit train.cpu_threads
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")                    # torchrun: 4 ranks share 16 cores
-    assert cpu_threads(None, num_workers=2) == 2
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    monkeypatch.setenv("LOCAL_SIZE", "8")                          # deepspeed launcher's name
-    assert cpu_threads(None, num_workers=4) == 1                   # never below one
-    monkeypatch.setenv("OMP_NUM_THREADS", "5")                     # the user's setting wins
-    assert cpu_threads(None, num_workers=4) == torch.get_num_threads()

@@ -63,7 +63,7 @@ def test_zero1_two_ranks_matches_one_rank(tmp_path):
 
     common = [*TINY, "train.max_steps=5", "data.augment=none", "model.drop_path_rate=0", "train.precision=fp32",
               "data.shuffle_buffer=0", "data.shard_shuffle=false", "data.train_samples=128",
-              f"data.val_shards='{syn['val_shards']}'", "logger=none", "train.amp_every=0",
+              f"data.val_shards='{syn['val_shards']}'", "logger=none", "train.probe_every=0",
               "run.export_official=false", "optim.lr=1e-3"]
     two, one = tmp_path / "two", tmp_path / "one"
     # `deepspeed` starts train/main.py as a script (sys.path handling) and appends --local_rank
@@ -97,3 +97,34 @@ def test_zero1_two_ranks_matches_one_rank(tmp_path):
     for part in (r0, r1, m0, m1):
         assert abs(part - n_params / 2) <= 64, (part, n_params)
     assert not (two / "checkpoints" / "step_00000005" / "zero_pp_rank_2_mp_rank_00_optim_states.pt").exists()
+
+
+def test_bad_sample_counts_are_summed_over_ranks(tmp_path):
+    """data/bad/* in metrics.jsonl are the counts of every rank (summed), not rank 0's: over one
+    epoch, two ranks report what one process reports for the same shards."""
+    from data_helpers import jpeg_bytes, write_tar
+
+    from swinv2_train.data import ensure_synthetic_shards
+
+    syn = ensure_synthetic_shards()
+    corrupt = {"A": (1, 5), "B": (2, 3, 9)}  # early, so every run reads past them
+    for name, bad in corrupt.items():
+        samples = [{"__key__": f"{name}{i:03d}", "jpg": b"not a jpeg" if i in bad else jpeg_bytes(i),
+                    "cls": str(i % 10).encode()} for i in range(32)]
+        write_tar(tmp_path / f"{name}.tar", samples)
+    good = 64 - 5
+    common = [*TINY, "train.batch_size=4", "train.max_steps=14", f"data.train_samples={good - good % 4}",
+              "data.augment=none", "data.shuffle_buffer=0", "data.shard_shuffle=false", "data.num_classes=10",
+              f"data.train_shards={tmp_path}/A.tar::{tmp_path}/B.tar", f"data.val_shards='{syn['val_shards']}'",
+              "logger=none", "train.probe_every=0", "train.eval_every=0", "run.export_official=false"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    train([*common, f"run.dir={two}"], cwd=REPO,
+          cmd=("deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--module", "swinv2_train.main"))
+    train([*common, f"run.dir={one}"], cwd=tmp_path)
+
+    def bad_counts(run):
+        last = [r for r in metrics(run) if "train/loss" in r][-1]
+        return last["step"], {k: v for k, v in last.items() if k.startswith("data/bad/")}
+
+    assert bad_counts(one) == bad_counts(two) == (14, {"data/bad/corrupt_image": 5})

@@ -1,6 +1,6 @@
-"""Activation-amplitude metrics (per block) and the amplitude-vs-layer plot.
+"""Activation-amplitude probe metrics (per block) and the amplitude-vs-layer plot.
 
-Keys: `amp/{layer:02d}/{mean_abs|rms|max}` (layer = block index of swinv2.iter_blocks) and
+Keys: `amplitude/{layer:02d}/{mean_abs|rms|max}` (layer = block index of swinv2.iter_blocks) and
 `logit_scale/{layer:02d}` (mean over heads of exp(clamped logit_scale)). `plot_amplitudes`
 only needs the records of metrics.jsonl, so report tools can reuse it.
 """
@@ -10,11 +10,12 @@ import math
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
-_AMP_RE = re.compile(r"^amp/(\d+)/(mean_abs|rms|max)$")
+PREFIX = "amplitude"  # metric keys amplitude/NN/stat (NN = block index of swinv2.iter_blocks)
+_AMP_RE = re.compile(rf"^{PREFIX}/(\d+)/(mean_abs|rms|max)$")
 
 
 def amplitude_metrics(stats: Dict[int, Dict[str, float]], scales: Dict[int, List[float]]) -> Dict[str, float]:
-    out = {f"amp/{i:02d}/{k}": v for i, s in stats.items() for k, v in s.items()}
+    out = {f"{PREFIX}/{i:02d}/{k}": v for i, s in stats.items() for k, v in s.items()}
     for i, heads in scales.items():
         out[f"logit_scale/{i:02d}"] = sum(heads) / len(heads)
     return out
@@ -49,6 +50,8 @@ def stage_ranges(depths: Optional[Sequence[int]]) -> List[range]:
 
 
 def plt_agg():
+    """matplotlib with the Agg backend; imported here, not at the top: about a second of import
+    that only the end-of-run plot and the report scripts need."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

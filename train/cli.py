@@ -19,6 +19,9 @@ import sys
 import traceback
 from typing import Iterator, List, NoReturn, Optional
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from swinv2_train.config import ConfigError
 from swinv2_train.errors import UsageError, UserError
 
 # Keys whose values are shard patterns: several values are joined with '::' (expand_shards).
@@ -81,8 +84,6 @@ def join_expanded_shards(args: List[str]) -> List[str]:
 
 
 def _parse(arg: str):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     return OverridesParser.create().parse_overrides([arg])[0]
 
 
@@ -174,8 +175,7 @@ def log_traceback_to_files(exc: BaseException) -> List[str]:
 
 
 def exit_code_for(exc: UserError) -> int:
-    from swinv2_train.config import ConfigError  # config errors were always status 2
-
+    """Config errors exit with status 2 (as they always did), others with their exit_code."""
     return 2 if isinstance(exc, ConfigError) else getattr(exc, "exit_code", 1)
 
 
@@ -195,8 +195,6 @@ def report_user_error(prog: str, exc: UserError, rank: int = 0, kind: str = "err
 
 
 def exit_with_message(prog: str, exc: UserError, rank: int = 0) -> NoReturn:
-    from swinv2_train.config import ConfigError
-
     log_traceback_to_files(exc)  # the terminal gets the message only (README: "When it stops")
     kind = "config error" if isinstance(exc, ConfigError) else "error"
     report_user_error(prog, exc, rank, kind)

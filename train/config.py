@@ -1,20 +1,20 @@
-"""Typed config schema for `swinv2-train` and the checks Hydra cannot express.
+"""Typed config schema for `swinv2-train` (what Hydra composes; swinv2_train.spec resolves it).
 
 The dataclasses are registered in Hydra's ConfigStore as `train_schema` and sit first in the
 defaults list of `configs/train.yaml`, so an unknown key or a wrong type fails while Hydra
-composes. `validate()` then checks values that depend on each other (batch vs world x accum,
-variant, window vs resolution, ...) before any process group or data exists; every error names
-its key.
+composes. Values that depend on each other (batch vs world x accum, variant, window vs
+resolution, ...) are checked when the run spec is built (`swinv2_train.spec.resolve_spec`);
+every error names its key. The `model` node is generated from swinv2.SwinV2Config.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Dict, List, Optional, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from swinv2.config import SwinV2Config
 from swinv2_train.data.config import DataConfig
 from swinv2_train.errors import UserError
 
@@ -49,7 +49,8 @@ class TrainLoopConfig:
     epochs: Optional[float] = None
     eval_every: int = 0                # 0: only at the end
     log_every: int = 10
-    amp_every: int = 50                # activation-amplitude probes; 0 off
+    probe_every: int = 50              # activation-amplitude probes (metrics amplitude/...); 0 off
+    amp_every: Optional[int] = None    # DEPRECATED name of probe_every (read when set, with a warning)
     ckpt_every: int = 0                # 0: only at the end (and on preemption)
     keep_ckpts: int = 2
     nan_policy: str = "skip"           # skip | fail
@@ -67,24 +68,52 @@ class TrainLoopConfig:
     debug_inject_nan_steps: List[int] = field(default_factory=list)
 
 
-@dataclass
-class ModelConfig:
-    variant: str = "tiny"
-    img_size: int = 256
-    window_size: int = 8
-    pretrained_window_sizes: List[int] = field(default_factory=lambda: [0, 0, 0, 0])
-    attention: str = "reference"       # reference | fused | sequential
-    drop_path_rate: float = 0.1
-    # optional overrides of the variant table (null: the variant's value)
-    embed_dim: Optional[int] = None
-    depths: Optional[List[int]] = None
-    num_heads: Optional[List[int]] = None
-    extra_norm_every: Optional[int] = None
-    sequential_chunk: Optional[int] = None
-    norm_style: Optional[str] = None   # res_post | pre (ablations / stability study)
-    attn_type: Optional[str] = None    # cosine | dot
-    pretrained: Optional[str] = None   # official-format weights to start from (fine-tuning)
-    pretrained_class_map: Optional[str] = None  # 22K->1K head rows (map22kto1k.txt)
+# The `model` node maps onto swinv2.SwinV2Config field by field: it is generated from that
+# dataclass, so a new model field is a new config key with no edit here. Every field is an
+# optional override (null: the variant's value, else SwinV2Config's default); the class count is
+# data.num_classes (it may come from the data source), not a model key.
+MODEL_FROM_DATA = ("num_classes",)
+
+
+def _optional(tp: Any) -> Any:
+    """SwinV2Config's annotation as an optional OmegaConf type (tuples are lists in YAML)."""
+    if get_origin(tp) is tuple:
+        tp = List[get_args(tp)[0]]
+    return Optional[tp]
+
+
+ModelConfig = make_dataclass(
+    "ModelConfig",
+    [("variant", str, field(default="tiny")),
+     *[(f.name, _optional(tp), field(default=None))
+       for f, tp in ((f, get_type_hints(SwinV2Config)[f.name]) for f in fields(SwinV2Config))
+       if f.name not in MODEL_FROM_DATA],
+     ("pretrained", Optional[str], field(default=None)),            # official-format weights to fine-tune
+     ("pretrained_class_map", Optional[str], field(default=None))])  # 22K->1K head rows (map22kto1k.txt)
+ModelConfig.__module__ = __name__
+MODEL_FIELDS = tuple(f.name for f in fields(SwinV2Config) if f.name not in MODEL_FROM_DATA)
+
+
+def model_kwargs(mcfg: Any, num_classes: int) -> Dict[str, Any]:
+    """`variant` and every SwinV2Config field set (non-null) in the `model` node, plus the class
+    count: the arguments of swinv2.create_model / SwinV2Config.from_variant."""
+    get = (lambda k: mcfg.get(k)) if isinstance(mcfg, (dict, DictConfig)) else (lambda k: getattr(mcfg, k, None))
+    kw: Dict[str, Any] = {"variant": get("variant")}
+    for k in MODEL_FIELDS:
+        v = get(k)
+        if v is not None:
+            kw[k] = tuple(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else v
+    kw["num_classes"] = num_classes
+    return kw
+
+
+def model_config(mcfg: Any, num_classes: int) -> SwinV2Config:
+    """The model's SwinV2Config from the `model` node; errors name the key (`model.<field>`)."""
+    kw = model_kwargs(mcfg, num_classes)
+    try:
+        return SwinV2Config.from_variant(kw.pop("variant"), **kw)
+    except ValueError as e:  # "field: message" -> "model.field: message"
+        raise ConfigError(f"model.{e}") from None
 
 
 @dataclass
@@ -140,6 +169,14 @@ class LoggerConfig:
     jsonl: bool = True
 
 
+TASKS = ("classification",)  # configs/task/<name>.yaml; train/tasks/<name>.py
+
+
+@dataclass
+class TaskConfig:
+    name: str = "classification"       # what a batch is trained for: its loss, metrics and eval
+
+
 @dataclass
 class TrainSchema:
     run: RunConfig = field(default_factory=RunConfig)
@@ -150,6 +187,7 @@ class TrainSchema:
     sched: SchedConfig = field(default_factory=SchedConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 def register() -> None:
@@ -159,155 +197,10 @@ def register() -> None:
 register()
 
 
-# ----------------------------------------------------------------------------- checks
-def expected_world_size() -> int:
-    """World size from the launcher's environment, before any process group exists."""
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:  # srun task (see distributed.py)
-        return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1"))
-    return 1
-
-
-def expected_rank() -> int:
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:
-        return int(os.environ["SLURM_PROCID"])
-    return 0
-
-
-def effective_lr(cfg: DictConfig, value: Optional[float] = None) -> float:
-    """Official linear scaling: lr * global_batch / lr_batch_ref (no scaling when ref is null)."""
-    value = cfg.optim.lr if value is None else value
-    ref = cfg.optim.lr_batch_ref
-    return float(value) if not ref else float(value) * cfg.train.batch_size / ref
-
-
-def model_kwargs(mcfg: Any, num_classes: int) -> Dict[str, Any]:
-    """Arguments of swinv2.create_model from the `model` node."""
-    kw = dict(variant=mcfg.variant, img_size=mcfg.img_size, window_size=mcfg.window_size,
-              num_classes=num_classes, pretrained_window_sizes=tuple(mcfg.pretrained_window_sizes),
-              attention=mcfg.attention, drop_path_rate=mcfg.drop_path_rate)
-    for k in ("embed_dim", "depths", "num_heads", "extra_norm_every", "sequential_chunk", "norm_style", "attn_type"):
-        v = mcfg[k] if isinstance(mcfg, DictConfig) else getattr(mcfg, k)
-        if v is not None:
-            kw[k] = tuple(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else v
-    return kw
-
-
-def _fail(key: str, msg: str) -> None:
-    raise ConfigError(f"{key}: {msg}")
-
-
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> DictConfig:
-    """Reject impossible values, naming the key. Needs no process group, data or model weights."""
-    import swinv2
-    from swinv2.config import SwinV2Config
+    """Check `cfg` without touching data or devices: building the run spec is the validation
+    (see swinv2_train.spec.resolve_spec). Returns `cfg`."""
+    from swinv2_train.spec import resolve_spec  # spec.py imports this module (the schema)
 
-    world = expected_world_size() if world_size is None else world_size
-    t, m, o, s = cfg.train, cfg.model, cfg.optim, cfg.sched
-
-    # -- batch geometry
-    if t.batch_size < 1:
-        _fail("train.batch_size", f"must be >= 1, got {t.batch_size}")
-    if t.grad_accum < 1:
-        _fail("train.grad_accum", f"must be >= 1, got {t.grad_accum}")
-    if t.batch_size % (world * t.grad_accum):
-        _fail("train.batch_size", f"global batch {t.batch_size} is not divisible by world_size x "
-              f"grad_accum = {world} x {t.grad_accum}")
-    if t.max_steps is None and t.epochs is None:
-        _fail("train.max_steps", "set train.max_steps or train.epochs")
-    if t.max_steps is not None and t.max_steps < 1:
-        _fail("train.max_steps", f"must be >= 1, got {t.max_steps}")
-    if t.epochs is not None and t.epochs <= 0:
-        _fail("train.epochs", f"must be > 0, got {t.epochs}")
-    for k in ("eval_every", "log_every", "amp_every", "ckpt_every"):
-        if t[k] < 0:
-            _fail(f"train.{k}", f"must be >= 0, got {t[k]}")
-    if t.log_every < 1:
-        _fail("train.log_every", "must be >= 1")
-    if t.keep_ckpts < 1:
-        _fail("train.keep_ckpts", f"must be >= 1, got {t.keep_ckpts}")
-    if t.nan_policy not in NAN_POLICIES:
-        _fail("train.nan_policy", f"{t.nan_policy!r} is not one of {NAN_POLICIES}")
-    if t.max_consecutive_nonfinite < 1:
-        _fail("train.max_consecutive_nonfinite", "must be >= 1")
-    if t.precision not in PRECISIONS:
-        _fail("train.precision", f"{t.precision!r} is not one of {PRECISIONS}")
-    if t.progress not in ("auto", "bar", "lines"):
-        _fail("train.progress", f"{t.progress!r} is not one of auto|bar|lines")
-    if t.activation_checkpointing.every < 0:
-        _fail("train.activation_checkpointing.every", "must be >= 0 (0 = off)")
-    if t.eval_batch_size is not None and t.eval_batch_size < 1:
-        _fail("train.eval_batch_size", "must be >= 1 or null")
-
-    # -- model: variant, then the geometry checks of the model's own config
-    if m.variant not in swinv2.VARIANTS:
-        _fail("model.variant", f"unknown variant {m.variant!r}; valid: {', '.join(swinv2.VARIANTS)}")
-    kw = model_kwargs(m, cfg.data.num_classes or 1)  # null: known once the data is resolved
-    variant = kw.pop("variant")
-    try:
-        mc = SwinV2Config.from_variant(variant, **kw)
-    except ValueError as e:  # "field: message" -> "model.field: message"
-        raise ConfigError(f"model.{e}") from None
-    n_stages = len(mc.depths)
-    for st in t.activation_checkpointing.stages or []:
-        if not 0 <= st < n_stages:
-            _fail("train.activation_checkpointing.stages", f"stage {st} outside 0..{n_stages - 1}")
-    if m.pretrained is None and any(m.pretrained_window_sizes):
-        _fail("model.pretrained", "required: pretrained_window_sizes is set, i.e. this is a fine-tuning "
-              "recipe; give the pre-trained weights (official format)")
-    if m.pretrained is not None and not os.path.exists(m.pretrained):
-        _fail("model.pretrained", f"file not found: {m.pretrained}")
-
-    # -- optimizer and schedule
-    if o.name != "adamw":
-        _fail("optim.name", f"only 'adamw' is supported, got {o.name!r}")
-    if o.lr <= 0:
-        _fail("optim.lr", f"must be > 0, got {o.lr}")
-    if o.lr_batch_ref is not None and o.lr_batch_ref < 1:
-        _fail("optim.lr_batch_ref", "must be >= 1 or null")
-    if o.weight_decay < 0:
-        _fail("optim.weight_decay", "must be >= 0")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        _fail("optim.betas", f"must be two values in [0, 1), got {list(o.betas)}")
-    if o.clip_grad is not None and o.clip_grad < 0:
-        _fail("optim.clip_grad", "must be >= 0 or null")
-    if o.fused not in ("auto", "apex", "torch"):
-        _fail("optim.fused", f"{o.fused!r} is not one of auto|apex|torch")
-    if s.name != "cosine":
-        _fail("sched.name", f"only 'cosine' is supported, got {s.name!r}")
-    if s.warmup_steps is not None and s.warmup_steps < 0:
-        _fail("sched.warmup_steps", "must be >= 0")
-    if s.warmup_epochs is not None and s.warmup_epochs < 0:
-        _fail("sched.warmup_epochs", "must be >= 0")
-    if s.min_lr < 0 or s.warmup_lr < 0:
-        _fail("sched.min_lr", "min_lr and warmup_lr must be >= 0")
-    if s.min_lr > o.lr:
-        _fail("sched.min_lr", f"{s.min_lr} is above optim.lr {o.lr}")
-
-    # -- deepspeed / logging / run
-    # ZeRO's overflow check is what discards non-finite gradients (nan_policy=skip); stage 0 fp32
-    # would apply them
-    if cfg.deepspeed.zero_stage not in (1, 2):
-        _fail("deepspeed.zero_stage", f"must be 1 or 2 (this trainer uses ZeRO-1), got {cfg.deepspeed.zero_stage}")
-    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
-        _fail("logger.wandb.mode", f"{cfg.logger.wandb.mode!r} is not one of offline|online|disabled")
-    if not cfg.run.dir:
-        _fail("run.dir", "must not be empty")
-    if cfg.run.resume not in ("auto", "never") and not os.path.exists(cfg.run.resume):
-        _fail("run.resume", f"not 'auto', 'never' or an existing path: {cfg.run.resume}")
-
-    # -- data: the data package checks its own fields and the choice of source (data.root,
-    # shard patterns or the synthetic set); reading _info.json or counting shards waits for
-    # resolve_sources, once, when the run starts
-    try:
-        from swinv2_train.data.sources import check_sources
-
-        check_sources(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)).validate())
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if t.eval_class_map is not None and not os.path.exists(t.eval_class_map):
-        _fail("train.eval_class_map", f"file not found: {t.eval_class_map}")
+    resolve_spec(cfg, world_size, resolve_data=False)
     return cfg

@@ -1,4 +1,10 @@
-"""Process-group setup for every way the trainer is started.
+"""The trainer's one collectives module: rank discovery, process-group setup, barriers and
+reductions. Nothing else in train/ reads RANK/WORLD_SIZE/SLURM_* or calls torch.distributed.
+
+* :func:`launch_ranks` (rank, world size, local rank) from the launcher's variables, before any
+  process group (config checks and error printing need them that early);
+* :func:`barrier`, :func:`all_reduce_sum`, :func:`all_reduce_max`, :func:`all_reduce_max_list`,
+  :func:`sum_counts`, :func:`broadcast_object`: no-ops (the local value) without a process group.
 
 One entry point, :func:`init_distributed`, works under
 
@@ -24,7 +30,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -129,18 +135,42 @@ def slurm_master_addr(nodelist: str) -> str:
     return _expand_first_host(nodelist)
 
 
-def _map_slurm_env() -> bool:
-    """Export torch ``env://`` variables from an ``srun`` task's SLURM variables.
+def _is_srun_task(environ=os.environ) -> bool:
+    """Inside a SLURM job *step* (an srun task). The batch shell also has SLURM_PROCID=0 and
+    SLURM_NTASKS=N, but a python started there directly is one process, and treating it as rank 0
+    of N would hang."""
+    return "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ
 
-    Only inside a job *step*: the batch shell also has SLURM_PROCID=0 and SLURM_NTASKS=N, but a
-    python started there directly is one process, and treating it as rank 0 of N would hang.
-    """
-    if "SLURM_PROCID" not in os.environ or "SLURM_STEP_ID" not in os.environ:
+
+def launch_ranks(environ=os.environ) -> tuple[int, int, int]:
+    """(rank, world size, local rank) as the launcher set them, before any process group exists:
+    torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK), an srun task (SLURM_PROCID,
+    SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_LOCALID), else one process (0, 1, 0).
+    The one place that reads them (config checks, error printing and init_distributed use it)."""
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        return (int(environ.get("RANK", "0")), int(environ.get("WORLD_SIZE", "1")),
+                int(environ.get("LOCAL_RANK", "0")))
+    if _is_srun_task(environ):
+        ntasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS", "1")
+        return int(environ["SLURM_PROCID"]), int(ntasks), int(environ.get("SLURM_LOCALID", "0"))
+    return 0, 1, int(environ.get("LOCAL_RANK", "0"))
+
+
+def launch_rank() -> int:
+    return launch_ranks()[0]
+
+
+def launch_world_size() -> int:
+    return launch_ranks()[1]
+
+
+def _map_slurm_env() -> bool:
+    """Export torch ``env://`` variables from an ``srun`` task's SLURM variables (see
+    :func:`_is_srun_task`: only inside a job step)."""
+    if not _is_srun_task():
         return False
-    ntasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1")
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = ntasks
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    rank, world_size, local_rank = launch_ranks()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     if "MASTER_ADDR" not in os.environ:
         nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
         os.environ["MASTER_ADDR"] = slurm_master_addr(nodelist) if nodelist else "127.0.0.1"
@@ -186,8 +216,7 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistEnv:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
+    rank, world_size, local_rank = launch_ranks()
     if world_size == 1:
         # Loopback only: a single process never needs another host.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -278,23 +307,54 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def _live() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _live():
         dist.barrier()
+
+
+def _all_reduce(values: Sequence[float], op) -> list[float]:
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device())
+    if _live():
+        dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sum over all ranks (the values themselves without a process group)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(value: float | bool) -> float:
     """Max of ``value`` over all ranks (plain ``float(value)`` without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return _all_reduce([value], dist.ReduceOp.MAX)[0]
+
+
+def all_reduce_max_list(values: Sequence[float]) -> list[float]:
+    """Element-wise max over all ranks."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def sum_counts(counts: Dict[str, int]) -> Dict[str, int]:
+    """{key: count} summed over all ranks; the key sets may differ between ranks (every rank
+    ends with the union). Collective."""
+    if not _live():
+        return dict(counts)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: Dict[str, int] = {}
+    for part in gathered:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + int(v)
+    return dict(sorted(total.items()))
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank (picklable objects)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _live():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src, device=_device())
@@ -304,7 +364,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def shutdown() -> None:
     """Destroy the process group. Skipping this can make a finished SLURM task abort (134)."""
     global _ENV
-    if dist.is_available() and dist.is_initialized():
+    if _live():
         try:
             dist.destroy_process_group()
         except Exception as e:  # shutting down after a peer failure must not mask the real error

@@ -17,9 +17,29 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+import swinv2
+from swinv2.class_map import load_class_map
+from swinv2.config import SwinV2Config
+from swinv2.weights import CheckpointMismatchError, canonical_key, unwrap_checkpoint
+from swinv2_train.checkpoint import (MARKER, fp32_state_dict, latest_committed, list_checkpoints, saved_config,
+                                     tag_for, unreadable_files)
+from swinv2_train.cli import prepare_overrides  # shard lists and brace patterns, as for swinv2-train
+from swinv2_train.config import TrainSchema, model_kwargs  # importing it registers the schema
+from swinv2_train.data import build_eval_loader
+from swinv2_train.data import shards as S
+from swinv2_train.data.config import as_data_config
+from swinv2_train.data.sources import resolve_sources
+from swinv2_train.distributed import all_reduce_sum
 from swinv2_train.errors import CheckpointError, UsageError, UserError
+from swinv2_train.rng import isolated_rng
 
 log = logging.getLogger("swinv2-eval")
 
@@ -79,9 +99,6 @@ def evaluate(model: nn.Module, data_cfg, *, img_size: int, batch_size: int, devi
     Every sample is seen once across ranks; with a process group the sums are all-reduced, so
     every rank returns the totals. `class_map` selects logit columns (22K head on 1K labels).
     The model's train/eval mode and the global RNG streams are left as they were."""
-    from swinv2_train.data import build_eval_loader
-    from swinv2_train.loop import all_reduce_sum, isolated_rng  # here: loop.py imports this module
-
     was_training = model.training
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]  # loss*n, top1, top5, n
@@ -101,7 +118,7 @@ def evaluate(model: nn.Module, data_cfg, *, img_size: int, batch_size: int, devi
             sums[2] += hit.any(dim=1).sum().item()
             sums[3] += y.numel()
     model.train(was_training)
-    s = all_reduce_sum(sums, device).tolist()  # ranks may see different batch counts
+    s = all_reduce_sum(sums)  # ranks may see different batch counts
     n = max(1.0, s[3])
     return {"val/loss": s[0] / n, "val/top1": 100.0 * s[1] / n, "val/top5": 100.0 * s[2] / n,
             "val/samples": s[3]}
@@ -141,7 +158,6 @@ def parse_args(argv: List[str]) -> EvalArgs:
     if source is None:
         raise UsageError("give a run directory or an official-format .pth file first, e.g. "
                         "swinv2-eval runs/default (see swinv2-eval --help)")
-    from swinv2_train.cli import prepare_overrides  # shard lists and brace patterns, as for swinv2-train
 
     return EvalArgs(source, prepare_overrides(rest), json_out, step)
 
@@ -157,8 +173,6 @@ _TAG_RE = re.compile(r"^step_\d{8}$")
 
 def find_checkpoint(path: str, step: Optional[int]) -> Tuple[str, str]:
     """(run dir, committed checkpoint dir) for a run dir, its checkpoints/ dir or a tag dir."""
-    from swinv2_train.checkpoint import MARKER, latest_committed, list_checkpoints, tag_for
-
     path = os.path.abspath(path)
     if _TAG_RE.match(os.path.basename(path)):
         tag_dir, run_dir = path, os.path.dirname(os.path.dirname(path))
@@ -181,8 +195,6 @@ def find_checkpoint(path: str, step: Optional[int]) -> Tuple[str, str]:
 def _schema_keys_only(saved: Any, schema: Any) -> Any:
     """The saved config without keys the current schema no longer has (runs written by an older
     version stay evaluable); free-form nodes (dicts of Any) are kept whole."""
-    from omegaconf import DictConfig, OmegaConf
-
     if not isinstance(saved, dict) or not isinstance(schema, DictConfig) or \
             OmegaConf.get_type(schema) in (dict, None):
         return saved
@@ -191,11 +203,6 @@ def _schema_keys_only(saved: Any, schema: Any) -> Any:
 
 def load_run_config(run_dir: str, tag_dir: str) -> Dict[str, Any]:
     """The config the checkpoint was written with (its own copy, else the run's config.yaml)."""
-    from omegaconf import OmegaConf
-
-    from swinv2_train.checkpoint import saved_config
-    from swinv2_train.config import TrainSchema
-
     saved = saved_config(tag_dir)
     path = os.path.join(run_dir, "config.yaml")
     if saved is None and os.path.isfile(path):
@@ -208,8 +215,6 @@ def load_run_config(run_dir: str, tag_dir: str) -> Dict[str, Any]:
 
 def load_checkpoint_weights(tag_dir: str) -> Dict[str, torch.Tensor]:
     """fp32 master weights of a committed checkpoint; damaged files end in a UserError."""
-    from swinv2_train.checkpoint import fp32_state_dict, unreadable_files
-
     bad = unreadable_files(tag_dir)
     if bad:
         raise CheckpointError(f"checkpoint {tag_dir} cannot be read ({bad[0][0]}: {bad[0][1]}): damaged or "
@@ -220,14 +225,6 @@ def load_checkpoint_weights(tag_dir: str) -> Dict[str, torch.Tensor]:
 def compose_config(overrides: List[str], base: Optional[Dict[str, Any]] = None):
     """swinv2-train's config tree with `overrides`; with `base` (a run's saved config) that
     config replaces the default tree and the overrides apply on top of it."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    import swinv2_train.config  # noqa: F401  (registers the schema)
-
     name = "train"
     if base is not None:
         name = "swinv2_eval_run"
@@ -246,10 +243,8 @@ def compose_config(overrides: List[str], base: Optional[Dict[str, Any]] = None):
 
 
 def load_weights(path: str) -> Dict[str, torch.Tensor]:
-    from swinv2.weights import _unwrap_checkpoint
-
     try:
-        return dict(_unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True)))
+        return dict(unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True)))
     except Exception as e:  # a text file, a pickle with code, a truncated file, ...
         raise CheckpointError(f"{path}: not a readable official-format state dict ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); give a .pth written by "
@@ -266,8 +261,6 @@ def checkpoint_windows(state_dict: Dict[str, torch.Tensor]) -> Dict[int, Tuple[i
     The table holds offsets normalised by (P-1), P = the window the position-bias MLP was
     trained with (pretrained_window_size, or the block's own window M), scaled to +-8 and
     log-spaced: its largest entry is log2(1 + 8 (M-1)/(P-1)) / 3, which gives P back."""
-    from swinv2.weights import canonical_key
-
     out = {}
     for key, table in state_dict.items():
         m = _COORDS_RE.match(canonical_key(key))
@@ -285,8 +278,6 @@ def checkpoint_windows(state_dict: Dict[str, torch.Tensor]) -> Dict[int, Tuple[i
 
 def checkpoint_architecture(state_dict: Dict[str, torch.Tensor]) -> str:
     """The checkpoint's sizes as model.* keys (for the message of a shape mismatch)."""
-    from swinv2.weights import canonical_key
-
     names = {canonical_key(k): v for k, v in state_dict.items()}
     embed = names.get("patch_embed.proj.weight")
     blocks: Dict[int, int] = {}
@@ -335,12 +326,6 @@ def window_transfer(model_cfg, state_dict, user_keys: set) -> Tuple[Optional[Lis
 
 def build_model(cfg, state_dict, user_keys: set, source: str) -> Tuple[nn.Module, List[str]]:
     """The model of `cfg.model` (classes: the checkpoint's head), loaded with `state_dict`."""
-    import swinv2
-    from swinv2.config import SwinV2Config
-    from swinv2.weights import CheckpointMismatchError, canonical_key
-
-    from swinv2_train.config import model_kwargs
-
     head = next((v for k, v in state_dict.items() if canonical_key(k) == "head.weight"), None)
     if head is None:
         raise CheckpointError(f"{source}: the checkpoint has no classification head (head.weight), "
@@ -378,10 +363,6 @@ def build_model(cfg, state_dict, user_keys: set, source: str) -> Tuple[nn.Module
 # ----------------------------------------------------------------------------- data
 def eval_data_config(cfg):
     """The validation source of `cfg.data`, resolved (shards, sample count, classes)."""
-    from swinv2_train.data import shards as S
-    from swinv2_train.data.config import as_data_config
-    from swinv2_train.data.sources import resolve_sources
-
     try:
         d = resolve_sources(as_data_config(cfg.data), ("val",))
     except (ValueError, FileNotFoundError) as e:
@@ -400,8 +381,6 @@ def eval_data_config(cfg):
 
 def eval_class_map(cfg, num_outputs: int, num_classes: Optional[int]) -> Optional[torch.Tensor]:
     """train.eval_class_map as logit columns; checks that the scored classes match the labels."""
-    from swinv2.weights import read_class_map
-
     path = cfg.train.eval_class_map
     if path is None:
         if num_classes is not None and num_outputs != num_classes:
@@ -412,7 +391,7 @@ def eval_class_map(cfg, num_outputs: int, num_classes: Optional[int]) -> Optiona
                             "checkpoint's classes")
         return None
     try:
-        index = read_class_map(path, num_source=num_outputs)
+        index = torch.tensor(load_class_map(path).source_indices(num_outputs), dtype=torch.int64)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"train.eval_class_map={path}: {e}") from None
     if num_classes is not None and index.numel() != num_classes:
@@ -457,7 +436,7 @@ def run_eval(args: EvalArgs) -> Dict[str, Any]:
     t = cfg.train
     batch_size = t.eval_batch_size or max(1, t.batch_size // t.grad_accum)
     start = time.perf_counter()
-    metrics = evaluate(model, data_cfg, img_size=cfg.model.img_size, batch_size=batch_size,
+    metrics = evaluate(model, data_cfg, img_size=model.config.img_size, batch_size=batch_size,
                        device=device, dtype=dtype,
                        class_map=class_map.to(device) if class_map is not None else None)
     seconds = time.perf_counter() - start
@@ -469,8 +448,8 @@ def run_eval(args: EvalArgs) -> Dict[str, Any]:
         "top1": metrics["val/top1"], "top5": metrics["val/top5"], "loss": metrics["val/loss"],
         "samples": int(metrics["val/samples"]), "seconds": seconds,
         "images_per_s": metrics["val/samples"] / max(seconds, 1e-9),
-        "model": {"variant": cfg.model.variant, "img_size": cfg.model.img_size,
-                  "window_size": cfg.model.window_size, "num_classes": outputs,
+        "model": {"variant": cfg.model.variant, "img_size": model.config.img_size,
+                  "window_size": model.config.window_size, "num_classes": outputs,
                   "pretrained_window_sizes": list(model.config.pretrained_window_sizes),
                   "params": sum(p.numel() for p in model.parameters())},
         "val_shards": data_cfg.val_shards, "batch_size": batch_size,

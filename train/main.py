@@ -16,8 +16,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 import swinv2_train.config  # noqa: E402,F401  (registers the schema in Hydra's ConfigStore)
 from swinv2_train.cli import prepare_overrides, user_errors_as_messages  # noqa: E402
-from swinv2_train.config import expected_rank  # noqa: E402
-from swinv2_train.distributed import strip_launcher_args  # noqa: E402
+from swinv2_train.distributed import launch_rank, strip_launcher_args  # noqa: E402
 
 
 # The config tree ships inside the package (the repository's configs/ folder, installed as
@@ -30,23 +29,23 @@ PROG = "swinv2-train"
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    from swinv2_train.loop import run
+    from swinv2_train.loop import run  # deferred: --help and --cfg job need none of the trainer's imports
     # A UserError (bad config, corrupt data, a checkpoint that does not fit, ...) ends as one
     # message; its traceback goes to the run's train.log (and the terminal with HYDRA_FULL_ERROR=1).
-    with user_errors_as_messages(PROG, expected_rank()):
+    with user_errors_as_messages(PROG, launch_rank()):
         run(cfg)
 
 
 def _rank_overrides(argv: list[str]) -> list[str]:
     """Ranks > 0 share rank 0's run dir: no .hydra/ copy and no log file of their own."""
-    if expected_rank() == 0:
+    if launch_rank() == 0:
         return argv
     return argv + ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
 def main() -> None:
     argv = strip_launcher_args(sys.argv)
-    with user_errors_as_messages(PROG, expected_rank()):  # an override Hydra cannot parse: one line
+    with user_errors_as_messages(PROG, launch_rank()):  # an override Hydra cannot parse: one line
         args = prepare_overrides(argv[1:])
     sys.argv = _rank_overrides([argv[0], *args])  # before Hydra parses argv
     _hydra_main()

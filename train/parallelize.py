@@ -8,23 +8,21 @@ import logging
 from typing import Any, Dict, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 import swinv2
-from swinv2_train.config import effective_lr
+from swinv2_train.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
 
-def build_ds_config(cfg: DictConfig, world_size: int) -> Dict[str, Any]:
-    """The DeepSpeed JSON from the Hydra config (train.*, optim.*, deepspeed.*)."""
-    t, ds = cfg.train, cfg.deepspeed
-    micro = t.batch_size // (world_size * t.grad_accum)
+def build_ds_config(spec: RunSpec) -> Dict[str, Any]:
+    """The DeepSpeed JSON of the spec (batch geometry, precision, optim.clip_grad, deepspeed.*)."""
+    t, ds, b = spec.train, spec.deepspeed, spec.batch
     conf: Dict[str, Any] = {
-        "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": float(cfg.optim.clip_grad or 0.0),
+        "train_batch_size": b.global_batch,
+        "train_micro_batch_size_per_gpu": b.micro,
+        "gradient_accumulation_steps": b.accum,
+        "gradient_clipping": float(spec.optim.clip_grad or 0.0),
         "zero_optimization": {
             "stage": ds.zero_stage,
             # overlap_comm defaults to on only for stage 3: set it explicitly
@@ -53,7 +51,7 @@ def build_ds_config(cfg: DictConfig, world_size: int) -> Dict[str, Any]:
         # DeepSpeed casts only parameters by default; the CPB coordinate table and the shift mask
         # are float buffers that meet bf16/fp16 weights inside the model, so cast them too
         conf.setdefault("data_types", {})["buffer_dtype"] = t.precision
-    return _merge(conf, OmegaConf.to_container(ds.extra, resolve=True))
+    return _merge(conf, dict(ds.extra))
 
 
 def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -71,10 +69,10 @@ def _apex_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _use_apex(cfg: DictConfig) -> bool:
-    if cfg.optim.fused == "torch":
+def _use_apex(fused: str) -> bool:
+    if fused == "torch":
         return False
-    if cfg.optim.fused == "apex" and not _apex_available():
+    if fused == "apex" and not _apex_available():
         raise RuntimeError("optim.fused=apex but apex is not importable (or no CUDA device)")
     return _apex_available()
 
@@ -94,42 +92,42 @@ def swap_fused_layernorm(model: torch.nn.Module) -> int:
     return n
 
 
-def build_optimizer(cfg: DictConfig, model: torch.nn.Module, use_apex: bool) -> torch.optim.Optimizer:
-    groups = swinv2.param_groups(model, cfg.optim.weight_decay)  # official wd exclusions
-    kw = dict(lr=effective_lr(cfg), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+def build_optimizer(spec: RunSpec, model: torch.nn.Module, use_apex: bool) -> torch.optim.Optimizer:
+    groups = swinv2.param_groups(model, spec.optim.weight_decay)  # official wd exclusions
+    kw = dict(lr=spec.schedule.lr, betas=tuple(spec.optim.betas), eps=spec.optim.eps)
     if use_apex:
         from apex.optimizers import FusedAdam
         return FusedAdam(groups, adam_w_mode=True, **kw)
     return torch.optim.AdamW(groups, **kw)
 
 
-def parallelize(cfg: DictConfig, model: torch.nn.Module, world_size: int) -> Tuple[Any, Dict[str, Any]]:
+def parallelize(spec: RunSpec, model: torch.nn.Module) -> Tuple[Any, Dict[str, Any]]:
     """Checkpointing -> fused kernels -> DeepSpeed engine (ZeRO-1) -> optional compile.
 
     Returns (engine, info) where info records what was chosen, for the run log.
     """
-    import deepspeed
+    import deepspeed  # deferred: DS_ACCELERATOR must be set first (init_distributed), and it costs seconds
 
     info: Dict[str, Any] = {}
-    ac = cfg.train.activation_checkpointing
+    ac = spec.train.activation_checkpointing
     info["checkpointed_blocks"] = (swinv2.apply_activation_checkpointing(
         model, every=ac.every, stages=list(ac.stages) if ac.stages is not None else None)
         if ac.every > 0 else 0)
-    use_apex = _use_apex(cfg)
+    use_apex = _use_apex(spec.optim.fused)
     info["fused_layernorm"] = swap_fused_layernorm(model) if use_apex else 0
-    optimizer = build_optimizer(cfg, model, use_apex)
+    optimizer = build_optimizer(spec, model, use_apex)
     info["optimizer"] = ("apex FusedAdam (adam_w_mode) + FusedLayerNorm" if use_apex else
                          "torch.optim.AdamW (native; apex " + ("disabled by optim.fused=torch)" if _apex_available()
                                                                 else "not importable)"))
-    info["attention"] = cfg.model.attention
-    ds_config = build_ds_config(cfg, world_size)
+    info["attention"] = spec.model.attention
+    ds_config = build_ds_config(spec)
     info["ds_config"] = ds_config
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if cfg.train.compile:
+    if spec.train.compile:
         engine.compile()  # compiles the wrapped module in place; state-dict keys stay official
-    info["compiled"] = bool(cfg.train.compile)
+    info["compiled"] = bool(spec.train.compile)
     log.info("parallelize: optimizer=%s, checkpointed blocks=%d, fused LayerNorms=%d, attention=%s, "
              "compile=%s, ZeRO stage %d, precision=%s", info["optimizer"], info["checkpointed_blocks"],
-             info["fused_layernorm"], info["attention"], info["compiled"], cfg.deepspeed.zero_stage,
-             cfg.train.precision)
+             info["fused_layernorm"], info["attention"], info["compiled"], spec.deepspeed.zero_stage,
+             spec.train.precision)
     return engine, info

@@ -1,0 +1,59 @@
+"""Image classification: (soft) cross entropy with on-device mixup/cutmix/label smoothing;
+evaluated as loss / top-1 / top-5 on the validation shards (optionally through a class map)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from swinv2.class_map import load_class_map
+from swinv2_train.data import build_mixup
+from swinv2_train.evaluate import DTYPES, evaluate  # the one evaluation path (also swinv2-eval)
+
+MIXUP_STATE = "mixup"  # key of the mixup generator in rng_rank{r}.pt
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target)
+    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+class ClassificationTask:
+    name = "classification"
+
+    def __init__(self, spec, env):
+        self.spec, self.env = spec, env
+        self.device, self.dtype = env.device, DTYPES[spec.train.precision]
+        self.mixup = build_mixup(spec.data, spec.num_classes)
+        self.generator = torch.Generator().manual_seed(spec.run.seed * 7919 + env.rank)
+        self.class_map = None
+        if spec.train.eval_class_map:  # a 22K head scored on 1K labels: logits[:, map]
+            self.class_map = torch.tensor(load_class_map(spec.train.eval_class_map).source_indices(spec.num_classes),
+                                          dtype=torch.int64, device=self.device)
+
+    def batch(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, y = images.to(self.device), targets.to(self.device)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y, self.generator)
+        return x, y
+
+    def loss(self, model: torch.nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return soft_cross_entropy(model(x.to(self.dtype)).float(), y)
+
+    def evaluate(self, model: torch.nn.Module) -> Dict[str, float]:
+        return evaluate(model, self.spec.data, img_size=self.spec.model.img_size, batch_size=self.spec.batch.eval_batch,
+                        device=self.device, rank=self.env.rank, world_size=self.env.world_size, dtype=self.dtype,
+                        class_map=self.class_map)
+
+    def describe(self, m: Dict[str, float]) -> str:
+        return f"val top-1 {m['val/top1']:.2f} top-5 {m['val/top5']:.2f} loss {m['val/loss']:.4f}"
+
+    def rng_state(self) -> Dict[str, Any]:
+        return {MIXUP_STATE: self.generator.get_state()}
+
+    def set_rng_state(self, state: Dict[str, Any]) -> None:
+        if MIXUP_STATE in state:
+            self.generator.set_state(state[MIXUP_STATE])

@@ -1,0 +1,298 @@
+"""The Trainer: a DeepSpeed engine, a batch stream, a task, a checkpoint manager and a logger,
+put together by `build_trainer` and driven by `Trainer.fit`, a loop of small parts:
+
+    while step < total:
+        if preempt.should_stop(): save; requeue; stop     # collective, every step boundary
+        result = train_step()                           # accum micro-batches -> one update
+        nonfinite.observe(step, result)                 # skip / fail policy (raises NonFiniteError)
+        log / evaluate / save when due
+
+The policies (non-finite steps, cadences, metric reductions over ranks) are plain functions and
+small classes with unit tests (tests/test_trainer_units.py); they need no engine.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from tqdm import tqdm
+
+import swinv2
+from swinv2_train import distributed
+from swinv2_train.amplitudes import amplitude_metrics
+from swinv2_train.checkpoint import CheckpointManager, set_rng_state
+from swinv2_train.datastream import open_stream
+from swinv2_train.errors import NonFiniteError
+from swinv2_train.metrics import NullLogger
+from swinv2_train.parallelize import parallelize
+from swinv2_train.rng import seed_rank_streams
+from swinv2_train.tasks import Task, build_task
+
+log = logging.getLogger("train")
+
+WAY_OUT = ("lower optim.lr or raise sched.warmup_steps (or try train.precision=fp32); the same "
+           "command then resumes from the last checkpoint")
+
+
+# ----------------------------------------------------------------------------- policies
+@dataclass
+class StepResult:
+    loss: float        # mean over micro-batches and ranks (NaN when any rank saw a bad loss)
+    bad_loss: bool     # a non-finite loss on any rank
+    grad_norm: float
+    applied: bool      # the engine applied the update
+    time: float        # this rank's seconds for the step
+    wait: float        # ... of which waiting for data
+
+
+@dataclass
+class NonFinitePolicy:
+    """train.nan_policy: `skip` goes on (ZeRO's overflow check skipped the update) until
+    `max_consecutive` non-finite steps in a row; `fail` stops at the first. Under fp16 loss
+    scaling a refused update is the scaler's business, not a non-finite step."""
+
+    policy: str
+    max_consecutive: int
+    loss_scaling: bool = False
+    total: int = 0
+    consecutive: int = 0
+
+    def observe(self, step: int, r: StepResult) -> bool:
+        """Count step `step` (1-based); True when it was non-finite. Raises NonFiniteError."""
+        if not (r.bad_loss or (not self.loss_scaling and not r.applied)):
+            self.consecutive = 0
+            return False
+        self.total += 1
+        self.consecutive += 1
+        msg = (f"non-finite loss or grad norm at step {step} (loss={r.loss}, grad_norm={r.grad_norm}); "
+               f"update was {'applied' if r.applied else 'skipped'}")
+        if self.policy == "fail":
+            raise NonFiniteError(f"train.nan_policy=fail: {msg}. To go on: {WAY_OUT}, or set train.nan_policy=skip")
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(f"{self.consecutive} consecutive non-finite steps (train.max_consecutive_nonfinite="
+                                 f"{self.max_consecutive}); last: {msg}. The run diverged: {WAY_OUT}")
+        log.warning("skipped: %s", msg)
+        return True
+
+
+def due(step: int, every: int) -> bool:
+    """Every `every` steps (0: never)."""
+    return bool(every) and step % every == 0
+
+
+def probe_due(step: int, total: int, every: int) -> bool:
+    """Amplitude probes for the step about to run (0-based `step`): the first, every `every`-th
+    and the last."""
+    return every > 0 and (step == 0 or (step + 1) % every == 0 or step + 1 == total)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rank_metrics(r: StepResult, global_batch: int, bad_samples: Dict[str, int],
+                 max_over_ranks: Callable = distributed.all_reduce_max_list,
+                 sum_over_ranks: Callable = distributed.sum_counts) -> Dict[str, float]:
+    """The per-rank measurements, reduced over ranks (collective; see docs/DESIGN.md):
+    images/s = global batch / the slowest rank's step time; data wait = the largest fraction on
+    any rank (the slowest loader holds every rank at the next collective); peak memory = max;
+    bad-sample counts = sum."""
+    step_time, wait_frac, peak = max_over_ranks([r.time, r.wait / max(r.time, 1e-9), peak_memory_mb()])
+    out = {"train/images_per_s": global_batch / max(step_time, 1e-9), "train/data_wait_frac": wait_frac,
+           "train/peak_mem_mb": peak}
+    out.update({f"data/bad/{k}": v for k, v in sum_over_ranks(bad_samples).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- trainer
+@dataclass
+class TrainState:
+    """Where training stands (restored from a checkpoint's client state)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    wandb_id: Optional[str] = None
+    rng: Optional[Dict[str, Any]] = None  # this rank's RNG states (+ the task's)
+    data_workers: Optional[int] = None
+
+
+@dataclass
+class Trainer:
+    spec: Any
+    env: Any
+    engine: Any
+    task: Task
+    stream: Any
+    ckpt: CheckpointManager
+    preempt: Any
+    logger: Any = field(default_factory=NullLogger)
+    step: int = 0
+    wandb_id: Optional[str] = None
+    probe: Any = None
+    last_val: Dict[str, float] = field(default_factory=dict)
+    last_saved: Optional[str] = None
+    bar: Any = None
+
+    def __post_init__(self):
+        t = self.spec.train
+        self.steps_per_epoch = self.stream.batches_per_epoch / self.spec.batch.accum
+        self.total = self.spec.schedule.total_steps(self.steps_per_epoch)
+        self.warmup = self.spec.schedule.warmup(self.steps_per_epoch)
+        self.nonfinite = NonFinitePolicy(t.nan_policy, t.max_consecutive_nonfinite, t.precision == "fp16")
+        self.inject_nan = set(t.debug_inject_nan_steps)
+
+    # -- one optimizer step
+    def train_step(self, probe=None) -> StepResult:
+        """`accum` micro-batches through DeepSpeed (it accumulates and steps at the boundary).
+        A non-finite loss is backpropagated on purpose: its NaN gradients make ZeRO's overflow
+        check skip the update and clear its gradient partitions (was_step_applied() is then
+        False), which is how the skip policy leaves the weights untouched."""
+        lr = self.spec.schedule.lr_at(self.step, self.total, self.warmup)
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        accum, t0 = self.spec.batch.accum, time.perf_counter()
+        wait, loss_sum, bad = 0.0, 0.0, 0.0
+        for micro in range(accum):
+            tw = time.perf_counter()
+            batch = self.task.batch(*self.stream.next_batch())
+            wait += time.perf_counter() - tw
+            if probe is not None and micro == accum - 1:
+                probe.attach()  # stats of the last micro-batch of the step
+            loss = self.task.loss(self.engine, batch)
+            if probe is not None:
+                probe.remove()
+            if self.step + 1 in self.inject_nan and self.env.rank == 0:
+                loss = loss * float("nan")  # DEBUG (train.debug_inject_nan_steps)
+            self.engine.backward(loss)
+            self.engine.step()
+            value = loss.item()
+            finite = math.isfinite(value)
+            bad += 0.0 if finite else 1.0
+            loss_sum += value if finite else 0.0
+        total_loss, total_bad = distributed.all_reduce_sum([loss_sum, bad])  # one collective per step
+        gn = self.engine.get_global_grad_norm()
+        return StepResult(loss=total_loss / (accum * self.env.world_size) if not total_bad else float("nan"),
+                          bad_loss=total_bad > 0, grad_norm=float(gn) if gn is not None else float("nan"),
+                          applied=self.engine.was_step_applied(), time=time.perf_counter() - t0, wait=wait)
+
+    # -- the parts around it
+    def log_step(self, r: StepResult, probed: bool) -> None:
+        """Collective (the reductions over ranks): call on every rank at the same steps."""
+        b, opt = self.spec.batch, self.engine.optimizer
+        m = {"train/loss": r.loss, "lr": opt.param_groups[0]["lr"], "train/grad_norm": r.grad_norm,
+             "train/loss_scale": float(getattr(opt, "loss_scale", 1.0) or 1.0),
+             "train/skipped_steps": self.engine.skipped_steps, "train/nonfinite_steps": self.nonfinite.total,
+             "train/step_applied": float(r.applied), "train/samples_seen": self.step * b.global_batch,
+             "train/epoch": self.step / self.steps_per_epoch,
+             **rank_metrics(r, b.global_batch, self.stream.bad_samples())}
+        if probed:
+            m.update(amplitude_metrics(self.probe.stats(), swinv2.probes.logit_scales(self.engine.module)))
+            self.probe.clear()
+        self.logger.log(m, self.step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{r.loss:.3f}", lr=f"{m['lr']:.2e}")
+        elif self.env.rank == 0 and (due(self.step, self.spec.train.log_every) or self.step == self.total):
+            log.info("step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f img/s wait %.0f%%", self.step, self.total,
+                     r.loss, m["lr"], r.grad_norm, m["train/images_per_s"], 100 * m["train/data_wait_frac"])
+
+    def evaluate(self) -> Dict[str, float]:
+        self.last_val = self.task.evaluate(self.engine.module)
+        self.logger.log(self.last_val, self.step)
+        log.info("step %d: %s", self.step, self.task.describe(self.last_val))
+        return self.last_val
+
+    def client_state(self) -> Dict[str, Any]:
+        return {"epoch": self.stream.position()[0], "data_position": self.stream.position(),
+                "data_workers": self.spec.data.num_workers, "wandb_id": self.logger.wandb_id or self.wandb_id,
+                "config": self.spec.config}
+
+    def save(self) -> str:
+        """Collective: every rank writes its part; its RNG states (+ the task's) go to rng_rank{r}.pt."""
+        self.last_saved = self.ckpt.save(self.engine, self.step, self.client_state(), extra_rng=self.task.rng_state())
+        return self.last_saved
+
+    # -- the loop
+    def fit(self) -> str:
+        """Train to the step budget; 'completed' or 'preempted' (checkpoint saved, requeued)."""
+        t = self.spec.train
+        while self.step < self.total:
+            if self.preempt.should_stop():  # collective, every step boundary
+                self.save()
+                self.preempt.requeue()
+                return "preempted"
+            probed = self.probe is not None and probe_due(self.step, self.total, t.probe_every)
+            r = self.train_step(self.probe if probed else None)
+            self.step += 1
+            nonfinite = self.nonfinite.observe(self.step, r)
+            if due(self.step, t.log_every) or nonfinite or probed or self.step == self.total:
+                self.log_step(r, probed)
+            if self.bar is not None:
+                self.bar.update(1)
+            if due(self.step, t.eval_every) and self.step < self.total:
+                self.evaluate()
+            if due(self.step, t.ckpt_every) and self.step < self.total:
+                self.save()
+            if t.stop_at_step is not None and self.step == t.stop_at_step and self.step < self.total:
+                self.preempt.request_stop()  # same path as a preemption signal: save at the boundary, exit
+        return "completed"
+
+
+# ----------------------------------------------------------------------------- setup
+def restore(ckpt: CheckpointManager, engine, resume_dir: Optional[str]) -> TrainState:
+    """Load `resume_dir` into the engine (nothing without one); the state to go on from."""
+    if resume_dir is None:
+        return TrainState()
+    client = ckpt.load(engine, resume_dir)
+    epoch, batch = client["data_position"]
+    state = TrainState(step=client["step"], epoch=epoch, batch=batch, wandb_id=client.get("wandb_id"),
+                       rng=client.get("rng"), data_workers=client.get("data_workers"))
+    log.info("resumed from %s (step %d, epoch %d, batch %d)", resume_dir, state.step, epoch, batch)
+    return state
+
+
+def build_model(spec, from_checkpoint: bool) -> torch.nn.Module:
+    torch.manual_seed(spec.run.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
+    model = swinv2.SwinTransformerV2(spec.model)
+    if spec.pretrained and not from_checkpoint:
+        report = swinv2.load_official_state_dict(model, spec.pretrained, class_map=spec.pretrained_class_map)
+        log.info("loaded %s (head: %s)", spec.pretrained, report.head_action)
+    return model
+
+
+def build_trainer(spec, env, preempt, resume_dir: Optional[str]) -> Trainer:
+    """Model -> engine -> restored state -> per-rank random streams -> task -> batch stream."""
+    engine, info = parallelize(spec, build_model(spec, resume_dir is not None))
+    ckpt = CheckpointManager(spec.run_dir, spec.train.keep_ckpts, env.rank, env.world_size)
+    state = restore(ckpt, engine, resume_dir)
+    if state.data_workers not in (None, spec.data.num_workers) and env.rank == 0:
+        # batch i comes from worker i % W: the position stays right, the sample order does not
+        log.warning("data.num_workers is %d, the checkpoint was written with %d: training continues from "
+                    "the same data position, but not in the order an uninterrupted run would have seen",
+                    spec.data.num_workers, state.data_workers)
+    seed_rank_streams(spec.run.seed, env.rank)
+    task = build_task(spec, env)
+    if state.rng is not None:
+        set_rng_state(state.rng)
+        task.set_rng_state(state.rng)
+    stream = open_stream(spec, env, state.epoch, state.batch)
+    probe = swinv2.probes.AmplitudeProbe(engine.module) if spec.train.probe_every > 0 else None
+    trainer = Trainer(spec=spec, env=env, engine=engine, task=task, stream=stream, ckpt=ckpt, preempt=preempt,
+                      step=state.step, wandb_id=state.wandb_id, probe=probe)
+    trainer.info = info
+    return trainer
+
+
+def progress_bar(spec, env, total: int, initial: int):
+    t = spec.train
+    if env.rank == 0 and (t.progress == "bar" or (t.progress == "auto" and sys.stderr.isatty())):
+        return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+    return None
