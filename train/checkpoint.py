@@ -416,11 +416,12 @@ class CheckpointManager:
         if self.rank == 0:
             try:
                 convert_to_universal(tag_dir)
-            except CheckpointError as e:
+            except Exception as e:  # noqa: BLE001 - broadcast and raised everywhere: no rank left waiting
                 failure = e
         failure = broadcast_object(failure)
-        if failure is not None:
+        if isinstance(failure, CheckpointError):
             failure.same_on_every_rank = True  # rank 0 reports it; the others stay quiet
+        if failure is not None:
             raise failure
         engine._config.load_universal_checkpoint = True  # for this load only: the config is read per call
         try:
