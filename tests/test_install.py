@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 OUR_TOP_LEVEL = {"swinv2", "swinv2_train", "swinv2_launch", "swinv2_tools"}
 # the embedded default, shortened: a handful of steps is enough to prove the installed run works
-QUICK = ["train.max_steps=4", "train.eval_every=0", "train.ckpt_every=0", "train.amp_every=2",
+QUICK = ["train.max_steps=4", "train.eval_every=0", "train.ckpt_every=0", "train.probe_every=2",
          "logger.wandb.mode=disabled"]
 
 
