@@ -195,15 +195,20 @@ def test_resume_is_bit_identical_and_ignores_uncommitted(tmp_path):
     assert all(r.endswith(wid) for r in glob.glob(str(b / "wandb" / "offline-run-*")))
 
 
-def test_resume_with_other_worker_count_warns(tmp_path):
-    """Mid-epoch positions are exact only for the worker count that wrote them: say so, keep going."""
+def test_resume_with_a_worker_count_that_does_not_fit_is_one_message(tmp_path):
+    """data.canonical_streams=null is the first run's ranks x workers (1 x 1 here), kept on resume:
+    2 workers cannot share 1 stream mid-epoch. The message says what fits; with the saved count
+    the run goes on (worker counts that fit resume exactly: test_elastic_resume.py)."""
     common = [*TINY, "train.max_steps=6", "train.probe_every=0", "logger=none", "run.export_official=false",
               f"run.dir={tmp_path / 'r'}"]
     train([*common, "train.stop_at_step=3", "data.num_workers=1"], cwd=tmp_path)
-    p = train([*common, "data.num_workers=2"], cwd=tmp_path)
-    log = p.stdout + p.stderr
-    assert "resumed from" in log
-    assert "data.num_workers is 2, the checkpoint was written with 1" in log
+    p = train([*common, "data.num_workers=2"], cwd=tmp_path, check=False)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("swinv2-train: error:")]
+    assert p.returncode != 0 and len(errors) == 1, p.stderr[-3000:]
+    assert "data.canonical_streams=1 cannot be dealt to 1 ranks x 2 data workers" in errors[0]
+    assert "Traceback" not in p.stderr
+    p = train([*common, "data.num_workers=1"], cwd=tmp_path)
+    assert "resumed from" in p.stdout + p.stderr
     assert max(r["step"] for r in metrics(tmp_path / "r") if "train/loss" in r) == 6
 
 

@@ -1,10 +1,12 @@
 """2-rank ZeRO-1 over gloo under the real `deepspeed` launcher (DS_ACCELERATOR=cpu) against a
 1-rank run with the same global batch.
 
-The data pipeline gives rank r the shards r::world, so the 2-rank run reads shard A on rank 0
-and shard B on rank 1. The 1-rank run reads one shard C that interleaves A and B in chunks of
-the micro batch, so its global batch j holds exactly the samples of the 2-rank global batch j
-(no shuffling, no augmentation, no drop path, no mixup, fp32): losses must agree to 1e-5.
+With data.canonical_streams=null the 2-rank run has 2 streams (ranks x 1 worker): shard A is
+stream 0 (rank 0), shard B stream 1 (rank 1), and global batch j is 8 samples of each. The
+1-rank run has one stream reading shard C, which interleaves A and B in chunks of 8, so its
+global batch j holds exactly the samples of the 2-rank global batch j (no shuffling, no
+augmentation, no drop path, no mixup, fp32): losses must agree to 1e-5. (The same data on any
+world size: test_elastic_resume.py.)
 """
 import os
 import socket

@@ -12,7 +12,7 @@ from swinv2_train.errors import NonFiniteError
 from swinv2_train.loop import cpu_threads
 from swinv2_train.spec import resolve_spec
 from swinv2_train.tasks import TASKS, build_task
-from swinv2_train.trainer import NonFinitePolicy, StepResult, Trainer, due, probe_due, rank_metrics
+from swinv2_train.trainer import KeyTrace, NonFinitePolicy, StepResult, Trainer, due, probe_due, rank_metrics, restore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,7 +142,9 @@ class FakeEngine:
 
 
 class FakeStream:
-    batches_per_epoch = 4
+    """2 global batches (optimizer steps) per epoch, each of ACCUM micro-batches."""
+    batches_per_epoch = 2
+    ACCUM = 2
 
     def __init__(self):
         self.n = 0
@@ -152,8 +154,9 @@ class FakeStream:
         g = torch.Generator().manual_seed(self.n)
         return torch.randn(2, 4, generator=g), torch.tensor([0, 1])
 
-    def position(self):
-        return divmod(self.n, self.batches_per_epoch)
+    def global_position(self):
+        epoch, batch = divmod(self.n // self.ACCUM, self.batches_per_epoch)
+        return {"epoch": epoch, "batch": batch}
 
     def bad_samples(self):
         return {"corrupt_image": self.n // 4}
@@ -264,7 +267,7 @@ def test_stop_at_step_takes_the_preemption_path():
     tr = make_trainer("train.stop_at_step=5")
     assert tr.fit() == "preempted" and tr.step == 5
     step, position, _ = tr.ckpt.saved[-1]
-    assert step == 5 and position == (2, 2)  # 10 micro-batches of 4 per epoch
+    assert step == 5 and position == {"epoch": 2, "batch": 1}  # 5 global batches, 2 per epoch
 
 
 def test_resumed_trainer_continues_the_step_count():
@@ -272,6 +275,39 @@ def test_resumed_trainer_continues_the_step_count():
     tr.step = 6
     assert tr.fit() == "completed"
     assert [s for s, m in tr.logger.records if "train/loss" in m] == [7, 8]
+
+
+class LoadedCheckpoint:
+    rank = 0
+
+    def __init__(self, client):
+        self.client = client
+
+    def load(self, engine, tag_dir):
+        return dict(self.client)
+
+
+def test_restore_reads_the_elastic_position():
+    pos = {"epoch": 1, "batch": 3, "canonical_streams": 4, "global_batch": 16, "offsets": {0: 12, 1: 13}}
+    state = restore(LoadedCheckpoint({"step": 7, "data_position": pos, "wandb_id": "w"}), None, "ckpt")
+    assert (state.step, state.data_position, state.wandb_id) == (7, pos, "w")
+
+
+def test_restore_of_the_old_per_rank_position_restarts_its_epoch(caplog):
+    with caplog.at_level("WARNING"):
+        state = restore(LoadedCheckpoint({"step": 7, "data_position": [3, 5]}), None, "ckpt")
+    assert state.step == 7 and state.data_position == {"epoch": 3, "batch": 0}
+    assert "epoch 3 starts again from its first batch" in caplog.text
+
+
+def test_key_trace_writes_a_line_per_step(tmp_path):
+    trace = KeyTrace(str(tmp_path), rank=1)
+    trace.add(["a", "b"])
+    trace.add(["c"])
+    trace.write(1)
+    trace.write(2)
+    lines = (tmp_path / "keys_rank1.jsonl").read_text().splitlines()
+    assert lines == ['{"step": 1, "keys": ["a", "b", "c"]}', '{"step": 2, "keys": []}']
 
 
 # ----------------------------------------------------------------------------- the task

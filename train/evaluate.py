@@ -29,8 +29,8 @@ import swinv2
 from swinv2.class_map import load_class_map
 from swinv2.config import SwinV2Config
 from swinv2.weights import CheckpointMismatchError, canonical_key, unwrap_checkpoint
-from swinv2_train.checkpoint import (MARKER, fp32_state_dict, latest_committed, list_checkpoints, saved_config,
-                                     tag_for, unreadable_files)
+from swinv2_train.checkpoint import (MARKER, damaged_files, fp32_state_dict, latest_committed, list_checkpoints,
+                                     saved_config, tag_for)
 from swinv2_train.cli import prepare_overrides  # shard lists and brace patterns, as for swinv2-train
 from swinv2_train.config import TrainSchema, model_kwargs  # importing it registers the schema
 from swinv2_train.data import build_eval_loader
@@ -214,8 +214,9 @@ def load_run_config(run_dir: str, tag_dir: str) -> Dict[str, Any]:
 
 
 def load_checkpoint_weights(tag_dir: str) -> Dict[str, torch.Tensor]:
-    """fp32 master weights of a committed checkpoint; damaged files end in a UserError."""
-    bad = unreadable_files(tag_dir)
+    """fp32 master weights of a committed checkpoint; a file that differs from the sizes and
+    checksums in its marker ends in a UserError."""
+    bad = damaged_files(tag_dir)
     if bad:
         raise CheckpointError(f"checkpoint {tag_dir} cannot be read ({bad[0][0]}: {bad[0][1]}): damaged or "
                               "partly copied; evaluate another step with --step N or an exported .pth")

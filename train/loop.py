@@ -73,6 +73,7 @@ def train(spec: RunSpec, env, preempt, t_start: float) -> Dict[str, Any]:
     trainer.bar = progress_bar(spec, env, trainer.total, trainer.step)
     t_train = time.perf_counter()
     stopped = trainer.fit()
+    trainer.stream.close()  # its DataLoader workers: not needed by the final evaluation
     if trainer.bar is not None:
         trainer.bar.close()
     summary = {"step": trainer.step, "stopped": stopped, "train_time_s": time.perf_counter() - t_train,

@@ -53,7 +53,7 @@ class BatchGeometry:
 
     @property
     def micro_global(self) -> int:
-        """Samples per micro-step over all ranks (what the train loader batches)."""
+        """Samples per micro-step over all ranks."""
         return self.micro * self.world_size
 
 

@@ -12,13 +12,15 @@ small classes with unit tests (tests/test_trainer_units.py); they need no engine
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -27,7 +29,7 @@ import swinv2
 from swinv2_train import distributed
 from swinv2_train.amplitudes import amplitude_metrics
 from swinv2_train.checkpoint import CheckpointManager, set_rng_state
-from swinv2_train.datastream import open_stream
+from swinv2_train.datastream import open_stream, saved_position
 from swinv2_train.errors import NonFiniteError
 from swinv2_train.metrics import NullLogger
 from swinv2_train.parallelize import parallelize
@@ -118,11 +120,31 @@ class TrainState:
     """Where training stands (restored from a checkpoint's client state)."""
 
     step: int = 0
-    epoch: int = 0
-    batch: int = 0
+    data_position: Optional[Dict[str, Any]] = None  # TrainStream's world-independent position
     wandb_id: Optional[str] = None
     rng: Optional[Dict[str, Any]] = None  # this rank's RNG states (+ the task's)
-    data_workers: Optional[int] = None
+
+
+KEY_TRACE_ENV = "SWINV2_DEBUG_KEY_TRACE"
+
+
+class KeyTrace:
+    """DEBUG aid (SWINV2_DEBUG_KEY_TRACE=1): every rank appends one line per optimizer step,
+    {"step": N, "keys": [...]}, to RUN_DIR/keys_rank{r}.jsonl: the sample keys of its
+    micro-batches in order. Tests use it to check that a run resumed on another world size
+    reads every sample of an epoch exactly once."""
+
+    def __init__(self, run_dir: str, rank: int):
+        self.path = os.path.join(run_dir, f"keys_rank{rank}.jsonl")
+        self.keys: List[str] = []
+
+    def add(self, keys: List[str]) -> None:
+        self.keys.extend(keys)
+
+    def write(self, step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "keys": self.keys}) + "\n")
+        self.keys = []
 
 
 @dataclass
@@ -141,10 +163,11 @@ class Trainer:
     last_val: Dict[str, float] = field(default_factory=dict)
     last_saved: Optional[str] = None
     bar: Any = None
+    key_trace: Optional[KeyTrace] = None
 
     def __post_init__(self):
         t = self.spec.train
-        self.steps_per_epoch = self.stream.batches_per_epoch / self.spec.batch.accum
+        self.steps_per_epoch = self.stream.batches_per_epoch  # a stream batch is a global batch: one step
         self.total = self.spec.schedule.total_steps(self.steps_per_epoch)
         self.warmup = self.spec.schedule.warmup(self.steps_per_epoch)
         self.nonfinite = NonFinitePolicy(t.nan_policy, t.max_consecutive_nonfinite, t.precision == "fp16")
@@ -165,6 +188,8 @@ class Trainer:
             tw = time.perf_counter()
             batch = self.task.batch(*self.stream.next_batch())
             wait += time.perf_counter() - tw
+            if self.key_trace is not None:
+                self.key_trace.add(self.stream.last_keys)
             if probe is not None and micro == accum - 1:
                 probe.attach()  # stats of the last micro-batch of the step
             loss = self.task.loss(self.engine, batch)
@@ -211,8 +236,9 @@ class Trainer:
         return self.last_val
 
     def client_state(self) -> Dict[str, Any]:
-        return {"epoch": self.stream.position()[0], "data_position": self.stream.position(),
-                "data_workers": self.spec.data.num_workers, "wandb_id": self.logger.wandb_id or self.wandb_id,
+        """Collective: the data position is gathered from every rank (each holds its streams' offsets)."""
+        pos = self.stream.global_position()
+        return {"epoch": pos["epoch"], "data_position": pos, "wandb_id": self.logger.wandb_id or self.wandb_id,
                 "config": self.spec.config}
 
     def save(self) -> str:
@@ -232,6 +258,8 @@ class Trainer:
             probed = self.probe is not None and probe_due(self.step, self.total, t.probe_every)
             r = self.train_step(self.probe if probed else None)
             self.step += 1
+            if self.key_trace is not None:
+                self.key_trace.write(self.step)
             nonfinite = self.nonfinite.observe(self.step, r)
             if due(self.step, t.log_every) or nonfinite or probed or self.step == self.total:
                 self.log_step(r, probed)
@@ -252,10 +280,12 @@ def restore(ckpt: CheckpointManager, engine, resume_dir: Optional[str]) -> Train
     if resume_dir is None:
         return TrainState()
     client = ckpt.load(engine, resume_dir)
-    epoch, batch = client["data_position"]
-    state = TrainState(step=client["step"], epoch=epoch, batch=batch, wandb_id=client.get("wandb_id"),
-                       rng=client.get("rng"), data_workers=client.get("data_workers"))
-    log.info("resumed from %s (step %d, epoch %d, batch %d)", resume_dir, state.step, epoch, batch)
+    position = saved_position(client, warn=ckpt.rank == 0)
+    state = TrainState(step=client["step"], data_position=position, wandb_id=client.get("wandb_id"),
+                       rng=client.get("rng"))
+    where = position or {}
+    log.info("resumed from %s (step %d, epoch %d, batch %d)", resume_dir, state.step, where.get("epoch", 0),
+             where.get("batch", 0))
     return state
 
 
@@ -273,20 +303,16 @@ def build_trainer(spec, env, preempt, resume_dir: Optional[str]) -> Trainer:
     engine, info = parallelize(spec, build_model(spec, resume_dir is not None))
     ckpt = CheckpointManager(spec.run_dir, spec.train.keep_ckpts, env.rank, env.world_size)
     state = restore(ckpt, engine, resume_dir)
-    if state.data_workers not in (None, spec.data.num_workers) and env.rank == 0:
-        # batch i comes from worker i % W: the position stays right, the sample order does not
-        log.warning("data.num_workers is %d, the checkpoint was written with %d: training continues from "
-                    "the same data position, but not in the order an uninterrupted run would have seen",
-                    spec.data.num_workers, state.data_workers)
     seed_rank_streams(spec.run.seed, env.rank)
     task = build_task(spec, env)
     if state.rng is not None:
         set_rng_state(state.rng)
         task.set_rng_state(state.rng)
-    stream = open_stream(spec, env, state.epoch, state.batch)
+    stream = open_stream(spec, env, state.data_position)
     probe = swinv2.probes.AmplitudeProbe(engine.module) if spec.train.probe_every > 0 else None
     trainer = Trainer(spec=spec, env=env, engine=engine, task=task, stream=stream, ckpt=ckpt, preempt=preempt,
-                      step=state.step, wandb_id=state.wandb_id, probe=probe)
+                      step=state.step, wandb_id=state.wandb_id, probe=probe,
+                      key_trace=KeyTrace(spec.run_dir, env.rank) if os.environ.get(KEY_TRACE_ENV) == "1" else None)
     trainer.info = info
     return trainer
 
