@@ -181,7 +181,7 @@ class Trainer:
         False), which is how the skip policy leaves the weights untouched."""
         lr = self.spec.schedule.lr_at(self.step, self.total, self.warmup)
         for g in self.engine.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise LR decay (swinv2.param_groups)
         accum, t0 = self.spec.batch.accum, time.perf_counter()
         wait, loss_sum, bad = 0.0, 0.0, 0.0
         for micro in range(accum):
