@@ -4,6 +4,10 @@
         -- experiment=swinv2_base_256_w8_1k train.batch_size=4096
     swinv2-submit --dry-run launcher=torchrun nodes=4 gpus_per_node=8 -- experiment=...
     swinv2-submit ntasks=2 gpus_per_node=0 -- train.max_steps=20          # CPU test cluster
+    swinv2-submit nodes=1-2 gpus_per_node=8 -- experiment=...   # 2 nodes, or 1 if a node is lost
+
+``nodes=MIN-MAX`` is passed to sbatch as is: the job gets as many nodes as are free (up to MAX),
+and after a node failure the requeued job may start on fewer (resuming at another world size).
 
 Settings (before ``--``) become ``#SBATCH`` lines; everything after ``--`` is passed to the
 trainer as Hydra overrides (embedded in the script, so a requeue replays them). The filled
@@ -92,7 +96,13 @@ def directives(settings: dict[str, str], passthrough: dict[str, str]) -> list[st
     if gpus <= 0:
         s.pop("gpus_per_node", None)
     if "ntasks" not in s and "ntasks_per_node" not in s:
-        s["ntasks_per_node"] = str(gpus if launcher == "srun" and gpus > 0 else 1)
+        per_node = gpus if launcher == "srun" and gpus > 0 else 1
+        # A node range (nodes=1-2) with one task per node gets its smallest count: sbatch derives
+        # ntasks = min nodes x tasks per node = 1 and SLURM never allocates more nodes than tasks
+        # (seen on 22.05). Left out, SLURM allocates one task per node anyway, as many nodes as
+        # are free, and the templates' srun starts one task per node.
+        if not (per_node == 1 and "-" in s["nodes"]):
+            s["ntasks_per_node"] = str(per_node)
     if launcher == "torchrun" and "ntasks" in s:
         raise SystemExit("swinv2-submit: launcher=torchrun runs one task per node; "
                          "use nodes=/gpus_per_node= instead of ntasks=")

@@ -71,6 +71,20 @@ def test_submit_cpu_and_torchrun_shapes():
     assert "#SBATCH --nodes=4" in text
 
 
+@pytest.mark.parametrize("argv, per_node", [
+    (["nodes=1-2", "gpus_per_node=0"], None), (["nodes=1-2", "launcher=torchrun"], None),
+    (["nodes=1-2", "gpus_per_node=1"], None), (["nodes=1-2", "gpus_per_node=8"], "8"),
+    (["nodes=1-2", "gpus_per_node=0", "ntasks_per_node=1"], "1")])
+def test_submit_node_range_passes_through(argv, per_node):
+    """nodes=MIN-MAX goes to sbatch as is. One task per node is left to SLURM's default: with
+    --ntasks-per-node=1 a range only ever gets its minimum (tests/test_multinode.py runs one)."""
+    s, p, o, _ = submit.parse(argv)
+    d = [ln for ln in submit.render(s, p, o).splitlines() if ln.startswith("#SBATCH")]
+    assert "#SBATCH --nodes=1-2" in d
+    assert [x for x in d if "--ntasks-per-node" in x] == (
+        [f"#SBATCH --ntasks-per-node={per_node}"] if per_node else [])
+
+
 @pytest.mark.parametrize("argv", [["bogus=1"], ["nodes"], ["launcher=mpi"],
                                   ["launcher=torchrun", "ntasks=2"]])
 def test_submit_rejects_bad_settings(argv):
