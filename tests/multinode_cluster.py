@@ -18,6 +18,10 @@ its slurmds die before it), then SIGKILLs whatever is still inside this cluster'
 (tasks, ssh sessions, launchers). A hard-killed pytest leaves all that behind: ``start()`` first
 does the same for sibling directories whose owning pytest process is dead.
 
+A node can be lost and brought back: :meth:`MultiNodeCluster.kill_node` SIGKILLs every process
+of the node at once (slurmd, sshd, slurmstepd, tasks, ssh sessions), as a power loss would;
+:meth:`MultiNodeCluster.restart_node` starts its daemons again in fresh namespaces, as a reboot.
+
 SLURM helpers (``sbatch``, ``wait_state``, ...) come from :class:`slurm_cluster.SlurmCluster`.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from slurm_cluster import (SlurmCluster, _alive, _pick_port, cleanup_stale, have_slurm)
@@ -215,6 +220,8 @@ class MultiNodeCluster(SlurmCluster):
         super().__init__(cpus=cpus_per_node, root=root)
         self.nodes = dict(NODES)
         self.made_run_sshd = False
+        self.namespaces: set[str] = set()
+        self.node_namespaces: dict[str, set[str]] = {}  # node -> its daemons' UTS namespaces
 
     # -- running things on a node ----------------------------------------------------------
     def node_pid(self, node: str) -> int:
@@ -247,6 +254,60 @@ class MultiNodeCluster(SlurmCluster):
             except ProcessLookupError:
                 pass
         return sorted(strays)
+
+    def node_processes(self, node: str) -> list[int]:
+        """PIDs of everything running on ``node`` (inside its daemons' namespaces)."""
+        spaces = self.node_namespaces.get(node, set())
+        return sorted(int(d.name) for d in Path("/proc").iterdir()
+                      if d.name.isdigit() and _uts_ns(int(d.name)) in spaces)
+
+    # -- losing a node -------------------------------------------------------------------------
+    def kill_node(self, node: str) -> list[int]:
+        """Lose ``node``: SIGKILL every process on it (slurmd, sshd, slurmstepd, tasks, ssh
+        sessions), so none can run a handler or tell anyone. SLURM finds out the way it would on
+        a real cluster: slurmd stops answering pings. Returns the PIDs killed."""
+        daemons = [self.procs.pop(f"{kind}-{node}") for kind in ("slurmd", "sshd")]
+        spaces = self.node_namespaces[node]
+        killed: list[int] = []
+        for _ in range(100):  # again until nothing is left: a process may fork while we kill
+            pids = kill_namespaces(spaces)
+            if not pids:
+                break
+            killed += pids
+            time.sleep(0.02)
+        for p in daemons:  # reap them: the cluster no longer counts them as its daemons
+            p.wait(timeout=10)
+        left = self.node_processes(node)
+        assert not left, f"{node}: processes survived SIGKILL: {left}"
+        return sorted(set(killed))
+
+    def freeze_node(self, node: str) -> list[int]:
+        """Make ``node`` go silent: SIGSTOP every process on it. A lost node seen from its
+        peers: a killed process's sockets are closed by this machine's (shared) kernel, so its
+        peers get a reset at once, but a node that loses power or network sends nothing, and a
+        peer waiting on it stops only by its own timeout. :meth:`kill_node` it afterwards."""
+        stopped: set[int] = set()
+        for _ in range(3):  # again: a process may have forked meanwhile
+            for pid in set(self.node_processes(node)) - stopped:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.add(pid)
+                except ProcessLookupError:
+                    pass
+        return sorted(stopped)
+
+    def restart_node(self, node: str, timeout: float = 90) -> None:
+        """Bring ``node`` back after :meth:`kill_node`, as after a reboot: sshd and slurmd in
+        new namespaces. Returns once SLURM has the node idle again and ssh from the other nodes
+        reaches it. ReturnToService=2 takes a node that was DOWN for not responding back as soon
+        as its slurmd registers; a node killed while SLURM was ending a job on it, before it was
+        marked DOWN, stays COMPLETING for about a minute (56 s seen) first."""
+        self._start_sshd(node)
+        self._spawn_on(f"slurmd-{node}", node, ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
+        self._record_namespaces()
+        self.wait_nodes_idle([node], timeout)
+        for src in self.nodes:
+            self._wait(f"ssh {src} -> {node}", lambda s=src: self.ssh_ok(s, node), 20)
 
     def ssh_ok(self, src: str, dst: str) -> bool:
         r = subprocess.run(self.node_cmd(src, ["ssh", dst, "hostname"], cwd="/"),
@@ -325,28 +386,34 @@ class MultiNodeCluster(SlurmCluster):
         if not os.path.isdir("/run/sshd"):
             os.makedirs("/run/sshd", mode=0o755)
             self.made_run_sshd = True
-        for node, addr in self.nodes.items():
-            self._spawn_on(f"sshd-{node}", node,
-                           [SSHD, "-D", "-e", "-f", str(self.base / "etc" / "sshd_config"),
-                            "-o", f"ListenAddress={addr}:{self.ssh_port}"])
+        for node in self.nodes:
+            self._start_sshd(node)
+
+    def _start_sshd(self, node: str) -> None:
+        self._spawn_on(f"sshd-{node}", node,
+                       [SSHD, "-D", "-e", "-f", str(self.base / "etc" / "sshd_config"),
+                        "-o", f"ListenAddress={self.nodes[node]}:{self.ssh_port}"])
 
     def _record_namespaces(self) -> None:
         """The daemons' UTS namespaces, for teardown (also by a later run: a hard-killed pytest
-        leaves them behind). Waits for each ``unshare`` to have entered its namespace."""
+        leaves them behind) and per node (:meth:`kill_node`). Waits for each ``unshare`` to have
+        entered its namespace. Earlier ones stay recorded: a restarted node gets new ones."""
         mine = _uts_ns(os.getpid())
 
         def entered():
             spaces = {name: _uts_ns(self.procs[name].pid) for name in NAMESPACED}
             return None not in spaces.values() and mine not in spaces.values()
         self._wait("daemons in their namespaces", entered, 10)
-        self.namespaces = {_uts_ns(self.procs[name].pid) for name in NAMESPACED}
+        self.namespaces |= {_uts_ns(self.procs[name].pid) for name in NAMESPACED}
+        self.node_namespaces = {node: {_uts_ns(self.procs[f"{kind}-{node}"].pid)
+                                       for kind in ("slurmd", "sshd")} for node in self.nodes}
         (self.base / "uts_namespaces").write_text("\n".join(sorted(self.namespaces)) + "\n")
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:
         # Also after a failed start(): note the namespaces of whatever daemons came up.
-        self.namespaces = getattr(self, "namespaces", set()) | {
-            _uts_ns(self.procs[n].pid) for n in NAMESPACED if n in self.procs} - {None}
+        self.namespaces |= {_uts_ns(self.procs[n].pid) for n in NAMESPACED
+                            if n in self.procs} - {None}
         super().stop()
 
     def _stop_leftovers(self) -> None:

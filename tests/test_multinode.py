@@ -12,10 +12,16 @@ DS_ACCELERATOR=cpu, a tiny model, a few steps), and must
 Paths: ``sbatch train.sbatch`` (srun task per rank), ``sbatch train_torchrun.sbatch`` (srun task
 per node running torchrun), ``deepspeed --launcher pdsh`` over ssh, two ``torchrun`` agents
 (c10d rendezvous), and ``deepspeed --launcher slurm`` inside an allocation.
+
+Losing a node: every process of node2 is SIGKILLed mid-run; the ranks on node1 must stop by
+themselves within the collective timeout, SLURM must requeue the job, and the requeued job must
+resume from the last committed checkpoint and finish, on two nodes once node2 is back (with the
+weights of an uninterrupted run) or on node1 alone when the job allows ``--nodes=1-2``.
 """
 from __future__ import annotations
 
 import os
+import random
 import re
 import shlex
 import shutil
@@ -26,9 +32,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from multinode_cluster import MultiNodeCluster, have_multinode
-from slurm_cluster import REPO, train_losses
+from slurm_cluster import REPO, committed_steps, train_losses, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 HAVE_CLUSTER, WHY = have_multinode()
@@ -268,3 +275,173 @@ cat {tmp_path}/hostfile
     assert "world 4 (slurm)" in text
     assert_two_ranks_per_node(text)
     assert_same_losses(run_dir, reference, text)
+
+
+# -- losing a node ------------------------------------------------------------------------------
+# train.dist_timeout_s, what bounds a collective whose peer went silent: well below the 23-40 s
+# SLURM took here to mark a silent node DOWN (and cancel the step itself), so the tests can tell
+# one from the other.
+DIST_TIMEOUT_S = 10
+CKPT_EVERY = 4
+NODE_LOSS_STEPS = 24  # ~0.1-0.3 s per step: the kill lands well before the end
+
+
+def node_loss_args(run_dir: Path) -> list[str]:
+    """2 ranks (one per node) of the tiny model, a checkpoint every CKPT_EVERY steps, a short
+    collective timeout."""
+    args = [a for a in TRAIN_ARGS if not a.startswith("train.max_steps=")]
+    return [f"run.dir={run_dir}", *args, f"train.max_steps={NODE_LOSS_STEPS}",
+            f"train.ckpt_every={CKPT_EVERY}", f"train.dist_timeout_s={DIST_TIMEOUT_S}"]
+
+
+def node_state(cluster: MultiNodeCluster, node: str) -> str:
+    """sinfo's state of ``node`` (``down*``: down and not responding)."""
+    return cluster.run("sinfo", "-h", "-N", "-n", node, "-o", "%T", check=False,
+                       timeout=15).stdout.strip()
+
+
+def ranks_on(cluster: MultiNodeCluster, node: str, run_dir: Path) -> list[int]:
+    """PIDs of the trainer ranks of the run in ``run_dir`` on ``node`` (not srun)."""
+    pids = []
+    for pid in cluster.node_processes(node):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (b"swinv2_train.main" in argv and f"run.dir={run_dir}".encode() in argv
+                and not argv[0].endswith(b"srun")):
+            pids.append(pid)
+    return pids
+
+
+def lose_node2_mid_run(cluster: MultiNodeCluster, job: str, run_dir: Path,
+                       silent: bool = False) -> int:
+    """Once a checkpoint is committed, wait for a random later step and lose node2: SIGKILL
+    every process on it, or with ``silent`` first SIGSTOP them (a node that loses power or
+    network sends no reset: node1 must stop by the collective timeout) and SIGKILL them once
+    node1's ranks are gone. Checks that node1's ranks stop by themselves within the collective
+    timeout, before SLURM notices, and that SLURM then requeues the job. Returns the last
+    committed step, where the job must resume."""
+    seed = int(os.environ.get("SWINV2_NODE_LOSS_SEED", time.time_ns() % 10**6))
+    target = random.Random(seed).randint(CKPT_EVERY + 1, NODE_LOSS_STEPS - 2 * CKPT_EVERY)
+    print(f"node loss: seed {seed} (SWINV2_NODE_LOSS_SEED), lose node2 at step >= {target}")
+
+    def latest() -> int:
+        return max((s for s, _ in train_losses(run_dir)), default=0)
+    wait_until(lambda: latest() >= target, RUN_TIMEOUT, f"step {target}", poll=0.05)
+    survivors = ranks_on(cluster, "node1", run_dir)
+    assert survivors and ranks_on(cluster, "node2", run_dir), "ranks not on both nodes"
+    lost = (cluster.freeze_node if silent else cluster.kill_node)("node2")
+    t_lost = time.monotonic()
+    step_at_loss, committed = latest(), committed_steps(run_dir)
+    print(f"node loss: {'stopped' if silent else 'killed'} {len(lost)} processes of node2 at "
+          f"step {step_at_loss}; committed {committed}")
+    assert committed and committed[-1] <= step_at_loss < NODE_LOSS_STEPS, (committed,
+                                                                           step_at_loss)
+
+    # No hang: node1's ranks fail at their next collective (a reset when node2's processes
+    # die; the collective timeout when node2 is silent), before SLURM marks node2 DOWN (its
+    # slurmd misses pings for SlurmdTimeout=10 s: ~25-40 s here) and cancels the step itself.
+    wait_until(lambda: not any(_alive(p) for p in survivors), DIST_TIMEOUT_S + 10,
+               "node1's ranks to exit", poll=0.1)
+    stopped_after, state = time.monotonic() - t_lost, node_state(cluster, "node2")
+    print(f"node loss: node1's ranks exited {stopped_after:.1f} s after node2 was lost "
+          f"(train.dist_timeout_s={DIST_TIMEOUT_S}; node2 {state})")
+    assert not state.startswith("down"), "SLURM, not the trainer, ended node1's ranks"
+    if silent:
+        assert stopped_after >= DIST_TIMEOUT_S - 1, "a silent peer cannot fail fast"
+        cluster.kill_node("node2")
+
+    # SLURM: node2 goes DOWN and the job, which has --requeue, is requeued (same id,
+    # Restarts=1) rather than failed.
+    wait_until(lambda: node_state(cluster, "node2").startswith("down"), 60, "node2 DOWN",
+               poll=0.5)
+    info = cluster.wait_state(job, {"PENDING", "REQUEUED", *DONE}, 30)
+    print(f"node loss: node2 down after {time.monotonic() - t_lost:.1f} s; job {job} "
+          f"{info['JobState']} Restarts={info.get('Restarts')} ({info.get('Reason')})")
+    assert info["JobState"] in ("PENDING", "REQUEUED") and info.get("Restarts") == "1", info
+    assert not ranks_on(cluster, "node1", run_dir)
+    return committed[-1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def final_weights(run_dir: Path) -> dict:
+    from swinv2_train.checkpoint import fp32_state_dict
+    return fp32_state_dict(str(run_dir / "checkpoints" / f"step_{NODE_LOSS_STEPS:08d}"))
+
+
+def test_node_loss_requeues_and_resumes_to_the_same_weights(cluster, env, tmp_path):
+    """2 nodes x 1 rank; every process of node2 is SIGKILLed at a random step after the first
+    checkpoint. node1's rank stops by itself, SLURM requeues the job, node2 comes back, and the
+    job resumes from the last committed checkpoint and ends with the weights of an
+    uninterrupted run of the same shape (bit for bit: same world size, so the same data per
+    rank, the same per-rank RNG states from the checkpoint and the same gloo reductions)."""
+    shape = ["--nodes=2", "--ntasks-per-node=1", "launch/slurm/train.sbatch"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    run_job(cluster, [*shape, *node_loss_args(ref_dir)], env, tmp_path / "ref.out")
+
+    out = tmp_path / "job.out"
+    job = cluster.sbatch("-o", str(out), *shape, *node_loss_args(run_dir), cwd=REPO, env=env)
+    try:
+        resume_step = lose_node2_mid_run(cluster, job, run_dir)
+        cluster.restart_node("node2")
+        info = cluster.wait_state(job, DONE, RUN_TIMEOUT)
+    finally:
+        cluster.run("scancel", job, check=False)
+        if "slurmd-node2" not in cluster.procs:
+            cluster.restart_node("node2")
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-8000:])
+    assert "restart 1 on node[1-2]" in text, text[-8000:]  # SLURM_RESTART_COUNT, both nodes
+    assert re.search(rf"resumed from \S*step_{resume_step:08d} ", text), text[-8000:]
+    assert committed_steps(run_dir)[-1] == NODE_LOSS_STEPS
+
+    ref, got = final_weights(ref_dir), final_weights(run_dir)
+    assert ref.keys() == got.keys()
+    differ = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not differ, f"weights differ from the uninterrupted run: {differ[:5]}"
+    assert dict(train_losses(run_dir)) == dict(train_losses(ref_dir))  # last value per step
+
+
+# What a 1-rank resume of the 2-rank ZeRO-1 checkpoint says while train/checkpoint.py cannot
+# re-partition optimizer state (resume at another world size: DeepSpeed universal checkpoint).
+WORLD_SIZE_REFUSAL = re.compile(r"world size 2 -> 1|saved with world size 2, this run has 1")
+
+
+def test_node_loss_job_comes_back_on_one_node(cluster, env, tmp_path):
+    """``swinv2-submit nodes=1-2`` (sbatch ``--nodes=1-2``, one task per node): SLURM starts
+    the job on both free nodes; node2 goes silent (then dies) and stays down, so the requeued
+    job starts on node1 alone, as 1 rank, and must resume the 2-rank checkpoint and finish."""
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    cluster.wait_nodes_idle(list(cluster.nodes))  # both free: a job of another test may still end
+    r = cluster.run(sys.executable, "-m", "swinv2_launch.submit", "nodes=1-2", "gpus_per_node=0",
+                    f"output={out}", "--", *node_loss_args(run_dir), cwd=REPO, env=env)
+    job = r.stdout.strip().splitlines()[-1]
+    assert job.isdigit() and "#SBATCH --nodes=1-2\n" in r.stdout, r.stdout + r.stderr
+    try:
+        resume_step = lose_node2_mid_run(cluster, job, run_dir, silent=True)
+        info = cluster.wait_state(job, DONE, RUN_TIMEOUT)
+    finally:
+        cluster.run("scancel", job, check=False)
+        if "slurmd-node2" in cluster.procs:  # frozen or untouched: the test failed on the way
+            cluster.kill_node("node2")
+        cluster.restart_node("node2")  # whole again for the tests after this one
+    text = out.read_text()
+    assert "restart 0 on node[1-2]" in text and "restart 1 on node1:" in text, text[-8000:]
+    assert "rank 0/1 on node1" in text, text[-8000:]
+    if info["JobState"] != "COMPLETED" and WORLD_SIZE_REFUSAL.search(text):
+        pytest.xfail("resume at another world size (2 -> 1 ranks) is not in train/checkpoint.py "
+                     "yet: the ZeRO-1 optimizer state of the 2-rank checkpoint is not "
+                     "re-partitioned (DeepSpeed universal checkpoint)")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-8000:])
+    assert "world 1 (slurm)" in text
+    assert re.search(rf"resumed from \S*step_{resume_step:08d} ", text), text[-8000:]
+    assert committed_steps(run_dir)[-1] == NODE_LOSS_STEPS
+    steps = [s for s, _ in train_losses(run_dir)]
+    assert sorted(set(steps)) == list(range(1, NODE_LOSS_STEPS + 1)), steps
