@@ -7,6 +7,7 @@ from .config import ATTENTION_KERNELS, VARIANTS, SwinV2Config, WindowGeometry, w
 from .flops import flops
 from .model import (BasicLayer, BlockRef, PatchEmbed, PatchMerging, SwinTransformerV2, SwinTransformerV2Block, create_model,
                     iter_blocks, param_groups)
+from .optim_groups import layer_id, no_weight_decay
 from .probes import AmplitudeProbe, logit_scales
 from .weights import (CheckpointMismatchError, LoadReport, load_official_state_dict, official_state_dict,
                       save_official_state_dict)
@@ -14,6 +15,7 @@ from .weights import (CheckpointMismatchError, LoadReport, load_official_state_d
 __all__ = [
     "VARIANTS", "ATTENTION_KERNELS", "KERNELS", "SwinV2Config", "WindowGeometry", "window_geometry", "BlockRef", "SwinTransformerV2", "SwinTransformerV2Block",
     "BasicLayer", "PatchMerging", "PatchEmbed", "WindowAttention", "create_model", "iter_blocks", "param_groups",
+    "layer_id", "no_weight_decay",
     "apply_activation_checkpointing", "remove_activation_checkpointing", "flops", "probes", "AmplitudeProbe",
     "logit_scales", "load_official_state_dict", "LoadReport", "CheckpointMismatchError", "official_state_dict",
     "save_official_state_dict",

@@ -122,6 +122,7 @@ class OptimConfig:
     lr: float = 5e-4                   # base LR per `lr_batch_ref` images
     lr_batch_ref: Optional[int] = 512  # effective lr = lr * batch_size / lr_batch_ref; null: as is
     weight_decay: float = 0.05
+    layer_decay: float = 1.0           # layer-wise LR decay (official get_swin_layer ids); 1.0 = off
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     clip_grad: Optional[float] = 5.0   # null or 0: no clipping

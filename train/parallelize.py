@@ -93,12 +93,26 @@ def swap_fused_layernorm(model: torch.nn.Module) -> int:
 
 
 def build_optimizer(spec: RunSpec, model: torch.nn.Module, use_apex: bool) -> torch.optim.Optimizer:
-    groups = swinv2.param_groups(model, spec.optim.weight_decay)  # official wd exclusions
+    # official wd exclusions; with optim.layer_decay < 1 one decay/no_decay pair per layer id
+    groups = swinv2.param_groups(model, spec.optim.weight_decay, spec.optim.layer_decay)
+    log.info("optimizer groups: %s", describe_layer_decay(groups, spec.optim.layer_decay))
     kw = dict(lr=spec.schedule.lr, betas=tuple(spec.optim.betas), eps=spec.optim.eps)
     if use_apex:
         from apex.optimizers import FusedAdam
         return FusedAdam(groups, adam_w_mode=True, **kw)
     return torch.optim.AdamW(groups, **kw)
+
+
+def describe_layer_decay(groups: list, layer_decay: float) -> str:
+    """One compact line: "off", or "layer_decay 0.87: id:scale(n params) ..." per layer id."""
+    if layer_decay == 1.0:
+        return f"{len(groups)} (weight decay / none), layer_decay off"
+    per_id: Dict[int, list] = {}
+    for g in groups:
+        entry = per_id.setdefault(g["layer_id"], [g["lr_scale"], 0])
+        entry[1] += len(g["params"])
+    items = " ".join(f"{i}:{scale:.4g}({n})" for i, (scale, n) in sorted(per_id.items()))
+    return f"{len(groups)}, layer_decay {layer_decay:g}, layer id:lr_scale(tensors) {items}"
 
 
 def parallelize(spec: RunSpec, model: torch.nn.Module) -> Tuple[Any, Dict[str, Any]]:

@@ -216,6 +216,8 @@ def _check_optim(o: OptimConfig, s: DictConfig) -> None:
         _fail("optim.lr_batch_ref", "must be >= 1 or null")
     if o.weight_decay < 0:
         _fail("optim.weight_decay", "must be >= 0")
+    if not 0 < o.layer_decay <= 1:
+        _fail("optim.layer_decay", f"must be in (0, 1] (1 = off), got {o.layer_decay}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         _fail("optim.betas", f"must be two values in [0, 1), got {list(o.betas)}")
     if o.clip_grad is not None and o.clip_grad < 0:
