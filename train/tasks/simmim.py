@@ -1,0 +1,154 @@
+"""SimMIM masked image modelling (official ``main_simmim_pt.py`` / ``models/simmim.py``): a batch is
+(images, masks) with masks drawn in the data workers (swinv2_train.data.masking); the loss is the
+masked L1 of swinv2.simmim.SimMIM; evaluation is the same masked L1 on the validation images with
+fixed masks; the export is the official SimMIM state dict (``encoder.*``, ``decoder.0.*``).
+
+Config (configs/task/simmim.yaml): ``mask_patch_size`` (32), ``mask_ratio`` (0.6),
+``norm_target.enable`` / ``norm_target.window`` (on, 47), as the official SwinV2-B SimMIM config.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
+
+from swinv2.simmim import DEFAULT_NORM_TARGET_WINDOW, SimMIM, load_simmim_state_dict, save_simmim_state_dict
+from swinv2_train.data import build_eval_loader
+from swinv2_train.data.masking import MaskGenerator
+from swinv2_train.data.pipeline import mix_seed
+from swinv2_train.distributed import all_reduce_sum
+from swinv2_train.rng import isolated_rng
+
+EVAL_MASK_SEED = 0  # one fixed set of validation masks for every run: val losses stay comparable
+_EPS = 1e-5  # as the loss: / (masked pixels + 1e-5)
+
+
+def _get(node: Any, key: str, default: Any) -> Any:
+    if node is None:
+        return default
+    value = node.get(key, default) if isinstance(node, Mapping) or hasattr(node, "get") else getattr(node, key, default)
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class SimMIMSettings:
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    norm_target_window: int = DEFAULT_NORM_TARGET_WINDOW  # 0: targets are the images themselves
+
+    @classmethod
+    def from_task(cls, task: Any) -> "SimMIMSettings":
+        """From the `task` node (dataclass, dict or DictConfig) of configs/task/simmim.yaml."""
+        norm = _get(task, "norm_target", None)
+        enable = bool(_get(norm, "enable", True))
+        window = int(_get(norm, "window", DEFAULT_NORM_TARGET_WINDOW))
+        if enable and (window < 1 or window % 2 == 0):
+            raise ValueError(f"task.norm_target.window must be a positive odd number, got {window}")
+        return cls(mask_patch_size=int(_get(task, "mask_patch_size", 32)),
+                   mask_ratio=float(_get(task, "mask_ratio", 0.6)),
+                   norm_target_window=window if enable else 0)
+
+
+def mask_generator(spec, settings: SimMIMSettings) -> MaskGenerator:
+    """The generator the data stream and the evaluation use (one per run)."""
+    return MaskGenerator(spec.model.img_size, settings.mask_patch_size, spec.model.patch_size, settings.mask_ratio)
+
+
+def eval_masks(generator: MaskGenerator, rank: int, batch_index: int, size: int) -> torch.Tensor:
+    """(size, h, w) masks of one validation batch: fixed by (rank, batch index, row) only."""
+    rngs = (random.Random(mix_seed("simmim-eval", EVAL_MASK_SEED, rank, batch_index, row)) for row in range(size))
+    return torch.stack([generator(rng) for rng in rngs])
+
+
+def build_model(spec, settings: SimMIMSettings) -> SimMIM:
+    """The SimMIM model of a run (encoder from spec.model, head-less)."""
+    torch.manual_seed(spec.run.seed)  # same init on every rank, as the classifier
+    return SimMIM(spec.model, norm_target_window=settings.norm_target_window)
+
+
+class SimMIMTask:
+    name = "simmim"
+
+    def __init__(self, spec, env):
+        self.spec, self.env = spec, env
+        self.device = env.device
+        self.settings = SimMIMSettings.from_task(spec.task)
+        self.masks = mask_generator(spec, self.settings)
+        self._ratio_sum, self._ratio_batches = 0.0, 0
+
+    # -- the model and its files (the trainer's build / export steps for this task)
+    @staticmethod
+    def build_model(spec) -> SimMIM:
+        return build_model(spec, SimMIMSettings.from_task(spec.task))
+
+    @staticmethod
+    def load_pretrained(model: SimMIM, path: Any) -> list:
+        """Continue pre-training from an official SimMIM file; returns the dropped buffer keys."""
+        return load_simmim_state_dict(model, path)
+
+    @staticmethod
+    def export(source: Any, path: str) -> dict:
+        """The official SimMIM state dict of a model or of fp32 trainer weights, written to `path`."""
+        return save_simmim_state_dict(source, path)
+
+    # -- the Task protocol
+    def batch(self, images: torch.Tensor, masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = self.masks.token_grid
+        if masks.ndim != 3 or tuple(masks.shape) != (images.shape[0], h, h):
+            raise ValueError(f"task=simmim needs one (B, {h}, {h}) mask per batch from the data stream; got "
+                             f"{tuple(masks.shape)} (a stream that yields class labels does not draw masks)")
+        self._ratio_sum += masks.float().mean().item()
+        self._ratio_batches += 1
+        return images.to(self.device), masks.to(self.device)
+
+    def loss(self, model: torch.nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, mask = batch
+        return model(x, mask).float()  # SimMIM casts x to its dtype; the targets stay fp32
+
+    def train_metrics(self) -> Dict[str, float]:
+        """Mean fraction of masked tokens over the micro-batches since the last call (logged as
+        train/mask_ratio next to train/loss, the masked L1)."""
+        if not self._ratio_batches:
+            return {}
+        out = {"train/mask_ratio": self._ratio_sum / self._ratio_batches}
+        self._ratio_sum, self._ratio_batches = 0.0, 0
+        return out
+
+    def evaluate(self, model: torch.nn.Module) -> Dict[str, float]:
+        """Masked L1 over the validation set with fixed masks: sum over every masked pixel of the
+        set / (masked pixels x channels) (collective)."""
+        was_training = model.training
+        model.eval()
+        sums = [0.0, 0.0, 0.0, 0.0]  # masked |error| sum, masked pixels, images, masked tokens
+        with isolated_rng(), torch.no_grad():
+            loader = build_eval_loader(self.spec.data, img_size=self.spec.model.img_size,
+                                       batch_size=self.spec.batch.eval_batch, rank=self.env.rank,
+                                       world_size=self.env.world_size)
+            for i, (images, _) in enumerate(loader):
+                if images.numel() == 0:
+                    continue
+                mask = eval_masks(self.masks, self.env.rank, i, images.shape[0])
+                total, pixels = model.loss_terms(images.to(self.device), mask.to(self.device))
+                sums[0] += total.item()
+                sums[1] += pixels.item()
+                sums[2] += images.shape[0]
+                sums[3] += mask.sum().item()
+        model.train(was_training)
+        s = all_reduce_sum(sums)
+        in_chans = self.spec.model.in_chans
+        return {"val/loss": s[0] / (s[1] + _EPS) / in_chans, "val/samples": s[2],
+                "val/mask_ratio": s[3] / max(1.0, s[2] * self.masks.token_grid ** 2)}
+
+    def describe(self, m: Dict[str, float]) -> str:
+        return f"val masked L1 {m['val/loss']:.4f} ({int(m['val/samples'])} images, mask ratio {m['val/mask_ratio']:.3f})"
+
+    def rng_state(self) -> Dict[str, Any]:
+        return {}  # masks come from the data stream (seeded per sample); the task draws nothing
+
+    def set_rng_state(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+__all__ = ["SimMIMTask", "SimMIMSettings", "mask_generator", "eval_masks", "build_model", "EVAL_MASK_SEED"]
