@@ -9,6 +9,8 @@ from .model import (BasicLayer, BlockRef, PatchEmbed, PatchMerging, SwinTransfor
                     iter_blocks, param_groups)
 from .optim_groups import layer_id, no_weight_decay
 from .probes import AmplitudeProbe, logit_scales
+from .simmim import (SimMIM, SwinTransformerV2ForSimMIM, create_simmim, load_simmim_state_dict, save_simmim_state_dict,
+                     simmim_state_dict)
 from .weights import (CheckpointMismatchError, LoadReport, load_official_state_dict, official_state_dict,
                       save_official_state_dict)
 
@@ -19,4 +21,6 @@ __all__ = [
     "apply_activation_checkpointing", "remove_activation_checkpointing", "flops", "probes", "AmplitudeProbe",
     "logit_scales", "load_official_state_dict", "LoadReport", "CheckpointMismatchError", "official_state_dict",
     "save_official_state_dict",
+    "SimMIM", "SwinTransformerV2ForSimMIM", "create_simmim", "simmim_state_dict", "save_simmim_state_dict",
+    "load_simmim_state_dict",
 ]

@@ -389,3 +389,16 @@ def test_task_evaluate_with_fixed_masks(tmp_path):
     assert first == second and first["val/samples"] == n and first["val/loss"] > 0
     assert first["val/mask_ratio"] == pytest.approx(10 / 16)
     assert model.training
+
+
+def test_public_api_and_weight_decay_groups():
+    assert swinv2.SimMIM is SimMIM and swinv2.save_simmim_state_dict is save_simmim_state_dict
+    model = tiny_simmim(perturb=False)
+    decay, no_decay = swinv2.param_groups(model, 0.05, backbone_prefix="encoder.")[:2]
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    # official: SwinTransformerV2ForSimMIM.no_weight_decay() adds mask_token
+    assert "encoder.mask_token" in skipped and "decoder.0.bias" in skipped
+    assert "decoder.0.weight" in {names[id(p)] for p in decay["params"]}
+    # the SimMIM model exposes its encoder's stages: iter_blocks / checkpointing / probes take it
+    assert [r.name for r in swinv2.iter_blocks(model)][:2] == ["layers.0.blocks.0", "layers.0.blocks.1"]
