@@ -4,7 +4,7 @@
     python scripts/bench_loader.py --shards '/d/train-{000000..000009}.tar' --json out.json
 
 One worker = one process, so a node needs about (GPU images/s) / (images/s per worker)
-workers. `--loader-workers N` additionally times the real train loader with N workers.
+workers. `--loader-workers N` additionally times the trainer's stream (TrainStream) with N workers.
 """
 from __future__ import annotations
 
@@ -53,6 +53,22 @@ def per_worker_rate(samples, transform, seconds_min: float = 0.0) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def train_stream_rate(pattern: str, n: int, augment: str, crop: int, workers: int) -> float:
+    """images/s of one epoch of the trainer's stream (TrainStream) on one rank with `workers`
+    DataLoader workers: one canonical stream per worker, 16 images per stream per batch (the
+    pattern needs at least `workers` shards)."""
+    from swinv2_train.data import DataConfig, TrainStream
+
+    cfg = DataConfig(augment=augment, train_shards=pattern, num_workers=workers, canonical_streams=workers,
+                     train_samples=n, num_classes=1000, shuffle_buffer=64)
+    stream = TrainStream(cfg, img_size=crop, global_batch=16 * workers, grad_accum=1, rank=0, world_size=1, seed=0)
+    t0 = time.perf_counter()
+    got = sum(len(stream.next_batch()[1]) for _ in range(stream.batches_per_epoch))
+    rate = got / (time.perf_counter() - t0)
+    stream.close()
+    return rate
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -61,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--crops", type=int, nargs="+", default=[192, 256, 384])
     ap.add_argument("--augment", default="imagenet", help="DataConfig.augment preset")
     ap.add_argument("--loader-workers", type=int, default=0,
-                    help="also time build_train_loader with this many workers (0: skip)")
+                    help="also time the train stream (TrainStream) with this many workers (0: skip)")
     ap.add_argument("--json", help="write the results to this JSON file")
     args = ap.parse_args(argv)
 
@@ -97,15 +113,8 @@ def main(argv=None) -> int:
             per_worker_rate(samples[:8], tf)  # warm-up
             row[name] = round(per_worker_rate(samples, tf), 1)
         if args.loader_workers:
-            from swinv2_train.data import build_train_loader
-
-            lc = DataConfig(augment=args.augment, train_shards=pattern, num_workers=args.loader_workers,
-                            train_samples=len(samples), num_classes=1000, shuffle_buffer=64)
-            loader = build_train_loader(lc, img_size=crop, global_batch_size=16, rank=0,
-                                        world_size=1, seed=0)
-            t0 = time.perf_counter()
-            n = sum(len(y) for _, y in loader)
-            row[f"loader_{args.loader_workers}w"] = round(n / (time.perf_counter() - t0), 1)
+            row[f"loader_{args.loader_workers}w"] = round(train_stream_rate(
+                pattern, len(samples), args.augment, crop, args.loader_workers), 1)
         rows.append(row)
     meta = {"images": len(samples), "avg_jpeg_kb": round(avg_kb, 1), "augment": args.augment,
             "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),

@@ -1,4 +1,5 @@
-"""Streaming pipeline: splitting, determinism, resume, bad input, errors."""
+"""Streaming pipeline: the train stream's split over ranks and workers, bad input, errors; the eval
+loader. (The elastic order itself, resize and resume: test_elastic_data.py.)"""
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from swinv2_train.data import DataConfig, DataPipelineError, build_eval_loader, build_train_loader
+from swinv2_train.data import DataConfig, DataGeometryError, DataPipelineError, TrainStream, build_eval_loader
 
 sys.path.insert(0, os.path.dirname(__file__))
 from data_helpers import jpeg_bytes, make_dataset, member_offsets, write_tar  # noqa: E402
@@ -20,11 +21,15 @@ def cfg_for(pattern, **kw):
     return DataConfig(**base)
 
 
-def run_train(cfg, *, gbs=8, rank=0, ws=1, seed=0, epoch=0, start_batch=0, img=16):
-    loader = build_train_loader(cfg, img_size=img, global_batch_size=gbs, rank=rank,
-                                world_size=ws, seed=seed, epoch=epoch, start_batch=start_batch)
-    batches = [(x, y) for x, y in loader]
-    return loader, batches
+def run_train(cfg, *, gbs=8, rank=0, ws=1, seed=0, position=None, img=16):
+    """One epoch of rank `rank`'s train stream (grad_accum 1: a micro-batch is the rank's share)."""
+    stream = TrainStream(cfg, img_size=img, global_batch=gbs, grad_accum=1, rank=rank, world_size=ws,
+                         seed=seed, position=position)
+    try:
+        batches = [stream.next_batch() for _ in range(stream.batches_per_epoch)]
+    finally:
+        stream.close()
+    return stream, batches
 
 
 @pytest.fixture(scope="module")
@@ -34,92 +39,43 @@ def data8(tmp_path_factory):
 
 def test_two_ranks_two_workers_cover_every_sample_once(data8):
     pattern, n = data8
-    cfg = cfg_for(pattern)
+    cfg = cfg_for(pattern)  # canonical streams: 2 ranks x 2 workers
     seen = []
     per_rank = []
     for rank in (0, 1):
-        loader, batches = run_train(cfg, gbs=8, rank=rank, ws=2)
-        assert loader.batches_per_epoch == n // 8 == len(batches)
+        stream, batches = run_train(cfg, gbs=8, rank=rank, ws=2)
+        assert stream.batches_per_epoch == n // 8 == len(batches)
         assert all(x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 for x, _ in batches)
         assert all(y.dtype == torch.int64 for _, y in batches)
         ys = torch.cat([y for _, y in batches]).tolist()
         per_rank.append(ys)
         seen += ys
     assert sorted(seen) == list(range(n))  # every sample exactly once over both ranks
-    # node split is by shard: a rank's samples come from whole shards (12 per shard)
+    # shards are the unit of reading: a rank's samples come from whole shards (12 per shard)
     for ys in per_rank:
         shards = Counter(y // 12 for y in ys)
         assert len(shards) == 4 and set(shards.values()) == {12}
 
 
 def test_uneven_shards_every_rank_same_batch_count(tmp_path):
-    # 5 shards on 2 ranks: rank 0 has 3, rank 1 has 2 -> rank 1 pads, rank 0 truncates
+    # 5 shards, 2 streams: stream 0 holds 3 shards, stream 1 two; the epoch is what the smaller
+    # stream supplies (drop_last-like), on every rank
     pattern, n = make_dataset(str(tmp_path), n_shards=5, per_shard=8)
-    cfg = cfg_for(pattern)
     counts = []
     for rank in (0, 1):
-        loader, batches = run_train(cfg, gbs=8, rank=rank, ws=2)
+        stream, batches = run_train(cfg_for(pattern, num_workers=1), gbs=8, rank=rank, ws=2)
         counts.append(len(batches))
-        assert len(batches) == loader.batches_per_epoch == n // 8
+        assert len(batches) == stream.batches_per_epoch == 16 // 4
     assert counts[0] == counts[1]
 
 
-def test_deterministic_order_epoch_changes_and_resume_equals_tail(data8):
-    pattern, _ = data8
-    cfg = cfg_for(pattern, augment="light")
-    _, a = run_train(cfg, gbs=8, rank=1, ws=2, seed=3, epoch=1)
-    _, b = run_train(cfg, gbs=8, rank=1, ws=2, seed=3, epoch=1)
-    _, c = run_train(cfg, gbs=8, rank=1, ws=2, seed=3, epoch=2)
-    ya, yb, yc = [torch.cat([y for _, y in z]).tolist() for z in (a, b, c)]
-    assert ya == yb
-    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))  # augmentation too
-    assert ya != yc
-    for start in (5, 2):  # odd start: DataLoader worker 0 must play logical worker 1
-        loader, tail = run_train(cfg, gbs=8, rank=1, ws=2, seed=3, epoch=1, start_batch=start)
-        assert len(loader) == len(tail) == len(a) - start
-        for (x1, y1), (x2, y2) in zip(a[start:], tail):
-            assert torch.equal(y1, y2) and torch.equal(x1, x2)
-
-
-def test_augmentation_independent_of_worker_count(data8):
-    # per-sample RNG from (seed, epoch, key): same sample -> same pixels whatever the worker
-    pattern, _ = data8
-    out = {}
-    for nw in (0, 2):
-        _, batches = run_train(cfg_for(pattern, augment="light", num_workers=nw), gbs=8, seed=1)
-        for x, y in batches:
-            for xi, yi in zip(x, y.tolist()):
-                out.setdefault(yi, []).append(xi)
-    both = [v for v in out.values() if len(v) == 2]
-    assert len(both) > 50
-    assert all(torch.equal(v[0], v[1]) for v in both)
-
-
-def test_resampled_mode_fixed_batches(data8):
-    pattern, _ = data8
-    cfg = cfg_for(pattern, resampled=True, train_samples=40)
-    for rank in (0, 1, 2):
-        loader, batches = run_train(cfg, gbs=6, rank=rank, ws=3)
-        assert len(batches) == loader.batches_per_epoch == 40 // 6
-
-
-def test_fewer_shards_than_ranks_errors_clearly(tmp_path):
+def test_fewer_shards_than_streams_errors_clearly(tmp_path):
     pattern, _ = make_dataset(str(tmp_path), n_shards=2, per_shard=4)
-    with pytest.raises(ValueError, match="resampled"):
-        build_train_loader(cfg_for(pattern), img_size=16, global_batch_size=3, rank=0,
-                           world_size=3, seed=0)
+    with pytest.raises(DataGeometryError, match="resampled"):
+        run_train(cfg_for(pattern, num_workers=1), gbs=3, rank=0, ws=3)
     # resampled mode handles it
-    loader, batches = run_train(cfg_for(pattern, resampled=True), gbs=3, rank=2, ws=3)
-    assert len(batches) == 8 // 3
-
-
-def test_fewer_shards_than_workers_split_by_sample(tmp_path):
-    pattern, n = make_dataset(str(tmp_path), n_shards=2, per_shard=8)
-    seen = []
-    for rank in (0, 1):  # 1 shard per rank, 2 workers each
-        _, batches = run_train(cfg_for(pattern), gbs=4, rank=rank, ws=2)
-        seen += torch.cat([y for _, y in batches]).tolist()
-    assert sorted(seen) == list(range(n))
+    stream, batches = run_train(cfg_for(pattern, resampled=True, num_workers=1), gbs=3, rank=2, ws=3)
+    assert len(batches) == stream.batches_per_epoch == 8 // 3
 
 
 def _bad_dataset(root):
@@ -167,18 +123,20 @@ def test_bad_inputs_skipped_and_counted_eval(tmp_path, workers):
     assert loader.bad_samples() == EXPECTED_BAD
 
 
-def test_bad_inputs_in_train_loader(tmp_path):
+def test_bad_inputs_skipped_and_counted_train(tmp_path):
     pattern, good_labels = _bad_dataset(str(tmp_path))
+    # 2 streams (1 rank x 2 workers): b-0, b-2, b-4 and b-1, b-3, estimated at 14 and 9 samples
+    # (no _info.json): 4 batches of 2 + 2. Stream 1 has 3 good samples for 8 slots: it reads its
+    # shards again (its counts go on adding up)
     cfg = cfg_for(pattern, num_workers=2, train_samples=24, shuffle_buffer=0, shard_shuffle=False)
-    loader, batches = run_train(cfg, gbs=4)
-    assert len(batches) == 6
+    stream, batches = run_train(cfg, gbs=4)
+    assert len(batches) == 4
     ys = set(torch.cat([y for _, y in batches]).tolist())
     assert ys <= set(good_labels) and len(ys) > 5
-    bad = loader.bad_samples()
-    # shard 0 is read by one worker; its 6 bad samples are seen at least once
-    for k in ("corrupt_image", "bad_label", "label_out_of_range", "missing_image"):
-        assert bad.get(k, 0) >= EXPECTED_BAD[k]
-    assert bad.get("unreadable_shard", 0) >= 1
+    bad = stream.bad_samples()
+    for k in ("corrupt_image", "bad_label", "label_out_of_range", "missing_image", "truncated_tar",
+              "unreadable_shard"):
+        assert bad.get(k, 0) >= EXPECTED_BAD[k], (k, bad)
 
 
 def test_max_bad_fraction_raises(tmp_path):
@@ -191,23 +149,23 @@ def test_max_bad_fraction_raises(tmp_path):
     write_tar(os.path.join(tmp_path, "x-0.tar"), samples)
     write_tar(os.path.join(tmp_path, "x-1.tar"), samples)
     pattern = os.path.join(tmp_path, "x-{0..1}.tar")
-    cfg = cfg_for(pattern, max_bad_fraction=0.2, bad_window=10, train_samples=80)
+    cfg = cfg_for(pattern, max_bad_fraction=0.2, bad_window=10, train_samples=80, num_workers=1)
     with pytest.raises(DataPipelineError, match="too many bad samples"):
         run_train(cfg, gbs=4)
     with pytest.raises(DataPipelineError, match="max_bad_fraction"):
         list(build_eval_loader(cfg, img_size=16, batch_size=4, rank=0, world_size=1))
-    # within budget it passes (no shuffle: exactly every other sample is bad)
-    ok = cfg_for(pattern, max_bad_fraction=0.5, bad_window=10, train_samples=80, shuffle_buffer=0,
-                 num_workers=0)
-    loader, _ = run_train(ok, gbs=4)
-    assert loader.bad_samples()["corrupt_image"] == 40
+    # within budget it passes (no shuffle: exactly every other sample is bad). 40 samples make
+    # 10 batches of 4 good ones: the stream reads 79 samples, the last bad one is never reached
+    ok = cfg_for(pattern, max_bad_fraction=0.5, bad_window=10, train_samples=40, shuffle_buffer=0,
+                 shard_shuffle=False, num_workers=0)
+    stream, batches = run_train(ok, gbs=4)
+    assert len(batches) == 10 and stream.bad_samples() == {"corrupt_image": 39}
 
 
 def test_missing_pattern_and_no_samples_name_the_pattern(tmp_path):
     missing = os.path.join(tmp_path, "nope-{000..003}.tar")
     with pytest.raises(FileNotFoundError, match=r"nope-\{000\.\.003\}"):
-        build_train_loader(cfg_for(missing), img_size=16, global_batch_size=4, rank=0,
-                           world_size=1, seed=0)
+        run_train(cfg_for(missing), gbs=4)
     with pytest.raises(FileNotFoundError, match="nope"):
         build_eval_loader(cfg_for(missing), img_size=16, batch_size=4, rank=0, world_size=1)
     for i in range(2):
@@ -215,9 +173,8 @@ def test_missing_pattern_and_no_samples_name_the_pattern(tmp_path):
             f.write(b"\0garbage" * 100)
     junk = os.path.join(tmp_path, "junk-{0..1}.tar")
     with pytest.raises(DataPipelineError, match=r"junk-\{0\.\.1\}"):  # counting finds nothing
-        build_train_loader(cfg_for(junk), img_size=16, global_batch_size=4, rank=0,
-                           world_size=1, seed=0)
-    with pytest.raises(DataPipelineError, match=r"junk-\{0\.\.1\}.*no sample"):
+        run_train(cfg_for(junk), gbs=4)
+    with pytest.raises(DataPipelineError, match=r"junk-\{0\.\.1\}.*no readable sample"):
         run_train(cfg_for(junk, train_samples=100), gbs=4)  # epoch length given: fails in workers
     with pytest.raises(DataPipelineError, match=r"junk-\{0\.\.1\}.*no sample"):
         list(build_eval_loader(cfg_for(junk), img_size=16, batch_size=4, rank=0, world_size=1))
@@ -250,10 +207,11 @@ def test_no_torchvision_or_timm_imported(data8):
     pattern, _ = data8
     code = (
         "import sys\n"
-        "from train.data import DataConfig, build_train_loader, build_mixup\n"
+        "from swinv2_train.data import DataConfig, TrainStream, build_mixup\n"
         f"cfg = DataConfig(train_shards={pattern!r}, num_classes=1000, num_workers=1, augment='imagenet')\n"
-        "l = build_train_loader(cfg, img_size=16, global_batch_size=8, rank=0, world_size=1, seed=0)\n"
-        "x, y = next(iter(l))\n"
+        "st = TrainStream(cfg, img_size=16, global_batch=8, grad_accum=1, rank=0, world_size=1, seed=0)\n"
+        "x, y = st.next_batch()\n"
+        "st.close()\n"
         "build_mixup(cfg, 1000)(x, y)\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torchvision', 'timm', 'swinv2')]\n"
         "assert not bad, bad\n"

@@ -15,8 +15,8 @@ from PIL import Image
 
 from data_helpers import jpeg_bytes, write_tar
 from swinv2_tools.make_shards import main as make_shards_main
-from swinv2_train.data import (DataConfig, DataSourceError, build_eval_loader,
-                               build_train_loader, ensure_synthetic_shards, resolve_sources)
+from swinv2_train.data import (DataConfig, DataSourceError, TrainStream, build_eval_loader,
+                               ensure_synthetic_shards, resolve_sources)
 from swinv2_train.data import shards as S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,15 +171,15 @@ def test_directory_without_info_split_by_name_and_counted_once(tmp_path, caplog)
     advice = [rec.getMessage() for rec in caplog.records if "--info-only" in rec.getMessage()]
     assert len(advice) == 1 and f"swinv2-make-shards --info-only {d}" in advice[0]
 
-    # the trainer's loaders, epoch after epoch, read the shards only to train on them
+    # the trainer's stream, epoch after epoch, reads the shards only to train on them
     with shard_opens() as opens:
-        loaders = [build_train_loader(r, img_size=16, global_batch_size=7, rank=0, world_size=1,
-                                      seed=0, epoch=e) for e in range(2)]
+        stream = TrainStream(r, img_size=16, global_batch=7, grad_accum=1, rank=0, world_size=1, seed=0)
         ev = build_eval_loader(r, img_size=16, batch_size=4, rank=0, world_size=1)
         assert not opens  # building a loader counts nothing
-        assert [lo.batches_per_epoch for lo in loaders] == [2, 2]
-        for lo in loaders:
-            assert sum(len(y) for _, y in lo) == 14
+        assert stream.batches_per_epoch == 2
+        for _ in range(2):  # two epochs
+            assert sum(len(stream.next_batch()[1]) for _ in range(2)) == 14
+        stream.close()
         assert sum(len(y) for _, y in ev) == 6
     assert all(opens[f"train-{k:06d}.tar"] == 2 for k in range(3))  # once per epoch
     assert all(opens[f"val-{k:06d}.tar"] == 1 for k in range(2))

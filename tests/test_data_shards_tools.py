@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from swinv2_tools.make_shards import main as make_shards_main
-from swinv2_train.data import DataConfig, build_eval_loader, build_train_loader, ensure_synthetic_shards
+from swinv2_train.data import DataConfig, TrainStream, build_eval_loader, ensure_synthetic_shards
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -53,10 +53,11 @@ def test_round_trip_folder_to_loader(tmp_path):
         arr, label = remaining.pop(key)
         assert label == y
         assert np.abs(arr - pix).mean() < 3.0  # JPEG round trip
-    # train loader reads the same shards (epoch length from _info.json)
-    tl = build_train_loader(cfg, img_size=32, global_batch_size=5, rank=0, world_size=1, seed=0)
-    assert tl.batches_per_epoch == 3 and sorted(torch.cat([y for _, y in tl]).tolist()) == sorted(
-        y for _, y in got)
+    # the train stream reads the same shards (epoch length from _info.json)
+    tl = TrainStream(cfg, img_size=32, global_batch=5, grad_accum=1, rank=0, world_size=1, seed=0)
+    labels = [tl.next_batch()[1] for _ in range(tl.batches_per_epoch)]
+    tl.close()
+    assert tl.batches_per_epoch == 3 and sorted(torch.cat(labels).tolist()) == sorted(y for _, y in got)
 
 
 def test_list_file_and_reencode(tmp_path):

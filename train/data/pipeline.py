@@ -1,27 +1,15 @@
-"""Streaming train/eval loaders over webdataset-style tar shards.
+"""Pieces of the streaming pipeline over webdataset-style tar shards, and the eval loader.
 
-Train stream of one rank (non-resampled), per epoch:
-  shards --(shuffle with (seed, epoch))--> shards[rank::world] --> logical worker lw gets
-  rank_shards[lw::W] (or, if the rank has fewer shards than workers, all of them and keeps
-  every W-th sample) --> encoded samples --(seeded shuffle buffer, drained per pass)-->
-  chunks of `local_batch` samples --> decode+augment (rng from (seed, epoch, key)) --> batch.
+The train stream is `stream.TrainStream` (the elastic order: see train/data/stream.py); it
+reads shards with `_read`, shuffles encoded samples with `_shuffled`, decodes with `_Decoder`
+(augmentation seeded from `mix_seed` parts, so pixels do not depend on who decodes) and counts
+bad samples in a `BadSampleTracker`.
 
-Why "logical" workers: torch's DataLoader takes batch i from worker i % W (round robin, in
-order). Logical worker lw owns the rank's batches j with j % W == lw and yields exactly that
-many (repeating its shards if short, truncating if long), so every rank yields exactly
-`batches_per_epoch` batches and the rank's batch order is a pure function of (seed, epoch,
-rank, W). Resuming at `start_batch` maps DataLoader worker d to logical worker
-(d + start_batch) % W, so DataLoader's first batch is batch `start_batch`; each logical
-worker skips, *before decode*, the encoded samples of the batches it already produced.
-
-Batches are positional: batch j of a logical worker is made of encoded samples
-[j*B, (j+1)*B) of its shuffled stream. A bad sample in the chunk is counted and its slot is
-refilled with a copy of a good sample of the same chunk, so skipping on resume is exact (only
-a chunk with *no* good sample is dropped, which shifts that worker's later batches).
-
-Bad-sample counts: each worker attaches its cumulative counts to every batch it yields; the
-loader keeps the latest per logical worker and sums them (no shared memory, works with fork or
-spawn, and a dead worker's counts up to its last batch are kept).
+Eval loader of one rank: shards split over ranks then workers (`assign_shards`), every sample
+exactly once, partial last batches. Bad-sample counts: each worker attaches its cumulative
+counts to every batch it yields; the loader keeps the latest per worker and sums them (no
+shared memory, works with fork or spawn, and a dead worker's counts up to its last batch are
+kept).
 """
 from __future__ import annotations
 
@@ -213,118 +201,13 @@ def _read(urls: Sequence[str], counts: Counter, modulus: int, remainder: int) ->
             i += 1
 
 
-# ----------------------------------------------------------------------------- train
-class _TrainStream(IterableDataset):
-    def __init__(self, urls, cfg, transform, *, pattern, rank, world_size, num_workers, seed,
-                 epoch, local_batch, batches_per_epoch, start_batch):
-        self.urls, self.cfg, self.transform, self.pattern = list(urls), cfg, transform, pattern
-        self.rank, self.world_size, self.W = rank, world_size, max(1, num_workers)
-        self.seed, self.epoch = seed, epoch
-        self.local_batch, self.batches, self.start_batch = local_batch, batches_per_epoch, start_batch
-
-    # encoded-sample source for one logical worker: pass 0 is the "real" epoch, later passes
-    # only pad (re-reading the worker's own shards); never an endless loop of nothing.
-    def _source(self, lw: int, counts: Counter) -> Iterator[dict]:
-        cfg = self.cfg
-        if cfg.resampled:
-            yield from self._resampled(lw, counts, "resampled")
-            return
-        order = list(self.urls)
-        if cfg.shard_shuffle:
-            random.Random(mix_seed("shards", self.seed, self.epoch)).shuffle(order)
-        mine, mod, rem = assign_shards(order, self.rank, self.world_size, lw, self.W)
-        p = 0
-        while True:
-            shards = list(mine)
-            if p > 0 and cfg.shard_shuffle:
-                random.Random(mix_seed("pad", self.seed, self.epoch, self.rank, lw, p)).shuffle(shards)
-            rng = random.Random(mix_seed("buf", self.seed, self.epoch, self.rank, lw, p))
-            got = False
-            for s in _shuffled(_read(shards, counts, mod, rem), cfg.shuffle_buffer, rng):
-                got = True
-                s["__pass__"] = p
-                yield s
-            if not got:
-                break
-            p += 1
-        # this worker's shards gave nothing (all unreadable/empty): pad from the whole set
-        log.warning("rank %d worker %d: its shards of %r gave no sample; padding from all shards",
-                    self.rank, lw, self.pattern)
-        yield from self._resampled(lw, counts, "fallback")
-
-    def _resampled(self, lw: int, counts: Counter, tag: str) -> Iterator[dict]:
-        rng = random.Random(mix_seed(tag, self.seed, self.epoch, self.rank, lw))
-        limit = min(max(3 * len(self.urls), 10), 1000)
-        empty, n = 0, 0
-        shard_iter = iter(lambda: rng.choice(self.urls), None)
-
-        def gen():
-            nonlocal empty
-            for url in shard_iter:
-                got = False
-                for s in S.iter_shard(url, counts):
-                    got = True
-                    yield s
-                empty = 0 if got else empty + 1
-                if empty >= limit:
-                    raise DataPipelineError(
-                        f"shard pattern {self.pattern!r} yielded no sample: {empty} shards in a "
-                        f"row were empty or unreadable (counts: {dict(counts)})")
-
-        for s in _shuffled(gen(), self.cfg.shuffle_buffer, rng):
-            s["__pass__"] = n  # seeds augmentation; resampled draws may repeat keys
-            n += 1
-            yield s
-
-    def __iter__(self):
-        d, nw = _worker_id()
-        W = self.W
-        if nw != W:
-            raise RuntimeError(f"expected {W} DataLoader workers, got {nw}")
-        lw = (d + self.start_batch) % W
-        total = len(range(lw, self.batches, W))
-        done = len(range(lw, min(self.start_batch, self.batches), W))
-        tracker = BadSampleTracker(self.cfg.max_bad_fraction, self.cfg.bad_window,
-                                   f"train shards {self.pattern!r} (rank {self.rank}, worker {lw})")
-        decoder = _Decoder(self.cfg, self.transform, tracker, ("aug", self.seed, self.epoch))
-        B = self.local_batch
-        src = self._source(lw, tracker.counts)
-        for _ in range(done * B):  # resume: drop encoded samples before decode
-            if next(src, None) is None:
-                break
-        produced = 0
-        while produced < total - done:
-            chunk = [s for _, s in zip(range(B), src)]
-            if not chunk:
-                raise DataPipelineError(f"train shards {self.pattern!r} ran out of samples")
-            out = []
-            for s in chunk:
-                extra = (s["__pass__"],) if s.get("__pass__") else ()
-                r = decoder(s, extra)
-                if r is not None:
-                    out.append(r)
-            if not out:
-                tracker.counts["dropped_batch"] += 1
-                continue
-            while len(out) < B:  # refill bad slots with good samples of this chunk
-                out.append(out[len(out) % max(1, len(out))])
-            images = torch.stack([x for x, _ in out])
-            targets = torch.tensor([y for _, y in out], dtype=torch.int64)
-            produced += 1
-            yield images, targets, {"worker": lw, "counts": dict(tracker.counts), "seen": tracker.seen}
-
-
+# ----------------------------------------------------------------------------- loader
 class StreamingLoader:
-    """Iterable of (images, targets); wraps a torch DataLoader(batch_size=None)."""
+    """Iterable of (images, targets) of the eval stream; wraps a torch DataLoader(batch_size=None)."""
 
-    def __init__(self, dataset, *, num_workers, pin_memory, prefetch_factor, num_batches,
-                 batches_per_epoch, pattern, start_batch=0, require_samples=True, timeout_s=0.0):
+    def __init__(self, dataset, *, num_workers, pin_memory, prefetch_factor, pattern, timeout_s=0.0):
         self.dataset = dataset
-        self.batches_per_epoch = batches_per_epoch
-        self.start_batch = start_batch
-        self.num_batches = num_batches  # batches this loader yields (None: unknown, eval)
         self.pattern = pattern
-        self.require_samples = require_samples
         self._counts: Dict[int, Dict[str, int]] = {}
         self._seen: Dict[int, int] = {}
         kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
@@ -333,11 +216,6 @@ class StreamingLoader:
             kw["prefetch_factor"] = prefetch_factor
             kw["timeout"] = timeout_s
         self.loader = DataLoader(dataset, **kw)
-
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("eval loader length is not known in advance")
-        return self.num_batches
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         self._counts, self._seen = {}, {}
@@ -358,7 +236,7 @@ class StreamingLoader:
             if shutdown is not None:
                 shutdown()
             del it
-        if n == 0 and self.require_samples:
+        if n == 0:
             raise DataPipelineError(
                 f"shard pattern {self.pattern!r} yielded no sample on this rank "
                 f"(bad counts: {self.bad_samples()})")
@@ -376,48 +254,6 @@ class StreamingLoader:
 
 def _worker_init(_):
     torch.set_num_threads(1)  # decode is per-sample; avoid W x cores oversubscription
-
-
-def build_train_loader(cfg, *, img_size: int, global_batch_size: int, rank: int,
-                       world_size: int, seed: int, epoch: int = 0, start_batch: int = 0
-                       ) -> StreamingLoader:
-    """Train loader of one rank for one epoch; see module docstring for the guarantees."""
-    cfg = as_data_config(cfg).resolved()
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad rank/world_size: {rank}/{world_size}")
-    if global_batch_size < world_size or global_batch_size % world_size:
-        raise DataGeometryError(f"global batch {global_batch_size} must be a positive multiple "
-                                f"of world_size={world_size}: set train.batch_size to one")
-    # resolved once by the trainer (counts filled): then this only re-reads _info.json
-    cfg = resolve_sources(cfg, ("train",))
-    pattern = cfg.train_shards
-    urls = S.expand_shards(pattern)
-    if not cfg.resampled and len(urls) < world_size:
-        raise DataGeometryError(
-            f"shard pattern {pattern!r} has {len(urls)} shards for {world_size} ranks: need at "
-            f"least one shard per rank (re-shard finer, or set data.resampled=true)")
-    W = max(1, cfg.num_workers)
-    if not cfg.resampled and len(urls) < world_size * W:
-        log.warning("%d shards < %d ranks x %d workers: workers of a rank share shards and "
-                    "split them by sample (more I/O per worker)", len(urls), world_size, W)
-    n = cfg.train_samples
-    bpe = n // global_batch_size
-    if bpe < 1:
-        raise DataGeometryError(f"{n} samples per epoch (data.train_samples or the shards' count) "
-                                f"< global batch {global_batch_size}: lower train.batch_size or "
-                                f"add data")
-    if not 0 <= start_batch <= bpe:
-        raise ValueError(f"start_batch={start_batch} outside [0, {bpe}]")
-    ds = _TrainStream(urls, cfg, build_transform(cfg, img_size, train=True), pattern=pattern,
-                      rank=rank, world_size=world_size, num_workers=cfg.num_workers, seed=seed,
-                      epoch=epoch, local_batch=global_batch_size // world_size,
-                      batches_per_epoch=bpe, start_batch=start_batch)
-    loader = StreamingLoader(ds, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
-                             prefetch_factor=cfg.prefetch_factor, num_batches=bpe - start_batch,
-                             batches_per_epoch=bpe, pattern=pattern, start_batch=start_batch,
-                             timeout_s=cfg.timeout_s)
-    loader.samples_per_epoch = n
-    return loader
 
 
 # ----------------------------------------------------------------------------- eval
@@ -470,7 +306,6 @@ def build_eval_loader(cfg, *, img_size: int, batch_size: int, rank: int, world_s
                     rank=rank, world_size=world_size, num_workers=cfg.num_workers,
                     batch_size=batch_size),
         num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
-        prefetch_factor=cfg.prefetch_factor, num_batches=None, batches_per_epoch=None,
-        pattern=pattern, timeout_s=cfg.timeout_s)
+        prefetch_factor=cfg.prefetch_factor, pattern=pattern, timeout_s=cfg.timeout_s)
     loader.num_samples = cfg.val_samples
     return loader
