@@ -21,25 +21,34 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 class WindowGeometry(NamedTuple):
-    """Effective attention window of a stage and the shift of its odd (SW-MSA) blocks."""
+    """Effective attention window of a stage, the shift of its odd (SW-MSA) blocks, and the tokens
+    padded at the bottom/right of the map so the window tiles it (0 unless pad_to_window)."""
 
     window: int
     shift: int
+    pad: int = 0
 
     def block_shift(self, block_in_stage: int) -> int:
         """Blocks alternate regular (even) and shifted (odd) windows."""
         return self.shift if block_in_stage % 2 else 0
 
+    def padded(self, resolution: int) -> int:
+        """The side of the attended map: the stage resolution plus the padding."""
+        return resolution + self.pad
 
-def window_geometry(resolution: int, window_size: int) -> WindowGeometry:
+
+def window_geometry(resolution: int, window_size: int, pad_to_window: bool = False) -> WindowGeometry:
     """The official window-clipping rule, decided here only (model, flops and the memory model use it).
 
     A map no larger than the window is attended as ONE window covering it; shifting a single
     window would only move tokens around it, so there is no shift. Otherwise the configured window,
-    shifted by half of it in the odd blocks."""
+    shifted by half of it in the odd blocks. A larger map the window does not tile is padded up to a
+    multiple of it when `pad_to_window` (the official detection backbone's approach; the padded
+    tokens are masked out of attention), else left as is (validation rejects it)."""
     if resolution <= window_size:
         return WindowGeometry(resolution, 0)
-    return WindowGeometry(window_size, window_size // 2)
+    pad = -resolution % window_size if pad_to_window else 0
+    return WindowGeometry(window_size, window_size // 2, pad)
 
 
 @dataclass
@@ -63,6 +72,9 @@ class SwinV2Config:
     extra_norm_every: int = 0
     attention: str = "reference"
     sequential_chunk: int = 32  # windows per chunk for the "sequential" kernel
+    # pad a stage map the window does not tile to a multiple of it (padded tokens masked out of
+    # attention, cropped after): the paper's W32 at 1536^2 (stage 4 is 48x48). Off: official classifier.
+    pad_to_window: bool = False
 
     def __post_init__(self) -> None:
         # Hydra/OmegaConf hand over lists; keep tuples so configs compare and hash predictably.
@@ -99,8 +111,8 @@ class SwinV2Config:
         return self.patches_resolution // 2**i
 
     def stage_window(self, i: int) -> WindowGeometry:
-        """(window, shift) of stage i after the official clipping rule (:func:`window_geometry`)."""
-        return window_geometry(self.stage_resolution(i), self.window_size)
+        """(window, shift, pad) of stage i after the official clipping rule (:func:`window_geometry`)."""
+        return window_geometry(self.stage_resolution(i), self.window_size, self.pad_to_window)
 
     @property
     def num_features(self) -> int:
@@ -159,10 +171,10 @@ class SwinV2Config:
             _bad("img_size", f"{self.img_size}: patch grid {pr} must be divisible by {2 ** (n - 1)} "
                  "so every patch merging sees an even resolution")
         for i in range(n):
-            res, win = self.stage_resolution(i), self.stage_window(i).window
-            if res % win:
+            res, geo = self.stage_resolution(i), self.stage_window(i)
+            if geo.padded(res) % geo.window:
                 _bad("window_size", f"stage {i} resolution {res} is neither <= window {self.window_size} "
-                     f"nor divisible by it (img_size={self.img_size})")
+                     f"nor divisible by it (img_size={self.img_size}); pad_to_window pads it")
 
 
 def _bad(field: str, msg: str) -> None:

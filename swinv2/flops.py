@@ -35,8 +35,9 @@ def flops(config_or_model: Union[SwinV2Config, nn.Module], img_size: Optional[in
     total = pr * pr * c.embed_dim * c.in_chans * c.patch_size**2 + pr * pr * c.embed_dim  # patch embed + norm
     for i in range(c.num_stages):
         dim, res = c.stage_dim(i), c.stage_resolution(i)
-        win, _ = c.stage_window(i)
-        n_windows = res * res / win / win
+        geo = c.stage_window(i)
+        win = geo.window
+        n_windows = geo.padded(res) ** 2 / win / win  # padded tokens are attended (and masked) too
         block = (dim * res * res                                      # norm1
                  + n_windows * _attention_flops(dim, c.num_heads[i], win * win)
                  + 2 * res * res * dim * dim * c.mlp_ratio             # mlp

@@ -14,8 +14,9 @@ from torch import nn
 
 from .attention import WindowAttention
 from .config import VARIANTS, SwinV2Config, WindowGeometry
-from .windows import (RegionMask, cyclic_shift, mask_from_regions, reverse_cyclic_shift, shifted_window_regions,
-                      window_partition, window_reverse)
+from .optim_groups import no_weight_decay, param_groups  # noqa: F401  (re-exported: the model's API)
+from .windows import (RegionMask, cyclic_shift, mask_from_regions, reverse_cyclic_shift, window_partition,
+                      window_regions, window_reverse)
 
 
 class DropPath(nn.Module):
@@ -48,13 +49,15 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-def _check_window(resolution: tuple[int, int], window_size: int, shift_size: int) -> None:
-    # The block takes its window as given (clipping is config.window_geometry's job): say what is wrong
-    # here rather than fail later inside window_partition.
+def _check_window(resolution: tuple[int, int], window_size: int, shift_size: int, pad: int) -> None:
+    # The block takes its window as given (clipping and padding are config.window_geometry's job):
+    # say what is wrong here rather than fail later inside window_partition.
     H, W = resolution
-    if window_size < 1 or H % window_size or W % window_size:
-        raise ValueError(f"window_size {window_size} does not tile the {H}x{W} map; "
-                         "use swinv2.config.window_geometry(resolution, window) for a stage's window and shift")
+    if not 0 <= pad < max(window_size, 1):
+        raise ValueError(f"pad must be in [0, window_size), got {pad} for window {window_size}")
+    if window_size < 1 or (H + pad) % window_size or (W + pad) % window_size:
+        raise ValueError(f"window_size {window_size} does not tile the {H}x{W} map padded by {pad}; use "
+                         "swinv2.config.window_geometry(resolution, window, pad_to_window) for a stage's geometry")
     if not 0 <= shift_size < window_size:
         raise ValueError(f"shift_size must be in [0, window_size), got {shift_size} for window {window_size}")
 
@@ -63,18 +66,19 @@ class SwinTransformerV2Block(nn.Module):
     """(S)W-MSA + MLP block. norm_style "res_post" (V2): x + DropPath(LN(f(x))); "pre" (V1): x + DropPath(f(LN(x))).
 
     `window_size` / `shift_size` are the effective ones (already clipped to the map, see
-    :func:`swinv2.config.window_geometry`)."""
+    :func:`swinv2.config.window_geometry`); `pad` tokens are added at the bottom/right of the map for
+    attention (so the window tiles it), masked out of it and cropped after (official detection style)."""
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: int = 8,
                  shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, pretrained_window_size: int = 0,
                  norm_style: str = "res_post", attn_type: str = "cosine", attention: str = "reference",
-                 sequential_chunk: int = 32, extra_norm: bool = False):
+                 sequential_chunk: int = 32, extra_norm: bool = False, pad: int = 0):
         super().__init__()
         self.dim, self.input_resolution, self.num_heads = dim, tuple(input_resolution), num_heads
         self.mlp_ratio, self.norm_style = mlp_ratio, norm_style
-        _check_window(self.input_resolution, window_size, shift_size)
-        self.window_size, self.shift_size = window_size, shift_size
+        _check_window(self.input_resolution, window_size, shift_size, pad)
+        self.window_size, self.shift_size, self.pad = window_size, shift_size, pad
 
         self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
                                     proj_drop=drop, pretrained_window_size=pretrained_window_size,
@@ -88,25 +92,27 @@ class SwinTransformerV2Block(nn.Module):
         # .to(), not in state_dict). The official persistent entry layers.i.blocks.j.attn_mask (nW, N, N)
         # float is still produced by state_dict() and accepted (validated) by load_state_dict(), see
         # _save_to_state_dict / _load_from_state_dict. At 1536/W24 the dense stage-1 mask is 340 MB.
+        # With padding the ids also mark the padded tokens (the key exists only where the official
+        # one does: shifted blocks), so padding changes no state-dict key.
         H, W = self.input_resolution
-        regions = shifted_window_regions(H, W, window_size, shift_size) if shift_size > 0 else None
-        self.register_buffer("attn_mask_regions", regions, persistent=False)
+        self.register_buffer("attn_mask_regions", window_regions(H, W, window_size, shift_size, pad), persistent=False)
 
     @property
     def attn_mask(self) -> Optional[torch.Tensor]:
-        """The official dense additive mask (nW, N, N) float32, or None when unshifted. Built on
-        every access from the region ids (not kept): use it for inspection, not in a loop."""
-        return None if self.attn_mask_regions is None else mask_from_regions(self.attn_mask_regions)
+        """The dense additive mask (nW, N, N) float32 the block attends with (shift and padding; the
+        official one when unpadded), or None when there is none. Built on every access from the region
+        ids (not kept): use it for inspection, not in a loop."""
+        return None if self.attn_mask_regions is None else mask_from_regions(self.attn_mask_regions, padded=self.pad > 0)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.attn_mask_regions is not None:  # same position as the official buffer: before the children
+        if self.shift_size > 0:  # same position as the official buffer: before the children
             destination[prefix + "attn_mask"] = self.attn_mask
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "attn_mask"
-        if self.attn_mask_regions is not None:
+        if self.shift_size > 0:
             if key in state_dict:
                 msg = self._check_loaded_mask(state_dict.pop(key))
                 if msg:
@@ -128,7 +134,7 @@ class SwinTransformerV2Block(nn.Module):
             return ""
         step = max(1, (16 << 20) // (N * N * 4))
         for lo in range(0, nW, step):
-            want = mask_from_regions(regions[lo:lo + step].cpu())
+            want = mask_from_regions(regions[lo:lo + step].cpu(), padded=self.pad > 0)
             if not torch.equal(value[lo:lo + step].to("cpu", torch.float32), want):
                 return ("values differ from the shifted-window mask of this geometry; the model rebuilds the "
                         "mask from its geometry and cannot hold another one")
@@ -139,18 +145,23 @@ class SwinTransformerV2Block(nn.Module):
         self.attn.reset_buffers()
         if self.attn_mask_regions is not None and self.attn_mask_regions.device.type != "meta":
             H, W = self.input_resolution
-            self.attn_mask_regions.copy_(shifted_window_regions(H, W, self.window_size, self.shift_size, device="cpu"))
+            self.attn_mask_regions.copy_(window_regions(H, W, self.window_size, self.shift_size, self.pad, device="cpu"))
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         H, W = self.input_resolution
         B, _, C = x.shape
-        ws = self.window_size
-        x = cyclic_shift(x.view(B, H, W, C), self.shift_size)
+        ws, pad = self.window_size, self.pad
+        x = x.view(B, H, W, C)
+        if pad:  # bottom/right, BEFORE the roll (official detection order); the mask cuts these tokens off
+            x = F.pad(x, (0, 0, 0, pad, 0, pad))
+        x = cyclic_shift(x, self.shift_size)
         windows = window_partition(x, ws).view(-1, ws * ws, C)
-        mask = None if self.attn_mask_regions is None else RegionMask(self.attn_mask_regions)
+        mask = None if self.attn_mask_regions is None else RegionMask(self.attn_mask_regions, padded=pad > 0)
         windows = self.attn(windows, mask=mask)
-        x = window_reverse(windows.view(-1, ws, ws, C), ws, H, W)
-        return reverse_cyclic_shift(x, self.shift_size).reshape(B, H * W, C)
+        x = reverse_cyclic_shift(window_reverse(windows.view(-1, ws, ws, C), ws, H + pad, W + pad), self.shift_size)
+        if pad:
+            x = x[:, :H, :W]
+        return x.reshape(B, H * W, C)
 
     def check_input(self, x: torch.Tensor) -> None:
         H, W = self.input_resolution
@@ -179,7 +190,8 @@ class SwinTransformerV2Block(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, "
-                f"window_size={self.window_size}, shift_size={self.shift_size}, norm_style={self.norm_style}")
+                f"window_size={self.window_size}, shift_size={self.shift_size}, "
+                + (f"pad={self.pad}, " if self.pad else "") + f"norm_style={self.norm_style}")
 
 
 class PatchMerging(nn.Module):
@@ -243,7 +255,7 @@ class BasicLayer(nn.Module):
                 shift_size=geometry.block_shift(j), mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 drop=drop, attn_drop=attn_drop, drop_path=dp[j], pretrained_window_size=pretrained_window_size,
                 norm_style=norm_style, attn_type=attn_type, attention=attention, sequential_chunk=sequential_chunk,
-                extra_norm=extra_norm_every > 0 and (j + 1) % extra_norm_every == 0)
+                extra_norm=extra_norm_every > 0 and (j + 1) % extra_norm_every == 0, pad=geometry.pad)
             for j in range(depth)])
         self.downsample = PatchMerging(input_resolution, dim) if downsample else None
 
@@ -368,26 +380,6 @@ def iter_blocks(model: nn.Module) -> Iterator[BlockRef]:
         for position, block in enumerate(layer.blocks):
             yield BlockRef(index, stage, position, f"layers.{stage}.blocks.{position}", block)
             index += 1
-
-
-_NO_DECAY_NAMES = ("absolute_pos_embed",)
-_NO_DECAY_KEYWORDS = ("cpb_mlp", "logit_scale", "relative_position_bias_table")
-
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Official exclusions: 1-D params, *.bias, absolute_pos_embed, names with a CPB/scale keyword."""
-    return (param.ndim <= 1 or name.endswith(".bias") or name in _NO_DECAY_NAMES
-            or any(k in name for k in _NO_DECAY_KEYWORDS))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """[{params with decay, weight_decay}, {params without, weight_decay 0}] (official exclusions)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def create_model(variant: str, img_size: int = 256, window_size: int = 8, num_classes: int = 1000,

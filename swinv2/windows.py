@@ -33,18 +33,43 @@ def reverse_cyclic_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
     return cyclic_shift(x, -shift)
 
 
+PAD_REGION = -1  # region id of padded tokens (pad_to_window); real regions are 0..8
+
+
 @lru_cache(maxsize=32)  # (nW, N) int8: 147 KB at 1536/W24 stage 1 (the dense mask would be 340 MB)
-def _shifted_window_regions_cpu(H: int, W: int, window_size: int, shift: int) -> torch.Tensor:
-    # Label the 3x3 slice regions of the shifted image; tokens in one window that came from
-    # different regions were not neighbours before the roll, so they must not attend.
-    img = torch.zeros(1, H, W, 1, dtype=torch.int8, device="cpu")
-    slices = (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None))
-    region = 0
-    for hs in slices:
-        for ws in slices:
-            img[:, hs, ws, :] = region
-            region += 1
+def _window_regions_cpu(H: int, W: int, window_size: int, shift: int, pad: int) -> torch.Tensor:
+    # Label the 3x3 slice regions of the shifted (padded) image; tokens in one window that came from
+    # different regions were not neighbours before the roll, so they must not attend. As in the
+    # official detection backbone the map is padded BEFORE the roll, so the slices are taken on the
+    # padded map; padded tokens then get their own id wherever the roll moved them.
+    Hp, Wp = H + pad, W + pad
+    img = torch.zeros(1, Hp, Wp, 1, dtype=torch.int8, device="cpu")
+    if shift > 0:
+        slices = (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None))
+        region = 0
+        for hs in slices:
+            for ws in slices:
+                img[:, hs, ws, :] = region
+                region += 1
+    if pad:
+        is_pad = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool, device="cpu")
+        is_pad[:, H:], is_pad[:, :, W:] = True, True
+        img[cyclic_shift(is_pad, shift)] = PAD_REGION
     return window_partition(img, window_size).reshape(-1, window_size * window_size)
+
+
+def window_regions(H: int, W: int, window_size: int, shift: int, pad: int = 0,
+                   device: torch.device | str | None = None) -> torch.Tensor | None:
+    """(nW, N) int8 region id of every token of every (shifted, padded) window, or None when
+    there is nothing to mask (no shift, no padding). H, W: the real map; `pad` tokens are added at
+    the bottom/right (ids PAD_REGION). A fresh copy; shape only on meta."""
+    if shift == 0 and pad == 0:
+        return None
+    device = torch.empty(0).device if device is None else torch.device(device)
+    if device.type == "meta":
+        n_win, n_tok = ((H + pad) // window_size) * ((W + pad) // window_size), window_size * window_size
+        return torch.empty(n_win, n_tok, dtype=torch.int8, device=device)
+    return _window_regions_cpu(H, W, window_size, shift, pad).to(device, copy=True)
 
 
 def shifted_window_regions(H: int, W: int, window_size: int, shift: int,
@@ -55,35 +80,40 @@ def shifted_window_regions(H: int, W: int, window_size: int, shift: int,
     tokens' region ids differ (:func:`mask_from_regions`). A fresh copy; shape only on meta."""
     if shift <= 0:
         raise ValueError(f"shifted_window_regions needs shift > 0, got {shift}")
-    device = torch.empty(0).device if device is None else torch.device(device)
-    if device.type == "meta":
-        n_win, n_tok = (H // window_size) * (W // window_size), window_size * window_size
-        return torch.empty(n_win, n_tok, dtype=torch.int8, device=device)
-    return _shifted_window_regions_cpu(H, W, window_size, shift).to(device, copy=True)
+    return window_regions(H, W, window_size, shift, 0, device)
 
 
-def mask_from_regions(regions: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def mask_from_regions(regions: torch.Tensor, dtype: torch.dtype = torch.float32, padded: bool = False) -> torch.Tensor:
     """(c, N) region ids -> (c, N, N) additive mask: 0 within a region, MASK_VALUE across (the
-    official construction: labels.unsqueeze(1) - labels.unsqueeze(2) != 0, same values bit for bit)."""
+    official construction: labels.unsqueeze(1) - labels.unsqueeze(2) != 0, same values bit for bit).
+
+    `padded`: also -inf between a padded token (id PAD_REGION) and a real one, both ways, so padding
+    has exactly no effect on real tokens (-100 would only damp it: V2 logits reach ~116). Every row
+    keeps at least its own token, so no row is all -inf."""
     if regions.device.type == "meta":
         return torch.empty(*regions.shape, regions.shape[-1], dtype=dtype, device=regions.device)
     differ = regions.unsqueeze(1) != regions.unsqueeze(2)
-    return torch.zeros(differ.shape, dtype=dtype, device=regions.device).masked_fill_(differ, MASK_VALUE)
+    mask = torch.zeros(differ.shape, dtype=dtype, device=regions.device).masked_fill_(differ, MASK_VALUE)
+    if padded:
+        is_pad = regions == PAD_REGION
+        mask.masked_fill_(is_pad.unsqueeze(1) != is_pad.unsqueeze(2), float("-inf"))
+    return mask
 
 
 class RegionMask:
-    """A shifted-window mask held as region ids (nW, N) instead of the dense (nW, N, N) floats.
+    """A shifted-window (and padding) mask held as region ids (nW, N) instead of the dense (nW, N, N) floats.
 
     What the attention kernels accept in place of a dense mask: `shape` is the dense shape,
     `rows(sel, dtype)` builds the dense mask of the windows `sel` only, `dense(dtype)` all of them.
+    `padded`: ids PAD_REGION are padded tokens, cut off from real ones (:func:`mask_from_regions`).
     """
 
-    __slots__ = ("regions",)
+    __slots__ = ("regions", "padded")
 
-    def __init__(self, regions: torch.Tensor):
+    def __init__(self, regions: torch.Tensor, padded: bool = False):
         if regions.ndim != 2:
             raise ValueError(f"region ids must be (nW, N), got {tuple(regions.shape)}")
-        self.regions = regions
+        self.regions, self.padded = regions, padded
 
     @property
     def shape(self) -> torch.Size:
@@ -95,10 +125,10 @@ class RegionMask:
         return self.regions.device
 
     def rows(self, sel: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return mask_from_regions(self.regions.index_select(0, sel), dtype)
+        return mask_from_regions(self.regions.index_select(0, sel), dtype, self.padded)
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return mask_from_regions(self.regions, dtype)
+        return mask_from_regions(self.regions, dtype, self.padded)
 
     def masked_windows(self) -> torch.Tensor:
         """(nW,) bool: windows with more than one region (the only ones the mask changes)."""
@@ -118,4 +148,4 @@ def shifted_window_mask(H: int, W: int, window_size: int, shift: int,
     n_win, n_tok = (H // window_size) * (W // window_size), window_size * window_size
     if device.type == "meta":
         return torch.empty(n_win, n_tok, n_tok, device=device)
-    return mask_from_regions(_shifted_window_regions_cpu(H, W, window_size, shift)).to(device)
+    return mask_from_regions(_window_regions_cpu(H, W, window_size, shift, 0)).to(device)

@@ -57,15 +57,20 @@ def _run(model, x, seed=1):
 
 @pytest.mark.parametrize("attn_type", ["cosine", "dot"])
 @pytest.mark.parametrize("pretrained", [(0, 0, 0, 0), (3, 3, 3, 2)])
-def test_kernels_agree_on_full_model(attn_type, pretrained):
-    # chunk 5 divides neither 16 windows x 2 images (stage 1) nor 4 x 2 (stage 2).
-    cfg = _small_config(attn_type=attn_type, pretrained_window_sizes=pretrained, sequential_chunk=5)
+@pytest.mark.parametrize("padded", [False, True])
+def test_kernels_agree_on_full_model(attn_type, pretrained, padded):
+    # chunk 5 divides neither 16 windows x 2 images (stage 1) nor 4 x 2 (stage 2). Padded: window 6
+    # pads stage 1 (16 -> 18, 9 windows) and stage 2 (8 -> 12, 4 windows), shifted and unshifted blocks.
+    extra = dict(window_size=6, pad_to_window=True) if padded else {}
+    cfg = _small_config(attn_type=attn_type, pretrained_window_sizes=pretrained, sequential_chunk=5, **extra)
     torch.manual_seed(0)
     ref = SwinTransformerV2(SwinV2Config(**cfg, attention="reference"))
     _randomise(ref)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     r_out, r_dx, r_grads = _run(ref, x)
     assert ref.layers[0].blocks[1].attn_mask is not None and ref.layers[1].blocks[1].attn_mask is not None
+    if padded:
+        assert [blk.pad for blk in ref.layers[0].blocks] == [2, 2] and ref.layers[1].blocks[0].pad == 4
     # the gradients we compare are real, not zeros
     for key in ("layers.0.blocks.1.attn.cpb_mlp.0.weight", "layers.0.blocks.1.attn.cpb_mlp.2.weight",
                 "layers.1.blocks.1.attn.qkv.weight"):
@@ -115,17 +120,23 @@ def test_sequential_function_gradcheck_against_reference(chunk, with_mask, n_img
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=name)
 
 
-@pytest.mark.parametrize("mask_form", ["none", "dense", "regions"])
+@pytest.mark.parametrize("mask_form", ["none", "dense", "regions", "padded", "padded_dense", "padded_unshifted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float32: the flash op + saved log-sum-exp
 def test_fused_function_matches_reference(mask_form, dtype):
-    from swinv2.windows import RegionMask, shifted_window_regions
+    from swinv2.windows import RegionMask, shifted_window_regions, window_regions
 
     g = torch.Generator().manual_seed(3)
     n_img, n_heads, ws = 2, 3, 4
     mask = None
-    if mask_form != "none":  # a real shift mask of a 12x12 map: 9 windows, 5 of them masked
+    if mask_form in ("dense", "regions"):  # a real shift mask of a 12x12 map: 9 windows, 5 of them masked
         regions = shifted_window_regions(12, 12, ws, ws // 2)
         mask = RegionMask(regions) if mask_form == "regions" else RegionMask(regions).dense(dtype)
+    elif mask_form.startswith("padded"):  # a 10x10 map padded to 12x12 (-inf between pad and real tokens)
+        regions = window_regions(10, 10, ws, 0 if mask_form == "padded_unshifted" else ws // 2, pad=2)
+        mask = RegionMask(regions, padded=True)
+        assert mask.dense().isinf().any()
+        if mask_form == "padded_dense":
+            mask = mask.dense(dtype)
     n_win, n_tok = 9, ws * ws
     q, k, v = (torch.randn(n_img * n_win, n_heads, n_tok, 8, generator=g, dtype=dtype) for _ in range(3))
     bias = torch.rand(n_heads, n_tok, n_tok, generator=g, dtype=dtype) * 16
@@ -146,6 +157,43 @@ def test_fused_function_matches_reference(mask_form, dtype):
     torch.testing.assert_close(out_s, out_r, **tol)
     for name, a, b in zip("q k v bias".split(), torch.autograd.grad((out_s * w).sum(), ins3), grads_r):
         torch.testing.assert_close(a, b, **tol, msg=f"sdpa {name}")
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_sequential_matches_reference_under_padding(chunk, shift):
+    from swinv2.windows import RegionMask, window_regions
+
+    q, k, v, scale, bias, _ = _attention_inputs(2, 9, with_mask=False)
+    mask = RegionMask(window_regions(10, 10, 4, shift, pad=2), padded=True)
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v, scale, bias)]
+    ins2 = [t.clone().requires_grad_(True) for t in (q, k, v, scale, bias)]
+    out_r = reference_attention(*ins, mask)
+    out_s = sequential_attention(*ins2, mask, chunk=chunk)
+    torch.testing.assert_close(out_s, out_r, atol=1e-12, rtol=1e-10)
+    w = torch.randn_like(out_r)
+    grads_r = torch.autograd.grad((out_r * w).sum(), ins)
+    for name, a, b in zip("q k v scale bias".split(), torch.autograd.grad((out_s * w).sum(), ins2), grads_r):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "fused", "sequential"])
+def test_kernels_ignore_padded_keys_and_values(kernel):
+    """Real queries' outputs do not depend on what the padded tokens hold (any k, any v)."""
+    from swinv2.kernels import KERNELS
+    from swinv2.windows import PAD_REGION, RegionMask, window_regions
+
+    regions = window_regions(10, 10, 4, 2, pad=2)
+    mask = RegionMask(regions, padded=True)
+    q, k, v, _, bias, _ = (t.float() if torch.is_tensor(t) else t for t in _attention_inputs(2, 9, with_mask=False))
+    is_pad = (regions == PAD_REGION).repeat(2, 1)[:, None, :, None]  # (B_, 1, N, 1), windows of 2 images
+    g = torch.Generator().manual_seed(7)
+    k2 = torch.where(is_pad, torch.randn(k.shape, generator=g) * 100, k)
+    v2 = torch.where(is_pad, torch.randn(v.shape, generator=g) * 1e4, v)
+    out, out2 = (KERNELS[kernel](q, kk, vv, bias, mask, 0.0, 4) for kk, vv in ((k, v), (k2, v2)))
+    real = ~is_pad.expand_as(out)
+    assert torch.equal(out[real], out2[real])
+    assert not torch.equal(out, out2)  # the pad rows themselves did change: the check is not vacuous
 
 
 def test_sequential_gradcheck_small():

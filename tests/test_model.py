@@ -133,7 +133,8 @@ def test_blocks_receive_the_config_geometry():
     for r in iter_blocks(m):
         geo = cfg.stage_window(r.stage)
         assert (r.block.window_size, r.block.shift_size) == (geo.window, geo.block_shift(r.position)), r.name
-    assert [cfg.stage_window(i) for i in range(4)] == [(8, 4), (8, 4), (8, 0), (4, 0)]
+        assert r.block.pad == geo.pad == 0, r.name
+    assert [cfg.stage_window(i) for i in range(4)] == [(8, 4, 0), (8, 4, 0), (8, 0, 0), (4, 0, 0)]
 
 
 def test_block_takes_its_window_as_given():

@@ -281,6 +281,7 @@ class _WindowAttentionFn(torch.autograd.Function):
                     have_lse = False
         out = out.view(B_, nH, N, hd)
         ctx.region_mask = isinstance(mask, RegionMask)
+        ctx.region_padded = ctx.region_mask and mask.padded
         ctx.save_for_backward(q, k, v, bias_d, mask.regions if ctx.region_mask else mask, out,
                               lse if have_lse else None)
         ctx.groups, ctx.chunk_bwd, ctx.p, ctx.seed, ctx.chunk_fwd = groups, chunk_bwd, p, seed, chunk_fwd
@@ -292,7 +293,7 @@ class _WindowAttentionFn(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, bias, mask, out, lse = ctx.saved_tensors
         if ctx.region_mask:
-            mask = RegionMask(mask)
+            mask = RegionMask(mask, ctx.region_padded)
         p, seed, groups = ctx.p, ctx.seed, ctx.groups
         B_, nH, N, hd = q.shape
         nW = mask.shape[0] if mask is not None else B_
