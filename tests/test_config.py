@@ -101,6 +101,7 @@ def test_finetune_recipe_requires_pretrained():
     (["data.augment=heavy"], "data.augment"),
     (["data.num_classes=1000"], "data.train_shards"),
     (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
+    (["optim.layer_decay=0"], "optim.layer_decay"),
 ])
 def test_bad_config_names_key(overrides, key):
     with pytest.raises((C.ConfigError, ConfigCompositionException, OmegaConfBaseException)) as e:
