@@ -4,6 +4,7 @@ top-1 as the trainer's own final validation, from the run directory and from the
 another resolution, and one-line errors for inputs a user gets wrong."""
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -241,6 +242,22 @@ def test_bad_inputs_end_in_one_line(trained, tmp_path, args, words, shards):
     assert p.returncode != 0, p.stdout + p.stderr
     assert "Traceback" not in p.stderr and err.startswith("swinv2-eval: ") and words in err, err
     assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_a_checkpoint_file_changed_since_saved_is_one_line(trained, tmp_path):
+    """One flipped byte keeps the file a valid zip archive: the marker's CRC-32 is what finds it."""
+    run_dir, _, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    victim = run / "checkpoints" / "step_00000030" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    p = swinv2_eval(run, cwd=tmp_path, check=False)
+    err = p.stderr.strip()
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(err.splitlines()) == 1, err
+    assert err.startswith("swinv2-eval: ") and victim.name in err and "CRC-32 differs" in err, err
 
 
 def test_help_explains_usage(tmp_path):
