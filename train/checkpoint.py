@@ -1,14 +1,15 @@
 """Checkpoints with commit markers, auto-resume and export to the official weight format.
 
 Layout: RUN_DIR/checkpoints/step_{N:08d}/ holds DeepSpeed's files (every rank writes its ZeRO
-partition), `rng_rank{r}.pt` (each rank's RNG states), `config.yaml` and, last, `COMMITTED`.
+partition), `rng_rank{r}.pt` (each rank's RNG states), `ema.pt` (rank 0, with train.ema_decay),
+`config.yaml` and, last, `COMMITTED`.
 Rank 0 writes the marker (temp file + os.replace) only after a barrier that every rank reaches
 after its own writes, so a directory without the marker is an interrupted save and is never
 loaded. The marker records every file's size and CRC-32: resume verifies them and falls back to
 the newest intact checkpoint. A checkpoint resumed at another world size is converted once to
 DeepSpeed's universal format (`step_N/universal/`, world-size independent) and loaded from there.
 
-CLI: python -m swinv2_train.checkpoint export RUN_DIR [--step N] OUT.pth
+CLI: python -m swinv2_train.checkpoint export RUN_DIR [--step N] [--ema] OUT.pth
      python -m swinv2_train.checkpoint verify RUN_DIR
 """
 from __future__ import annotations
@@ -340,9 +341,11 @@ class CheckpointManager:
         self.loaded_step: Optional[int] = None  # the checkpoint this run resumed from
 
     def save(self, engine, step: int, client_state: Dict[str, Any],
-             extra_rng: Optional[Dict[str, Any]] = None) -> str:
+             extra_rng: Optional[Dict[str, Any]] = None, rank0_files: Optional[Dict[str, Any]] = None) -> str:
         """Collective: every rank calls it. `extra_rng` (e.g. a mixup generator state) is stored
-        with this rank's RNG states. Returns the committed tag directory."""
+        with this rank's RNG states; `rank0_files` ({file name: object}, e.g. the EMA's ema.pt)
+        are torch-saved by rank 0 into the tag folder, summed in the marker like every file there.
+        Returns the committed tag directory."""
         import torch.distributed as dist
 
         tag = tag_for(step)
@@ -356,6 +359,8 @@ class CheckpointManager:
         client_state = dict(client_state, step=step, world_size=self.world_size)
         engine.save_checkpoint(self.root, tag=tag, client_state=client_state, save_latest=False)
         _atomic_torch_save({**rng_state(), **(extra_rng or {})}, os.path.join(path, f"rng_rank{self.rank}.pt"))
+        for name, obj in (rank0_files or {}).items() if self.rank == 0 else ():
+            _atomic_torch_save(obj, os.path.join(path, name))
         if dist.is_initialized():
             dist.barrier()  # every rank's files are on disk before they are summed and the marker exists
         files = _sum_files_together(path, self.rank, self.world_size)
@@ -518,8 +523,9 @@ def fp32_state_dict(tag_dir: str) -> Dict[str, torch.Tensor]:
     return out
 
 
-def export(run_dir: str, out: str, step: Optional[int] = None) -> str:
-    """Write the official-format state dict ({"model": fp32 state dict}) of a committed checkpoint."""
+def export(run_dir: str, out: str, step: Optional[int] = None, ema: bool = False) -> str:
+    """Write the official-format state dict ({"model": fp32 state dict}) of a committed checkpoint:
+    its trained weights, or with `ema` its EMA of weights (train.ema_decay)."""
     from swinv2.weights import save_official_state_dict
 
     root = os.path.join(run_dir, "checkpoints")
@@ -531,8 +537,19 @@ def export(run_dir: str, out: str, step: Optional[int] = None) -> str:
         tag_dir = os.path.join(root, tag_for(step))
         if not os.path.isfile(os.path.join(tag_dir, MARKER)):
             raise FileNotFoundError(f"{tag_dir} is missing or not committed")
-    save_official_state_dict(fp32_state_dict(tag_dir), out)
+    save_official_state_dict(ema_state_dict(tag_dir) if ema else fp32_state_dict(tag_dir), out)
     return tag_dir
+
+
+def ema_state_dict(tag_dir: str) -> Dict[str, torch.Tensor]:
+    """The full state dict with the checkpoint's EMA of weights (fp32) in place of its trained
+    weights; the entries the EMA does not keep (derived ones such as attn_mask) are the checkpoint's."""
+    from swinv2_train.ema import EMA_FILE
+
+    path = os.path.join(tag_dir, EMA_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{tag_dir} has no {EMA_FILE}: its run had no EMA of weights (train.ema_decay)")
+    return {**fp32_state_dict(tag_dir), **torch.load(path, map_location="cpu", weights_only=False)["weights"]}
 
 
 def verify(run_dir: str) -> List[Tuple[str, List[Tuple[str, str]]]]:
@@ -548,6 +565,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("run_dir")
     e.add_argument("out")
     e.add_argument("--step", type=int, default=None, help="default: newest committed")
+    e.add_argument("--ema", action="store_true", help="the EMA of weights (runs with train.ema_decay)")
     v = sub.add_parser("verify", help="check every committed checkpoint against its marker's sizes and checksums")
     v.add_argument("run_dir")
     a = p.parse_args(argv)
@@ -559,7 +577,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"no committed checkpoint in {os.path.join(a.run_dir, 'checkpoints')}")
         return 1 if not results or any(damage for _, damage in results) else 0
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    tag_dir = export(a.run_dir, a.out, a.step)
+    tag_dir = export(a.run_dir, a.out, a.step, ema=a.ema)
     print(f"exported {tag_dir} -> {a.out}")
     return 0
 

@@ -64,6 +64,8 @@ class TrainLoopConfig:
     dist_timeout_s: float = 600.0
     cpu_threads: Optional[int] = None  # CPU training: intra-op threads; null = auto (see loop.cpu_threads)
     stop_at_step: Optional[int] = None  # checkpoint and exit after this step (time-limited jobs)
+    ema_decay: Optional[float] = None  # EMA of weights (e.g. 0.9998), val_ema/* + model_ema_official.pth; null/0 off
+    ema_warmup: bool = True            # decay of update n: min(ema_decay, (1 + n) / (10 + n)) (swinv2_train.ema)
     # DEBUG ONLY: make the loss NaN on rank 0 at these optimizer steps (tests of nan_policy).
     debug_inject_nan_steps: List[int] = field(default_factory=list)
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from swinv2_train import distributed
 from swinv2_train.amplitudes import plot_amplitudes
 from swinv2_train.checkpoint import check_resumable, export, read_marker, resolve_resume, set_aside_checkpoints
+from swinv2_train.ema import EXPORT_FILE as EMA_EXPORT_FILE
 from swinv2_train.errors import ResumeMismatchError, UserError
 from swinv2_train.metrics import build_logger, read_jsonl
 from swinv2_train.preemption import PreemptionHandler
@@ -100,6 +101,9 @@ def finish(trainer: Trainer, summary: Dict[str, Any], t_start: float) -> Dict[st
             out = os.path.join(spec.run_dir, "model_official.pth")
             export(spec.run_dir, out, trainer.step)
             summary["export"] = out
+            if trainer.ema is not None:  # the EMA of weights, in the same format
+                summary["export_ema"] = os.path.join(spec.run_dir, EMA_EXPORT_FILE)
+                export(spec.run_dir, summary["export_ema"], trainer.step, ema=True)
     trainer.logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     summary["wandb_dir"] = getattr(trainer.logger, "wandb_dir", None)
     trainer.logger.close()
@@ -186,6 +190,9 @@ def print_summary(s: Dict[str, Any]) -> None:
              f"(train {s['train_time_s']:.1f} s, wall {s['wall_time_s']:.1f} s) =="]
     if "val/top1" in s:
         lines.append(f"final val top-1 {s['val/top1']:.2f}%  top-5 {s['val/top5']:.2f}%  loss {s['val/loss']:.4f}")
+    if "val_ema/top1" in s:
+        lines.append(f"EMA weights top-1 {s['val_ema/top1']:.2f}%  top-5 {s['val_ema/top5']:.2f}%  "
+                     f"loss {s['val_ema/loss']:.4f}")
     lines += [f"run dir     {rd}",
               f"checkpoint  {s['checkpoint']}  (resume: same command, run.resume=auto)",
               f"metrics     {os.path.join(rd, 'metrics.jsonl')}"]
@@ -197,4 +204,6 @@ def print_summary(s: Dict[str, Any]) -> None:
         lines.append(f"amplitudes  {s['amplitudes_png']}")
     lines.append(f"export      python -m swinv2_train.checkpoint export {rd} OUT.pth"
                  + (f"  (done: {s['export']})" if s.get("export") else ""))
+    if s.get("export_ema"):
+        lines.append(f"export EMA  {s['export_ema']}  (--ema)")
     print("\n".join(lines), flush=True)

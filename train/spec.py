@@ -190,6 +190,8 @@ def _check_loop(t: TrainLoopConfig) -> None:
         _fail("train.max_consecutive_nonfinite", "must be >= 1")
     if t.activation_checkpointing.every < 0:
         _fail("train.activation_checkpointing.every", "must be >= 0 (0 = off)")
+    if t.ema_decay and not 0 < t.ema_decay < 1:
+        _fail("train.ema_decay", f"must be in (0, 1), e.g. 0.9998 (null or 0: no EMA), got {t.ema_decay}")
 
 
 def _model(node: DictConfig, num_classes: int, t: TrainLoopConfig) -> SwinV2Config:

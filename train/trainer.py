@@ -5,6 +5,7 @@ put together by `build_trainer` and driven by `Trainer.fit`, a loop of small par
         if preempt.should_stop(): save; requeue; stop     # collective, every step boundary
         result = train_step()                           # accum micro-batches -> one update
         nonfinite.observe(step, result)                 # skip / fail policy (raises NonFiniteError)
+        ema.update() if the step was applied            # train.ema_decay (swinv2_train.ema)
         log / evaluate / save when due
 
 The policies (non-finite steps, cadences, metric reductions over ranks) are plain functions and
@@ -30,6 +31,7 @@ from swinv2_train import distributed
 from swinv2_train.amplitudes import amplitude_metrics
 from swinv2_train.checkpoint import CheckpointManager, set_rng_state
 from swinv2_train.datastream import open_stream, saved_position
+from swinv2_train.ema import EMA_FILE, ModelEma, build_ema, evaluate_ema
 from swinv2_train.errors import NonFiniteError
 from swinv2_train.metrics import NullLogger
 from swinv2_train.parallelize import parallelize
@@ -164,6 +166,7 @@ class Trainer:
     last_saved: Optional[str] = None
     bar: Any = None
     key_trace: Optional[KeyTrace] = None
+    ema: Optional[ModelEma] = None  # train.ema_decay (swinv2_train.ema)
 
     def __post_init__(self):
         t = self.spec.train
@@ -231,8 +234,12 @@ class Trainer:
 
     def evaluate(self) -> Dict[str, float]:
         self.last_val = self.task.evaluate(self.engine.module)
-        self.logger.log(self.last_val, self.step)
         log.info("step %d: %s", self.step, self.task.describe(self.last_val))
+        if self.ema is not None:  # the same evaluation with the EMA weights: val_ema/*
+            ema = evaluate_ema(self.ema, self.engine.module, self.task.evaluate)
+            log.info("step %d: EMA weights: %s", self.step, self.task.describe(ema["val"]))
+            self.last_val.update(ema["logged"])
+        self.logger.log(self.last_val, self.step)
         return self.last_val
 
     def client_state(self) -> Dict[str, Any]:
@@ -243,7 +250,9 @@ class Trainer:
 
     def save(self) -> str:
         """Collective: every rank writes its part; its RNG states (+ the task's) go to rng_rank{r}.pt."""
-        self.last_saved = self.ckpt.save(self.engine, self.step, self.client_state(), extra_rng=self.task.rng_state())
+        ema = {EMA_FILE: self.ema.state_dict()} if self.ema is not None and self.env.rank == 0 else None
+        self.last_saved = self.ckpt.save(self.engine, self.step, self.client_state(), extra_rng=self.task.rng_state(),
+                                         rank0_files=ema)
         return self.last_saved
 
     # -- the loop
@@ -258,6 +267,8 @@ class Trainer:
             probed = self.probe is not None and probe_due(self.step, self.total, t.probe_every)
             r = self.train_step(self.probe if probed else None)
             self.step += 1
+            if self.ema is not None and r.applied:  # a skipped (non-finite) step leaves the weights, and the EMA
+                self.ema.update(self.engine.module)
             if self.key_trace is not None:
                 self.key_trace.write(self.step)
             nonfinite = self.nonfinite.observe(self.step, r)
@@ -303,6 +314,7 @@ def build_trainer(spec, env, preempt, resume_dir: Optional[str]) -> Trainer:
     engine, info = parallelize(spec, build_model(spec, resume_dir is not None))
     ckpt = CheckpointManager(spec.run_dir, spec.train.keep_ckpts, env.rank, env.world_size)
     state = restore(ckpt, engine, resume_dir)
+    ema = build_ema(spec, engine.module, resume_dir)  # after the restore: a fresh EMA starts at these weights
     seed_rank_streams(spec.run.seed, env.rank)
     task = build_task(spec, env)
     if state.rng is not None:
@@ -311,7 +323,7 @@ def build_trainer(spec, env, preempt, resume_dir: Optional[str]) -> Trainer:
     stream = open_stream(spec, env, state.data_position)
     probe = swinv2.probes.AmplitudeProbe(engine.module) if spec.train.probe_every > 0 else None
     trainer = Trainer(spec=spec, env=env, engine=engine, task=task, stream=stream, ckpt=ckpt, preempt=preempt,
-                      step=state.step, wandb_id=state.wandb_id, probe=probe,
+                      step=state.step, wandb_id=state.wandb_id, probe=probe, ema=ema,
                       key_trace=KeyTrace(spec.run_dir, env.rank) if os.environ.get(KEY_TRACE_ENV) == "1" else None)
     trainer.info = info
     return trainer
