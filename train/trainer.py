@@ -250,9 +250,10 @@ class Trainer:
 
     def save(self) -> str:
         """Collective: every rank writes its part; its RNG states (+ the task's) go to rng_rank{r}.pt."""
-        ema = {EMA_FILE: self.ema.state_dict()} if self.ema is not None and self.env.rank == 0 else None
+        # the EMA (the same on every rank) is written once, by rank 0
+        ema = {EMA_FILE: self.ema.state_dict()} if self.ema is not None and self.env.rank == 0 else {}
         self.last_saved = self.ckpt.save(self.engine, self.step, self.client_state(), extra_rng=self.task.rng_state(),
-                                         rank0_files=ema)
+                                         **({"rank0_files": ema} if ema else {}))
         return self.last_saved
 
     # -- the loop
