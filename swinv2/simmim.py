@@ -31,7 +31,8 @@ from torch import nn
 
 from .config import SwinV2Config
 from .model import SwinTransformerV2
-from .weights import BUFFER_KEYWORDS, CheckpointMismatchError, _unwrap_model, unwrap_checkpoint
+from .weights import (BUFFER_KEYWORDS, CheckpointMismatchError, _unwrap_model, portable_state_dict, unwrap_checkpoint,
+                      write_checkpoint)
 
 __all__ = ["SwinTransformerV2ForSimMIM", "SimMIM", "create_simmim", "normalize_targets", "masked_l1_terms",
            "simmim_loss", "upsample_mask", "simmim_state_dict", "save_simmim_state_dict",
@@ -199,17 +200,7 @@ def simmim_state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str
     wrapper components removed (the ``encoder.`` prefix is kept, unlike
     :func:`swinv2.official_state_dict`), contiguous CPU tensors, floating point as fp32, buffers
     included. Accepts a model or a state dict (e.g. the fp32 weights of a trainer checkpoint)."""
-    if isinstance(model, Mapping):
-        source = unwrap_checkpoint(model)
-    else:
-        source = _unwrap_model(model).state_dict()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        name = _strip_wrappers(key)
-        if name in out:
-            raise RuntimeError(f"two state-dict entries map to the SimMIM name {name!r}")
-        t = value.detach().to("cpu")
-        out[name] = (t.float() if t.is_floating_point() else t).clone().contiguous()
+    out = portable_state_dict(model, _strip_wrappers, "SimMIM")["model"]
     if not any(k.startswith("encoder.") for k in out) or "encoder.mask_token" not in out:
         raise ValueError("not a SimMIM model / state dict: expected encoder.* keys with encoder.mask_token")
     return {"model": out}
@@ -217,14 +208,7 @@ def simmim_state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str
 
 def save_simmim_state_dict(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> dict:
     """Write :func:`simmim_state_dict` to ``path`` (atomically); returns what was saved."""
-    ckpt = simmim_state_dict(model)
-    path = os.fspath(path)
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return ckpt
+    return write_checkpoint(simmim_state_dict(model), path)
 
 
 def load_simmim_state_dict(model: SimMIM, state_dict: Any) -> list[str]:

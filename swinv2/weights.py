@@ -26,7 +26,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -440,36 +440,42 @@ def _copy_into(model: nn.Module, model_sd: Mapping[str, torch.Tensor], targets: 
 # --------------------------------------------------------------------------------------------
 
 
+def portable_state_dict(model: nn.Module | Mapping[str, torch.Tensor], rename: Callable[[str], str],
+                        format_name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"model": state_dict}`` of a model or a state dict, keys passed through ``rename``:
+    contiguous CPU tensors, floating point as fp32, buffers included. The one writer behind the
+    official classification and SimMIM formats."""
+    source = unwrap_checkpoint(model) if isinstance(model, Mapping) else _unwrap_model(model).state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in source.items():
+        name = rename(key)
+        if name in out:
+            raise RuntimeError(f"two state-dict entries map to the {format_name} name {name!r}")
+        t = value.detach().to("cpu")
+        out[name] = (t.to(torch.float32) if t.is_floating_point() else t).clone().contiguous()
+    return {"model": out}
+
+
+def write_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
+    """``torch.save`` to ``path`` atomically (a temporary file, then a rename); returns ``ckpt``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return ckpt
+
+
 def official_state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """``{"model": state_dict}`` in the official format: official key names (wrapper prefixes
     removed), contiguous CPU tensors, floating point as fp32, buffers included (the official code
     registers ``relative_coords_table``, ``relative_position_index`` and ``attn_mask`` as
     persistent buffers)."""
-    if isinstance(model, Mapping):
-        source = unwrap_checkpoint(model)
-    else:
-        source = _unwrap_model(model).state_dict()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        name = canonical_key(key)
-        if name in out:
-            raise RuntimeError(f"two state-dict entries map to the official name {name!r}")
-        t = value.detach().to("cpu")
-        if t.is_floating_point():
-            t = t.to(torch.float32)
-        out[name] = t.clone().contiguous()
-    return {"model": out}
+    return portable_state_dict(model, canonical_key, "official")
 
 
 def save_official_state_dict(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> dict:
     """Write :func:`official_state_dict` to ``path`` with ``torch.save``; returns what was saved."""
-    ckpt = official_state_dict(model)
-    path = os.fspath(path)
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return ckpt
+    return write_checkpoint(official_state_dict(model), path)
 
