@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from slurm_cluster import (SlurmCluster, _alive, _pick_port, cleanup_stale, have_slurm)
+from slurm_cluster import (COMMON_SLURM_CONF, SlurmCluster, _alive, _pick_port, cleanup_stale, have_slurm)
 
 ROOT = Path(tempfile.gettempdir()) / "swinv2-multinode"
 CTL = ("ctl", "127.0.0.1")
@@ -82,17 +82,7 @@ SlurmctldPidFile={base}/state/slurmctld.pid
 SlurmdPidFile={base}/state/slurmd-%n.pid
 SlurmctldLogFile={base}/log/slurmctld.log
 SlurmdLogFile={base}/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-SwitchType=switch/none
-ReturnToService=2
-SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
+{common}SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 MailProg=/bin/true
 # Not NoInAddrAny: slurmstepd connects back to srun at the source address of srun's request
 # (always 127.0.0.1), and NoInAddrAny would make srun listen on 127.0.0.x only. slurmd listens on
@@ -372,7 +362,7 @@ class MultiNodeCluster(SlurmCluster):
         node_lines = "\n".join(NODE_LINE.format(name=n, addr=a, port=self.slurmd_ports[n],
                                                  cpus=self.cpus) for n, a in self.nodes.items())
         self.conf.write_text(SLURM_CONF.format(
-            base=self.base, ctl_name=CTL[0], ctl_addr=CTL[1], ctld_port=self.ctld_port,
+            common=COMMON_SLURM_CONF, base=self.base, ctl_name=CTL[0], ctl_addr=CTL[1], ctld_port=self.ctld_port,
             munge_socket=self.munge_socket, node_lines=node_lines,
             node_names=",".join(self.nodes)))
 

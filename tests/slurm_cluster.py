@@ -121,6 +121,21 @@ def cleanup_stale(root: Path = ROOT, daemons: tuple[str, ...] = DAEMONS) -> list
     return stopped
 
 
+# Plugins and policies both test clusters share: no cgroups, accounting or MPI; a node that comes
+# back is usable at once (ReturnToService=2).
+COMMON_SLURM_CONF = """\
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SwitchType=switch/none
+ReturnToService=2
+"""
+
 SLURM_CONF = """\
 ClusterName=swinv2test
 SlurmctldHost=localhost
@@ -137,17 +152,7 @@ SlurmctldPidFile={base}/pids/slurmctld.pid
 SlurmdPidFile={base}/pids/slurmd.pid
 SlurmctldLogFile={base}/log/slurmctld.log
 SlurmdLogFile={base}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-SwitchType=switch/none
-ReturnToService=2
-SchedulerParameters=batch_sched_delay=0
+{common}SchedulerParameters=batch_sched_delay=0
 MailProg=/bin/true
 CommunicationParameters=NoInAddrAny
 KillWait=10
@@ -216,9 +221,9 @@ class SlurmCluster:
 
         self.ctld_port = _pick_port("SWINV2_SLURMCTLD_PORT", 16817, set())
         self.slurmd_port = _pick_port("SWINV2_SLURMD_PORT", 16818, {self.ctld_port})
-        self.conf.write_text(SLURM_CONF.format(base=self.base, ctld_port=self.ctld_port,
-                                               slurmd_port=self.slurmd_port, cpus=self.cpus,
-                                               munge_socket=self.munge_socket))
+        self.conf.write_text(SLURM_CONF.format(common=COMMON_SLURM_CONF, base=self.base,
+                                               ctld_port=self.ctld_port, slurmd_port=self.slurmd_port,
+                                               cpus=self.cpus, munge_socket=self.munge_socket))
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
         self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
         self.wait_nodes_idle(["localhost"])
