@@ -158,8 +158,9 @@ def test_deprecated_amp_every_is_probe_every(caplog):
 
 def test_task_group_default_and_unknown():
     assert _spec().task.name == "classification"
+    assert _spec(["task=simmim"]).task.name == "simmim"
     with pytest.raises(C.ConfigError, match="task.name"):
-        _spec(["task.name=simmim"])
+        _spec(["task.name=bogus"])
 
 
 def test_deepspeed_config():
@@ -185,3 +186,64 @@ def test_cosine_schedule():
     assert math.isclose(cosine_lr(100, **kw), 1e-5)
     lrs = [cosine_lr(s, **kw) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+# ----------------------------------------------------------------------------- SimMIM recipes
+# name: (task, variant, img, window, effective lr, batch, wd, clip, layer decay, drop path, augment)
+SIMMIM_RECIPES = {
+    "simmim_swinv2_base_192_w12_800ep": ("simmim", "base", 192, 12, 1e-4 * 2048 / 512, 2048, 0.05, 5.0, 1.0, 0.1, "light"),
+    "swinv2_base_simmim_ft_224_w14": ("classification", "base", 224, 14, 1.25e-3 * 2048 / 512, 2048, 0.05, 5.0, 0.75,
+                                      0.2, "imagenet"),
+    "swinv2_giant_simmim_stage1_192": ("simmim", "giant", 192, 12, 1.4e-3, 9216, 0.1, 100.0, 1.0, 0.1, "light"),
+    "swinv2_giant_supervised_stage2_192": ("classification", "giant", 192, 12, 1.4e-3, 9216, 0.1, 100.0, 0.87, 0.3,
+                                           "imagenet"),
+    "swinv2_giant_ft_640_w40": ("classification", "giant", 640, 40, 2.1e-5, 576, 0.1, 100.0, 1.0, 0.5, "imagenet"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIMMIM_RECIPES))
+def test_simmim_chain_recipes(name):
+    ov = [f"experiment={name}", *SHARDS]
+    if "ft" in name or "stage2" in name:
+        ov.append(f"model.pretrained={os.path.join(REPO, 'setup.py')}")  # any existing file
+    cfg = _compose(ov)
+    spec = resolve_spec(cfg, world_size=8, resolve_data=False)
+    task, variant, img, win, lr, batch, wd, clip, ld, dp, aug = SIMMIM_RECIPES[name]
+    assert (spec.task.name, spec.variant, spec.model.img_size, spec.model.window_size) == (task, variant, img, win)
+    assert math.isclose(spec.schedule.lr, lr, rel_tol=1e-9) and cfg.train.batch_size == batch
+    assert (cfg.optim.weight_decay, cfg.optim.clip_grad, cfg.optim.layer_decay) == (wd, clip, ld)
+    assert cfg.model.drop_path_rate == dp and cfg.data.augment == aug
+    if task == "simmim":
+        assert (cfg.task.mask_patch_size, cfg.task.mask_ratio, cfg.task.norm_target.window) == (32, 0.6, 47)
+    if variant == "giant":  # every memory measure of the paper
+        assert cfg.model.attention == "sequential" and cfg.train.activation_checkpointing.every == 1
+        assert cfg.train.precision == "bf16" and cfg.deepspeed.zero_stage == 1
+    if name == "swinv2_giant_simmim_stage1_192":
+        assert (cfg.train.epochs, cfg.sched.warmup_steps) == (20, 30000)
+    if name == "swinv2_giant_supervised_stage2_192":
+        assert (cfg.train.epochs, cfg.sched.warmup_steps, cfg.data.mixup, cfg.data.cutmix) == (30, 20000, 0.0, 0.0)
+    if name == "swinv2_giant_ft_640_w40":
+        assert (cfg.train.epochs, cfg.sched.warmup_epochs) == (10, 2)
+    if name == "swinv2_base_simmim_ft_224_w14":
+        assert list(cfg.model.pretrained_window_sizes) == [12, 12, 12, 6]
+        assert (cfg.train.epochs, cfg.sched.warmup_epochs) == (100, 20)
+    if name == "simmim_swinv2_base_192_w12_800ep":
+        assert (cfg.train.epochs, cfg.sched.warmup_epochs, cfg.task.norm_target.enable) == (800, 10, True)
+
+
+def test_simmim_default_validates():
+    cfg = C.validate(_compose(["experiment=simmim_default"]), world_size=1)
+    assert cfg.task.name == "simmim" and cfg.data.train_shards is None and cfg.model.img_size == 32
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["task.mask_patch_size=12"], "task.mask_patch_size"),   # does not divide 32
+    (["task.mask_patch_size=6"], "task.mask_patch_size"),    # not a multiple of the patch (4)
+    (["task.mask_ratio=1.5"], "task.mask_ratio"),
+    (["task.norm_target.enable=true", "task.norm_target.window=8"], "task.norm_target.window"),
+    (["task.recon_every=-1"], "task.recon_every"),
+])
+def test_simmim_settings_errors_name_the_key(overrides, key):
+    cfg = _compose(["experiment=simmim_default", *overrides])
+    with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
+        C.validate(cfg, world_size=1)

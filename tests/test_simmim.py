@@ -330,9 +330,10 @@ def test_task_config_file_settings():
     from swinv2_train.tasks.simmim import SimMIMSettings
     node = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "task" / "simmim.yaml")
     assert node.name == "simmim"
-    assert SimMIMSettings.from_task(node) == SimMIMSettings(mask_patch_size=32, mask_ratio=0.6, norm_target_window=47)
+    assert SimMIMSettings.from_task(node) == SimMIMSettings(mask_patch_size=32, mask_ratio=0.6, norm_target_window=47,
+                                                            recon_every=1000)
     off = OmegaConf.merge(node, {"norm_target": {"enable": False}, "mask_ratio": 0.75})
-    assert SimMIMSettings.from_task(off) == SimMIMSettings(32, 0.75, 0)
+    assert SimMIMSettings.from_task(off) == SimMIMSettings(32, 0.75, 0, 1000)
     with pytest.raises(ValueError, match="odd"):
         SimMIMSettings.from_task(OmegaConf.merge(node, {"norm_target": {"window": 48}}))
 

@@ -312,7 +312,7 @@ def test_key_trace_writes_a_line_per_step(tmp_path):
 
 # ----------------------------------------------------------------------------- the task
 def test_classification_task_loss_and_rng_state():
-    assert set(TASKS) == {"classification"}
+    assert set(TASKS) == {"classification", "simmim"}
     spec = spec_of("data.mixup=0.8", "data.cutmix=1.0", "data.num_classes=10")
     task = build_task(spec, Env())
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])

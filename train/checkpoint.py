@@ -525,8 +525,9 @@ def fp32_state_dict(tag_dir: str) -> Dict[str, torch.Tensor]:
 
 def export(run_dir: str, out: str, step: Optional[int] = None, ema: bool = False) -> str:
     """Write the official-format state dict ({"model": fp32 state dict}) of a committed checkpoint:
-    its trained weights, or with `ema` its EMA of weights (train.ema_decay)."""
-    from swinv2.weights import save_official_state_dict
+    its trained weights, or with `ema` its EMA of weights (train.ema_decay). The format follows the
+    weights: a SimMIM run (encoder.mask_token) -> the official SimMIM state dict (encoder.*,
+    decoder.0.*), else the official classification one."""
 
     root = os.path.join(run_dir, "checkpoints")
     if step is None:
@@ -537,8 +538,17 @@ def export(run_dir: str, out: str, step: Optional[int] = None, ema: bool = False
         tag_dir = os.path.join(root, tag_for(step))
         if not os.path.isfile(os.path.join(tag_dir, MARKER)):
             raise FileNotFoundError(f"{tag_dir} is missing or not committed")
-    save_official_state_dict(ema_state_dict(tag_dir) if ema else fp32_state_dict(tag_dir), out)
+    state = ema_state_dict(tag_dir) if ema else fp32_state_dict(tag_dir)
+    official_writer(state)(state, out)
     return tag_dir
+
+
+def official_writer(state: Dict[str, torch.Tensor]):
+    """swinv2's writer of the official format these weights are in (picked from their keys)."""
+    from swinv2 import save_official_state_dict, save_simmim_state_dict
+
+    simmim = any(k == "encoder.mask_token" or k.endswith(".encoder.mask_token") for k in state)
+    return save_simmim_state_dict if simmim else save_official_state_dict
 
 
 def ema_state_dict(tag_dir: str) -> Dict[str, torch.Tensor]:

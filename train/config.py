@@ -172,12 +172,23 @@ class LoggerConfig:
     jsonl: bool = True
 
 
-TASKS = ("classification",)  # configs/task/<name>.yaml; train/tasks/<name>.py
+TASKS = ("classification", "simmim")  # configs/task/<name>.yaml; train/tasks/<name>.py
+
+
+@dataclass
+class NormTargetConfig:               # task=simmim: local target normalisation (official NORM_TARGET)
+    enable: bool = True
+    window: int = 47                   # odd, centred on the pixel
 
 
 @dataclass
 class TaskConfig:
     name: str = "classification"       # what a batch is trained for: its loss, metrics and eval
+    # task=simmim only (train/tasks/simmim.py; the classification task ignores them)
+    mask_patch_size: int = 32          # masks drawn per cell of this many pixels (divides model.img_size)
+    mask_ratio: float = 0.6            # ceil(ratio x cells) cells masked per image
+    norm_target: NormTargetConfig = field(default_factory=NormTargetConfig)
+    recon_every: int = 0               # reconstruction grid (PNG + TensorBoard) every N steps; 0 off
 
 
 @dataclass

@@ -11,15 +11,19 @@ import logging
 from typing import Any, Dict, Optional
 
 from swinv2_train.data import TrainStream
+from swinv2_train.tasks import task_class
 
 log = logging.getLogger("train")
 
 
 def open_stream(spec, env, position: Optional[Dict[str, Any]] = None) -> TrainStream:
-    """This rank's training stream of `spec`, from a saved data position (None: the start)."""
+    """This rank's training stream of `spec`, from a saved data position (None: the start). A
+    task without labels (SimMIM) has the stream draw its masks per sample instead."""
+    task = task_class(spec)
+    masks = None if getattr(task, "labels", True) else task.stream_masks(spec)
     return TrainStream(spec.data, img_size=spec.model.img_size, global_batch=spec.batch.global_batch,
                        grad_accum=spec.batch.accum, rank=env.rank, world_size=env.world_size,
-                       seed=spec.run.seed, position=position)
+                       seed=spec.run.seed, position=position, masks=masks)
 
 
 def saved_position(client: Dict[str, Any], warn: bool = True) -> Optional[Dict[str, Any]]:

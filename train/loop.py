@@ -26,6 +26,7 @@ from swinv2_train.errors import ResumeMismatchError, UserError
 from swinv2_train.metrics import build_logger, read_jsonl
 from swinv2_train.preemption import PreemptionHandler
 from swinv2_train.spec import RunSpec, resolve_spec
+from swinv2_train.tasks import task_class
 from swinv2_train.trainer import Trainer, build_trainer, progress_bar
 
 log = logging.getLogger("train")
@@ -98,7 +99,7 @@ def finish(trainer: Trainer, summary: Dict[str, Any], t_start: float) -> Dict[st
                                                         title=f"{spec.run.name}: activation RMS per block",
                                                         depths=list(spec.model.depths))
         if spec.run.export_official and trainer.last_saved:
-            out = os.path.join(spec.run_dir, "model_official.pth")
+            out = os.path.join(spec.run_dir, task_class(spec).export_file)  # SimMIM: model_simmim.pth
             export(spec.run_dir, out, trainer.step)
             summary["export"] = out
             if trainer.ema is not None:  # the EMA of weights, in the same format
@@ -190,6 +191,8 @@ def print_summary(s: Dict[str, Any]) -> None:
              f"(train {s['train_time_s']:.1f} s, wall {s['wall_time_s']:.1f} s) =="]
     if "val/top1" in s:
         lines.append(f"final val top-1 {s['val/top1']:.2f}%  top-5 {s['val/top5']:.2f}%  loss {s['val/loss']:.4f}")
+    elif "val/loss" in s:  # e.g. SimMIM: the masked L1
+        lines.append(f"final val loss {s['val/loss']:.4f}")
     if "val_ema/top1" in s:
         lines.append(f"EMA weights top-1 {s['val_ema/top1']:.2f}%  top-5 {s['val_ema/top5']:.2f}%  "
                      f"loss {s['val_ema/loss']:.4f}")

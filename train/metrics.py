@@ -30,6 +30,9 @@ class NullLogger:
     def summary(self, metrics: Dict[str, Any]) -> None:
         pass
 
+    def log_image(self, name: str, image: Any, step: int) -> None:
+        """`image`: (H, W, 3) uint8 array."""
+
     def close(self) -> None:
         pass
 
@@ -82,6 +85,14 @@ class MetricLogger(NullLogger):
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
+
+    def log_image(self, name: str, image: Any, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_image(name, image, step, dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Image(image)}, step=step)
 
     def summary(self, metrics: Dict[str, Any]) -> None:
         if self._wandb is not None:

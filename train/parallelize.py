@@ -11,6 +11,7 @@ import torch
 
 import swinv2
 from swinv2_train.spec import RunSpec
+from swinv2_train.tasks import task_class
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,9 @@ def swap_fused_layernorm(model: torch.nn.Module) -> int:
 
 def build_optimizer(spec: RunSpec, model: torch.nn.Module, use_apex: bool) -> torch.optim.Optimizer:
     # official wd exclusions; with optim.layer_decay < 1 one decay/no_decay pair per layer id
-    groups = swinv2.param_groups(model, spec.optim.weight_decay, spec.optim.layer_decay)
+    # the task says where the backbone's names start (SimMIM: "encoder."; mask_token -> id 0, decoder -> L+1)
+    prefix = task_class(spec).backbone_prefix
+    groups = swinv2.param_groups(model, spec.optim.weight_decay, spec.optim.layer_decay, backbone_prefix=prefix)
     log.info("optimizer groups: %s", describe_layer_decay(groups, spec.optim.layer_decay))
     kw = dict(lr=spec.schedule.lr, betas=tuple(spec.optim.betas), eps=spec.optim.eps)
     if use_apex:
@@ -125,7 +128,7 @@ def parallelize(spec: RunSpec, model: torch.nn.Module) -> Tuple[Any, Dict[str, A
     info: Dict[str, Any] = {}
     ac = spec.train.activation_checkpointing
     info["checkpointed_blocks"] = (swinv2.apply_activation_checkpointing(
-        model, every=ac.every, stages=list(ac.stages) if ac.stages is not None else None)
+        model, every=ac.every, stages=list(ac.stages) if ac.stages is not None else None, granularity=ac.policy)
         if ac.every > 0 else 0)
     use_apex = _use_apex(spec.optim.fused)
     info["fused_layernorm"] = swap_fused_layernorm(model) if use_apex else 0

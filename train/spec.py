@@ -134,6 +134,7 @@ def resolve_spec(cfg: DictConfig, world_size: Optional[int] = None, *, resolve_d
     _check_run(cfg)
     if cfg.task.name not in TASKS:
         _fail("task.name", f"{cfg.task.name!r} is not one of {TASKS}")
+    _check_task(cfg.task, model)
     if train.eval_class_map is not None and not os.path.exists(train.eval_class_map):
         _fail("train.eval_class_map", f"file not found: {train.eval_class_map}")
     saved = OmegaConf.to_container(cfg, resolve=True)
@@ -255,6 +256,18 @@ def _data(node: DictConfig, resolve: bool) -> DataConfig:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return resolve_sources(data) if resolve else data
+
+
+def _check_task(node: DictConfig, model: SwinV2Config) -> None:
+    """The task's own settings against the model (e.g. SimMIM's mask geometry); its messages name the key."""
+    from swinv2_train.tasks import TASKS as TASK_CLASSES  # the tasks import the data package and the model
+
+    check = getattr(TASK_CLASSES[node.name], "check_config", None)
+    if check is not None:
+        try:
+            check(node, model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_run(cfg: DictConfig) -> None:

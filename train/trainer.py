@@ -36,7 +36,7 @@ from swinv2_train.errors import NonFiniteError
 from swinv2_train.metrics import NullLogger
 from swinv2_train.parallelize import parallelize
 from swinv2_train.rng import seed_rank_streams
-from swinv2_train.tasks import Task, build_task
+from swinv2_train.tasks import Task, build_task, reduced_train_metrics, task_class
 
 log = logging.getLogger("train")
 
@@ -221,7 +221,7 @@ class Trainer:
              "train/skipped_steps": self.engine.skipped_steps, "train/nonfinite_steps": self.nonfinite.total,
              "train/step_applied": float(r.applied), "train/samples_seen": self.step * b.global_batch,
              "train/epoch": self.step / self.steps_per_epoch,
-             **rank_metrics(r, b.global_batch, self.stream.bad_samples())}
+             **rank_metrics(r, b.global_batch, self.stream.bad_samples()), **reduced_train_metrics(self.task)}
         if probed:
             m.update(amplitude_metrics(self.probe.stats(), swinv2.probes.logit_scales(self.engine.module)))
             self.probe.clear()
@@ -277,6 +277,8 @@ class Trainer:
                 self.log_step(r, probed)
             if self.bar is not None:
                 self.bar.update(1)
+            if hasattr(self.task, "after_step"):  # e.g. SimMIM's reconstruction pictures (rank 0, no collective)
+                self.task.after_step(self.step, self.engine.module, self.logger)
             if due(self.step, t.eval_every) and self.step < self.total:
                 self.evaluate()
             if due(self.step, t.ckpt_every) and self.step < self.total:
@@ -302,12 +304,9 @@ def restore(ckpt: CheckpointManager, engine, resume_dir: Optional[str]) -> Train
 
 
 def build_model(spec, from_checkpoint: bool) -> torch.nn.Module:
-    torch.manual_seed(spec.run.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
-    model = swinv2.SwinTransformerV2(spec.model)
-    if spec.pretrained and not from_checkpoint:
-        report = swinv2.load_official_state_dict(model, spec.pretrained, class_map=spec.pretrained_class_map)
-        log.info("loaded %s (head: %s)", spec.pretrained, report.head_action)
-    return model
+    """The task's model (swinv2_train.tasks: the classifier, or SimMIM's encoder + decoder), with
+    `model.pretrained` loaded unless resuming."""
+    return task_class(spec).build_model(spec, from_checkpoint)
 
 
 def build_trainer(spec, env, preempt, resume_dir: Optional[str]) -> Trainer:

@@ -126,16 +126,21 @@ def image_bytes(sample: Dict[str, bytes]) -> Optional[bytes]:
     return None
 
 
-class _Decoder:
-    """Encoded sample -> (tensor, label) or None (counted)."""
+NO_LABEL = -1  # the target of a sample decoded without its label (labels=False)
 
-    def __init__(self, cfg: DataConfig, transform, tracker: BadSampleTracker, seed_parts):
+
+class _Decoder:
+    """Encoded sample -> (tensor, label) or None (counted). With `labels=False` (SimMIM) the
+    `.cls` entry is not read: unlabeled shards work, and the label is NO_LABEL."""
+
+    def __init__(self, cfg: DataConfig, transform, tracker: BadSampleTracker, seed_parts, labels: bool = True):
         self.cfg, self.transform, self.tracker = cfg, transform, tracker
-        self.seed_parts = seed_parts
-        self.class_map = load_class_map(cfg.class_map) if cfg.class_map else None
+        self.seed_parts, self.labels = seed_parts, labels
+        self.class_map = load_class_map(cfg.class_map) if cfg.class_map and labels else None
 
     def __call__(self, sample, extra=()) -> Optional[Tuple[torch.Tensor, int]]:
-        label, reason = parse_label(sample, self.cfg.num_classes, self.class_map)
+        label, reason = (parse_label(sample, self.cfg.num_classes, self.class_map) if self.labels
+                         else (NO_LABEL, None))
         if reason is None:
             data = image_bytes(sample)
             if data is None:
@@ -258,15 +263,16 @@ def _worker_init(_):
 
 # ----------------------------------------------------------------------------- eval
 class _EvalStream(IterableDataset):
-    def __init__(self, urls, cfg, transform, *, pattern, rank, world_size, num_workers, batch_size):
+    def __init__(self, urls, cfg, transform, *, pattern, rank, world_size, num_workers, batch_size, labels=True):
         self.urls, self.cfg, self.transform, self.pattern = list(urls), cfg, transform, pattern
+        self.labels = labels
         self.rank, self.world_size, self.W, self.batch_size = rank, world_size, max(1, num_workers), batch_size
 
     def __iter__(self):
         d, _ = _worker_id()
         tracker = BadSampleTracker(self.cfg.max_bad_fraction, self.cfg.bad_window,
                                    f"eval shards {self.pattern!r} (rank {self.rank}, worker {d})")
-        decoder = _Decoder(self.cfg, self.transform, tracker, ("eval",))
+        decoder = _Decoder(self.cfg, self.transform, tracker, ("eval",), labels=self.labels)
         mine, mod, rem = assign_shards(self.urls, self.rank, self.world_size, d, self.W)
         out: list = []
 
@@ -290,11 +296,12 @@ class _EvalStream(IterableDataset):
                    {"worker": d, "counts": dict(tracker.counts), "seen": tracker.seen})
 
 
-def build_eval_loader(cfg, *, img_size: int, batch_size: int, rank: int, world_size: int
-                      ) -> StreamingLoader:
+def build_eval_loader(cfg, *, img_size: int, batch_size: int, rank: int, world_size: int,
+                      labels: bool = True) -> StreamingLoader:
     """Eval loader of one rank: every sample exactly once across ranks, in fixed shard order,
     partial last batches (per worker), nothing dropped except counted bad samples. Ranks may
-    yield different numbers of batches: reduce metrics once at the end."""
+    yield different numbers of batches: reduce metrics once at the end. `labels=False`: `.cls`
+    is not read (unlabeled val shards; targets are NO_LABEL)."""
     cfg = as_data_config(cfg).resolved()
     if world_size < 1 or not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"bad rank/world_size/batch_size: {rank}/{world_size}/{batch_size}")
@@ -304,7 +311,7 @@ def build_eval_loader(cfg, *, img_size: int, batch_size: int, rank: int, world_s
     loader = StreamingLoader(
         _EvalStream(urls, cfg, build_transform(cfg, img_size, train=False), pattern=pattern,
                     rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-                    batch_size=batch_size),
+                    batch_size=batch_size, labels=labels),
         num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
         prefetch_factor=cfg.prefetch_factor, pattern=pattern, timeout_s=cfg.timeout_s)
     loader.num_samples = cfg.val_samples

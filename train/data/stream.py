@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from . import shards as S
 from .config import DataConfig, as_data_config
+from .masking import MaskGenerator, sample_mask_rng
 from .pipeline import (BadSampleTracker, DataGeometryError, DataPipelineError, _Decoder, _read,
                        _shuffled, _worker_id, _worker_init, mix_seed)
 from .sources import resolve_sources
@@ -235,16 +236,21 @@ class _StreamReader:
             next(self.samples)
             self.consumed += 1
 
-    def chunk(self, n: int, decode: _Decoder) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-        got: List[Tuple[torch.Tensor, int, str]] = []
+    def chunk(self, n: int, decode: _Decoder, mask_of=None) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+        """n good samples: (images, targets, keys). Targets are the labels, or with `mask_of`
+        ((stream, index) -> (h, w) bool mask) the samples' masks, drawn for the same index the
+        augmentation is seeded with: a resumed or resized run replays them."""
+        got: List[Tuple[torch.Tensor, Any, str]] = []
         while len(got) < n:
             sample = next(self.samples)
             index, self.consumed = self.consumed, self.consumed + 1
             decoded = decode(sample, (self.stream, index))
             if decoded is not None:
-                got.append((*decoded, sample["__key__"]))
-        return (torch.stack([x for x, _, _ in got]),
-                torch.tensor([y for _, y, _ in got], dtype=torch.int64), [k for _, _, k in got])
+                x, y = decoded
+                got.append((x, y if mask_of is None else mask_of(self.stream, index), sample["__key__"]))
+        targets = (torch.tensor([y for _, y, _ in got], dtype=torch.int64) if mask_of is None
+                   else torch.stack([y for _, y, _ in got]))
+        return torch.stack([x for x, _, _ in got]), targets, [k for _, _, k in got]
 
 
 class _ChunkSource(IterableDataset):
@@ -252,10 +258,14 @@ class _ChunkSource(IterableDataset):
     one epoch from `start_batch`, each DataLoader worker reading every W-th of them."""
 
     def __init__(self, plan: StreamPlan, cfg: DataConfig, transform, *, streams: List[int],
-                 workers: int, seed: int, epoch: int, start_batch: int, offsets: Dict[int, int]):
+                 workers: int, seed: int, epoch: int, start_batch: int, offsets: Dict[int, int],
+                 masks: Optional[MaskGenerator] = None):
         self.plan, self.cfg, self.transform, self.streams = plan, cfg, transform, streams
         self.W, self.seed, self.epoch = workers, seed, epoch
-        self.start_batch, self.offsets = start_batch, offsets
+        self.start_batch, self.offsets, self.masks = start_batch, offsets, masks
+
+    def _mask_of(self, stream: int, index: int) -> torch.Tensor:
+        return self.masks(sample_mask_rng(self.seed, self.epoch, stream, index))
 
     def __iter__(self):
         w, nw = _worker_id()
@@ -264,23 +274,30 @@ class _ChunkSource(IterableDataset):
         mine = self.streams[w::self.W]
         tracker = BadSampleTracker(self.cfg.max_bad_fraction, self.cfg.bad_window,
                                    f"train shards {self.plan.pattern!r} (streams {mine})")
-        decode = _Decoder(self.cfg, self.transform, tracker, ("aug", self.seed, self.epoch))
+        decode = _Decoder(self.cfg, self.transform, tracker, ("aug", self.seed, self.epoch),
+                          labels=self.masks is None)
+        mask_of = self._mask_of if self.masks is not None else None
         readers = [_StreamReader(stream_samples(self.plan, self.cfg, s, self.seed, self.epoch,
                                                 tracker.counts), s, self.offsets[s])
                    for s in mine]
         for b in range(self.start_batch, self.plan.batches_per_epoch):
             for r in readers:
-                images, targets, keys = r.chunk(self.plan.chunk, decode)
+                images, targets, keys = r.chunk(self.plan.chunk, decode, mask_of)
                 yield b, r.stream, images, targets, keys, r.consumed, (w, dict(tracker.counts))
 
 
 # ----------------------------------------------------------------------------- one rank
 class TrainStream:
     """Micro-batches of one rank across epochs, in the elastic order (module docstring); its
-    position resumes on any ranks x workers that divide the canonical stream count."""
+    position resumes on any ranks x workers that divide the canonical stream count.
+
+    `masks` (SimMIM): the samples' labels are not read (unlabeled shards work) and each sample
+    gets the mask `masks(sample_mask_rng(seed, epoch, stream, index))`; micro-batches are then
+    (images, (B, h, w) bool masks)."""
 
     def __init__(self, data_cfg: Any, *, img_size: int, global_batch: int, grad_accum: int,
-                 rank: int, world_size: int, seed: int, position: Optional[Position] = None):
+                 rank: int, world_size: int, seed: int, position: Optional[Position] = None,
+                 masks: Optional[MaskGenerator] = None):
         cfg = resolve_sources(as_data_config(data_cfg).resolved(), ("train",))
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad rank/world_size: {rank}/{world_size}")
@@ -288,7 +305,7 @@ class TrainStream:
         C = resolve_canonical_streams(cfg.canonical_streams, position, world_size, W)
         check_geometry(C, global_batch, grad_accum, world_size, W)
         _check_saved_batch(position, global_batch)
-        self.cfg, self.seed, self.workers = cfg, seed, W
+        self.cfg, self.seed, self.workers, self.masks = cfg, seed, W, masks
         self.global_batch, self.grad_accum = global_batch, grad_accum
         self.plan = plan_streams(cfg, global_batch, C)
         self.streams = rank_streams(C, rank, world_size)
@@ -317,7 +334,7 @@ class TrainStream:
         return self.plan.batches_per_epoch
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The next micro-batch (images, targets) of this rank; `last_keys` names its samples.
+        """The next micro-batch (images, targets or masks) of this rank; `last_keys` names its samples.
         Draws nothing from the global RNGs (the DataLoader gets its own generator)."""
         if not self._micro:
             self._micro.extend(self._next_share())
@@ -374,7 +391,7 @@ class TrainStream:
         self._pending: Dict[Tuple[int, int], tuple] = {}
         source = _ChunkSource(self.plan, self.cfg, self.transform, streams=self.streams,
                               workers=self.workers, seed=self.seed, epoch=epoch,
-                              start_batch=batch, offsets=offsets)
+                              start_batch=batch, offsets=offsets, masks=self.masks)
         kw = dict(batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
                   worker_init_fn=_worker_init,
                   generator=torch.Generator())  # its own seed source: the global RNG is untouched

@@ -2,7 +2,17 @@
 (augmentations that run on the device), batch -> loss, its evaluation and the one-line summary of
 that evaluation, and its own random state (saved with each rank's RNG states).
 
-A new objective (e.g. SimMIM) is a new module here, one entry in TASKS and a config group file
+A task class also answers the run's questions that depend on the objective, so that the trainer
+never branches on the task name: `build_model(spec, from_checkpoint)` (the model, with
+`model.pretrained` loaded unless resuming), `backbone_prefix` (where the backbone's parameter
+names start, for swinv2.param_groups), `export_file` (the run's export; swinv2_train.checkpoint
+picks the format from the weights' keys), `labels` (whether the data stream reads class labels; a
+task without them gives the stream its `stream_masks(spec)`), an optional
+`check_config(task_node, model_config)` (ValueError naming the key), and per instance optional
+`train_metrics()` (merged into the log at log steps, mean over ranks) and
+`after_step(step, model, logger)` (e.g. SimMIM's reconstruction pictures).
+
+A new objective is a new module here, one entry in TASKS and a config group file
 configs/task/<name>.yaml (`task=<name>`); the trainer does not change.
 """
 from __future__ import annotations
@@ -11,7 +21,9 @@ from typing import Any, Callable, Dict, Protocol
 
 import torch
 
+from swinv2_train.distributed import all_reduce_sum
 from swinv2_train.tasks.classification import ClassificationTask
+from swinv2_train.tasks.simmim import SimMIMTask
 
 
 class Task(Protocol):
@@ -35,11 +47,30 @@ class Task(Protocol):
     def set_rng_state(self, state: Dict[str, Any]) -> None: ...
 
 
-TASKS: Dict[str, Callable[..., Task]] = {"classification": ClassificationTask}
+TASKS: Dict[str, Callable[..., Task]] = {"classification": ClassificationTask, "simmim": SimMIMTask}
+
+
+def task_class(spec) -> Any:
+    """The class of the run's task (its static answers: build_model, export_file, ...)."""
+    return TASKS[spec.task.name]
 
 
 def build_task(spec, env) -> Task:
     return TASKS[spec.task.name](spec, env)
 
 
-__all__ = ["Task", "TASKS", "build_task", "ClassificationTask"]
+def reduced_train_metrics(task: Task) -> Dict[str, float]:
+    """The task's own training metrics since the last log step, mean over ranks (collective: every
+    rank calls it at the same steps; every rank has seen the same number of micro-batches)."""
+    own = getattr(task, "train_metrics", None)
+    if own is None:
+        return {}
+    metrics = own()
+    keys = sorted(metrics)
+    if not keys:
+        return {}
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return dict(zip(keys, (v / world for v in all_reduce_sum([metrics[k] for k in keys]))))
+
+
+__all__ = ["Task", "TASKS", "task_class", "build_task", "reduced_train_metrics", "ClassificationTask", "SimMIMTask"]

@@ -2,16 +2,20 @@
 evaluated as loss / top-1 / top-5 on the validation shards (optionally through a class map)."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 
+import swinv2
 from swinv2.class_map import load_class_map
 from swinv2_train.data import build_mixup
 from swinv2_train.evaluate import DTYPES, evaluate  # the one evaluation path (also swinv2-eval)
 
 MIXUP_STATE = "mixup"  # key of the mixup generator in rng_rank{r}.pt
+
+log = logging.getLogger("train")
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -22,6 +26,21 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 class ClassificationTask:
     name = "classification"
+    backbone_prefix = ""                  # parameter names are the backbone's (swinv2.param_groups)
+    export_file = "model_official.pth"    # the run's export (official classification format)
+
+    @staticmethod
+    def build_model(spec, from_checkpoint: bool = False) -> torch.nn.Module:
+        """The classifier of a run; `model.pretrained` loaded unless resuming (the checkpoint wins).
+        A SimMIM file loads too (its encoder.* keys; mask_token and decoder dropped, logged)."""
+        torch.manual_seed(spec.run.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
+        model = swinv2.SwinTransformerV2(spec.model)
+        if spec.pretrained and not from_checkpoint:
+            report = swinv2.load_official_state_dict(model, spec.pretrained, class_map=spec.pretrained_class_map)
+            log.info("loaded %s (head: %s)", spec.pretrained, report.head_action)
+            for message in report.messages:
+                log.info("pretrained weights: %s", message)
+        return model
 
     def __init__(self, spec, env):
         self.spec, self.env = spec, env

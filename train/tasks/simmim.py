@@ -8,18 +8,24 @@ Config (configs/task/simmim.yaml): ``mask_patch_size`` (32), ``mask_ratio`` (0.6
 """
 from __future__ import annotations
 
+import logging
+import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
-from swinv2.simmim import DEFAULT_NORM_TARGET_WINDOW, SimMIM, load_simmim_state_dict, save_simmim_state_dict
+from swinv2.simmim import (DEFAULT_NORM_TARGET_WINDOW, SimMIM, load_simmim_state_dict, normalize_targets,
+                           save_simmim_state_dict, upsample_mask)
 from swinv2_train.data import build_eval_loader
 from swinv2_train.data.masking import MaskGenerator
 from swinv2_train.data.pipeline import mix_seed
 from swinv2_train.distributed import all_reduce_sum
 from swinv2_train.rng import isolated_rng
+
+log = logging.getLogger("train")
 
 EVAL_MASK_SEED = 0  # one fixed set of validation masks for every run: val losses stay comparable
 _EPS = 1e-5  # as the loss: / (masked pixels + 1e-5)
@@ -37,6 +43,7 @@ class SimMIMSettings:
     mask_patch_size: int = 32
     mask_ratio: float = 0.6
     norm_target_window: int = DEFAULT_NORM_TARGET_WINDOW  # 0: targets are the images themselves
+    recon_every: int = 0  # reconstruction pictures every N steps (0: off)
 
     @classmethod
     def from_task(cls, task: Any) -> "SimMIMSettings":
@@ -46,9 +53,12 @@ class SimMIMSettings:
         window = int(_get(norm, "window", DEFAULT_NORM_TARGET_WINDOW))
         if enable and (window < 1 or window % 2 == 0):
             raise ValueError(f"task.norm_target.window must be a positive odd number, got {window}")
+        recon_every = int(_get(task, "recon_every", 0))
+        if recon_every < 0:
+            raise ValueError(f"task.recon_every must be >= 0 (0: no reconstruction pictures), got {recon_every}")
         return cls(mask_patch_size=int(_get(task, "mask_patch_size", 32)),
                    mask_ratio=float(_get(task, "mask_ratio", 0.6)),
-                   norm_target_window=window if enable else 0)
+                   norm_target_window=window if enable else 0, recon_every=recon_every)
 
 
 def mask_generator(spec, settings: SimMIMSettings) -> MaskGenerator:
@@ -68,8 +78,54 @@ def build_model(spec, settings: SimMIMSettings) -> SimMIM:
     return SimMIM(spec.model, norm_target_window=settings.norm_target_window)
 
 
+RECON_DIR = "reconstructions"  # in the run dir: step_<N>.png
+RECON_IMAGES = 4               # rows of a reconstruction grid
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) -> (H, W, C) uint8, min-max scaled per image (inputs are normalised, targets may
+    be locally normalised: no fixed range fits all panels)."""
+    x = x.detach().float()
+    lo, hi = x.min(), x.max()
+    return ((x - lo) / (hi - lo).clamp(min=1e-6) * 255).round().clamp(0, 255).byte().permute(1, 2, 0)
+
+
+def recon_grid(images: torch.Tensor, masks: torch.Tensor, reconstruction: torch.Tensor, patch_size: int,
+               norm_target_window: int = 0) -> np.ndarray:
+    """(rows x H, 4 x W, C) uint8 picture, one row per image: input | masked input (masked patches
+    grey) | reconstruction | target (what the loss compares the reconstruction with, on masked pixels)."""
+    images = images.float()
+    pixel_mask = upsample_mask(masks, patch_size).to(images.dtype)
+    target = normalize_targets(images, norm_target_window) if norm_target_window else images
+    rows = []
+    for i in range(images.shape[0]):
+        masked = images[i] * (1 - pixel_mask[i]) + images[i].min() * pixel_mask[i]
+        rows.append(torch.cat([_to_uint8(images[i]), _to_uint8(masked), _to_uint8(reconstruction[i]),
+                               _to_uint8(target[i])], dim=1))
+    return torch.cat(rows, dim=0).numpy()
+
+
+def save_png(picture: np.ndarray, path: str) -> str:
+    from PIL import Image  # Pillow decodes the shards already; no plotting backend needed
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(picture).save(path)
+    return path
+
+
+def check_config(task: Any, model_config: Any) -> None:
+    """Raise ValueError naming the task key when the settings cannot work with this model
+    (called once while the run spec is built)."""
+    settings = SimMIMSettings.from_task(task)
+    MaskGenerator(model_config.img_size, settings.mask_patch_size, model_config.patch_size, settings.mask_ratio)
+
+
 class SimMIMTask:
     name = "simmim"
+    backbone_prefix = "encoder."        # swinv2.param_groups: mask_token at id 0, decoder at id L+1
+    export_file = "model_simmim.pth"    # the official SimMIM state dict (encoder.*, decoder.0.*)
+    labels = False                      # the data stream draws masks instead of reading .cls
+    check_config = staticmethod(check_config)
 
     def __init__(self, spec, env):
         self.spec, self.env = spec, env
@@ -77,11 +133,23 @@ class SimMIMTask:
         self.settings = SimMIMSettings.from_task(spec.task)
         self.masks = mask_generator(spec, self.settings)
         self._ratio_sum, self._ratio_batches = 0.0, 0
+        self._last: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # a few images of the last batch
 
     # -- the model and its files (the trainer's build / export steps for this task)
     @staticmethod
-    def build_model(spec) -> SimMIM:
-        return build_model(spec, SimMIMSettings.from_task(spec.task))
+    def build_model(spec, from_checkpoint: bool = False) -> SimMIM:
+        """The SimMIM model; `model.pretrained` (an official SimMIM file) continues pre-training,
+        unless resuming (the checkpoint wins)."""
+        model = build_model(spec, SimMIMSettings.from_task(spec.task))
+        if getattr(spec, "pretrained", None) and not from_checkpoint:
+            dropped = SimMIMTask.load_pretrained(model, spec.pretrained)
+            log.info("loaded SimMIM weights %s (window-dependent buffers rebuilt: %d)", spec.pretrained, len(dropped))
+        return model
+
+    @staticmethod
+    def stream_masks(spec) -> MaskGenerator:
+        """What the data stream draws per sample (plain ints: pickles to the workers)."""
+        return mask_generator(spec, SimMIMSettings.from_task(spec.task))
 
     @staticmethod
     def load_pretrained(model: SimMIM, path: Any) -> list:
@@ -101,6 +169,7 @@ class SimMIMTask:
                              f"{tuple(masks.shape)} (a stream that yields class labels does not draw masks)")
         self._ratio_sum += masks.float().mean().item()
         self._ratio_batches += 1
+        self._last = (images[:RECON_IMAGES], masks[:RECON_IMAGES])
         return images.to(self.device), masks.to(self.device)
 
     def loss(self, model: torch.nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -116,6 +185,26 @@ class SimMIMTask:
         self._ratio_sum, self._ratio_batches = 0.0, 0
         return out
 
+    def after_step(self, step: int, model: torch.nn.Module, logger: Any) -> Optional[str]:
+        """Every `task.recon_every` steps (rank 0): the reconstruction grid of the last training
+        batch's first images, to RUN_DIR/reconstructions/step_N.png and to the logger (TensorBoard,
+        W&B). Returns the PNG path when one was written."""
+        every = self.settings.recon_every
+        if not every or step % every or self.env.rank != 0 or self._last is None:
+            return None
+        images, masks = self._last
+        was_training = model.training
+        model.eval()
+        with isolated_rng(), torch.no_grad():
+            recon = model.reconstruct(images.to(self.device), masks.to(self.device)).float().cpu()
+        model.train(was_training)
+        picture = recon_grid(images, masks, recon, self.spec.model.patch_size, self.settings.norm_target_window)
+        path = save_png(picture, os.path.join(self.spec.run_dir, RECON_DIR, f"step_{step:07d}.png"))
+        log_image = getattr(logger, "log_image", None)
+        if log_image is not None:
+            log_image("simmim/reconstruction", picture, step)
+        return path
+
     def evaluate(self, model: torch.nn.Module) -> Dict[str, float]:
         """Masked L1 over the validation set with fixed masks: sum over every masked pixel of the
         set / (masked pixels x channels) (collective)."""
@@ -125,7 +214,7 @@ class SimMIMTask:
         with isolated_rng(), torch.no_grad():
             loader = build_eval_loader(self.spec.data, img_size=self.spec.model.img_size,
                                        batch_size=self.spec.batch.eval_batch, rank=self.env.rank,
-                                       world_size=self.env.world_size)
+                                       world_size=self.env.world_size, labels=False)
             for i, (images, _) in enumerate(loader):
                 if images.numel() == 0:
                     continue
@@ -151,4 +240,5 @@ class SimMIMTask:
         pass
 
 
-__all__ = ["SimMIMTask", "SimMIMSettings", "mask_generator", "eval_masks", "build_model", "EVAL_MASK_SEED"]
+__all__ = ["SimMIMTask", "SimMIMSettings", "mask_generator", "eval_masks", "build_model", "check_config",
+           "recon_grid", "EVAL_MASK_SEED"]
