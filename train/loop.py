@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from swinv2_train import distributed
+from swinv2_train.allocator import apply_cpu_malloc_policy
 from swinv2_train.amplitudes import plot_amplitudes
 from swinv2_train.checkpoint import check_resumable, export, read_marker, resolve_resume, set_aside_checkpoints
 from swinv2_train.ema import EXPORT_FILE as EMA_EXPORT_FILE
@@ -62,6 +63,7 @@ def train(spec: RunSpec, env, preempt, t_start: float) -> Dict[str, Any]:
         OmegaConf.save(OmegaConf.create(spec.config), os.path.join(spec.run_dir, "config.yaml"))
     if env.device.type == "cpu":
         torch.set_num_threads(cpu_threads(spec.train.cpu_threads, spec.data.num_workers))
+        apply_cpu_malloc_policy(spec.train.cpu_malloc)  # before the model and engine allocate anything
 
     trainer = build_trainer(spec, env, preempt, plan["resume_dir"])
     if spec.schedule.max_steps is None and plan["resume_dir"] is not None and trainer.step >= trainer.total:

@@ -26,6 +26,7 @@ from swinv2_train.config import (TASKS, ConfigError, DeepSpeedSection, LoggerCon
                                  TaskConfig, TrainLoopConfig, model_config)
 from swinv2_train.data.config import DataConfig, as_data_config
 from swinv2_train.data.sources import check_sources, resolve_sources
+from swinv2_train.allocator import CPU_MALLOC_POLICIES
 from swinv2_train.distributed import launch_world_size
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,11 @@ def _model(node: DictConfig, num_classes: int, t: TrainLoopConfig) -> SwinV2Conf
     if node.variant not in swinv2.VARIANTS:
         _fail("model.variant", f"unknown variant {node.variant!r}; valid: {', '.join(swinv2.VARIANTS)}")
     model = model_config(node, num_classes)
+    if t.activation_checkpointing.policy not in swinv2.checkpointing.GRANULARITIES:
+        _fail("train.activation_checkpointing.policy",
+              f"{t.activation_checkpointing.policy!r} is not one of {swinv2.checkpointing.GRANULARITIES}")
+    if t.cpu_malloc not in CPU_MALLOC_POLICIES:
+        _fail("train.cpu_malloc", f"{t.cpu_malloc!r} is not one of {CPU_MALLOC_POLICIES}")
     for st in t.activation_checkpointing.stages or []:
         if not 0 <= st < model.num_stages:
             _fail("train.activation_checkpointing.stages", f"stage {st} outside 0..{model.num_stages - 1}")

@@ -260,6 +260,7 @@ class Trainer:
     def fit(self) -> str:
         """Train to the step budget; 'completed' or 'preempted' (checkpoint saved, requeued)."""
         t = self.spec.train
+        first_step = True
         while self.step < self.total:
             if self.preempt.should_stop():  # collective, every step boundary
                 self.save()
@@ -267,6 +268,9 @@ class Trainer:
                 return "preempted"
             probed = self.probe is not None and probe_due(self.step, self.total, t.probe_every)
             r = self.train_step(self.probe if probed else None)
+            if first_step and t.compile and self.env.rank == 0:  # torch.compile works lazily, in the first step
+                log.info("train.compile: first step %.1f s (graph capture and compilation included)", r.time)
+            first_step = False
             self.step += 1
             if self.ema is not None and r.applied:  # a skipped (non-finite) step leaves the weights, and the EMA
                 self.ema.update(self.engine.module)
