@@ -90,3 +90,22 @@ def test_remove_restores_the_in_place_relu():
     from swinv2 import remove_activation_checkpointing
     assert remove_activation_checkpointing(m) == 8
     assert all(r.inplace for r in relus)
+
+
+def test_config_key_policy_checked_and_applied():
+    import os
+    from hydra import compose, initialize_config_dir
+
+    import swinv2_train.config as C
+    from swinv2_train.spec import resolve_spec
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+    def spec(overrides):
+        with initialize_config_dir(config_dir=configs, version_base="1.3"):
+            return resolve_spec(compose("train", overrides=overrides), 1, resolve_data=False)
+
+    s = spec(["train.activation_checkpointing.every=1", "train.activation_checkpointing.policy=selective"])
+    assert s.train.activation_checkpointing.policy == "selective"
+    assert spec([]).train.activation_checkpointing.policy == "block"
+    with pytest.raises(C.ConfigError, match=r"^train\.activation_checkpointing\.policy"):
+        spec(["train.activation_checkpointing.policy=layer"])
