@@ -73,7 +73,7 @@ def test_reconstruction_grid_png(tmp_path):
     assert task.after_step(1, model, logger) is None  # not due
     path = task.after_step(2, model, logger)
     picture = Image.open(path)
-    assert path.endswith("step_0000002.png") and picture.size == (4 * 32, 4 * 32) and picture.mode == "RGB"
+    assert path.endswith("step_00000002.png") and picture.size == (4 * 32, 4 * 32) and picture.mode == "RGB"
     assert logger.images == [("simmim/reconstruction", (128, 128, 3), 2)]
     assert model.training
 
@@ -111,7 +111,7 @@ def test_simmim_pretrain_export_and_finetune(tmp_path):
     assert set(state) == set(reference.state_dict()) and "encoder.mask_token" in state and "decoder.0.weight" in state
     reference.load_state_dict(state, strict=True)
     assert not os.path.exists(os.path.join(run, "model_official.pth"))
-    assert sorted(os.listdir(os.path.join(run, "reconstructions"))) == ["step_0000060.png", "step_0000120.png"]
+    assert sorted(os.listdir(os.path.join(run, "reconstructions"))) == ["step_00000060.png", "step_00000120.png"]
     events = glob.glob(os.path.join(run, "tensorboard", "events.*"))
     assert any(b"simmim/reconstruction" in open(e, "rb").read() for e in events)
     # the export CLI picks the SimMIM writer from the keys

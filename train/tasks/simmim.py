@@ -19,6 +19,7 @@ import torch
 
 from swinv2.simmim import (DEFAULT_NORM_TARGET_WINDOW, SimMIM, load_simmim_state_dict, normalize_targets,
                            save_simmim_state_dict, upsample_mask)
+from swinv2_train.checkpoint import tag_for
 from swinv2_train.data import build_eval_loader
 from swinv2_train.data.masking import MaskGenerator
 from swinv2_train.data.pipeline import mix_seed
@@ -199,7 +200,7 @@ class SimMIMTask:
             recon = model.reconstruct(images.to(self.device), masks.to(self.device)).float().cpu()
         model.train(was_training)
         picture = recon_grid(images, masks, recon, self.spec.model.patch_size, self.settings.norm_target_window)
-        path = save_png(picture, os.path.join(self.spec.run_dir, RECON_DIR, f"step_{step:07d}.png"))
+        path = save_png(picture, os.path.join(self.spec.run_dir, RECON_DIR, f"{tag_for(step)}.png"))
         log_image = getattr(logger, "log_image", None)
         if log_image is not None:
             log_image("simmim/reconstruction", picture, step)
