@@ -65,6 +65,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "hr_fused_ckpt": dict(_HR, model="ours", attention="fused", ckpt=True),
     "hr_sequential": dict(_HR, model="ours", attention="sequential"),
     "hr_sequential_ckpt": dict(_HR, model="ours", attention="sequential", ckpt=True),
+    # checkpointing policies side by side (none = hr_fused, block = hr_fused_ckpt): not in the default set
+    "hr_fused_ckpt_half": dict(_HR, model="ours", attention="fused", ckpt=True, ckpt_granularity="half"),
+    "hr_fused_ckpt_selective": dict(_HR, model="ours", attention="fused", ckpt=True, ckpt_granularity="selective"),
     "w32_hf": dict(_W32, model="hf"),
     "w32_fused": dict(_W32, model="ours", attention="fused"),
     "w32_sequential": dict(_W32, model="ours", attention="sequential"),
@@ -75,12 +78,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "mid_fused": dict(_MID, model="ours", attention="fused"),
     "mid_sequential": dict(_MID, model="ours", attention="sequential"),
     "mid_sequential_ckpt": dict(_MID, model="ours", attention="sequential", ckpt=True),
+    "mid_fused_ckpt": dict(_MID, model="ours", attention="fused", ckpt=True),
+    "mid_fused_ckpt_half": dict(_MID, model="ours", attention="fused", ckpt=True, ckpt_granularity="half"),
+    "mid_fused_ckpt_selective": dict(_MID, model="ours", attention="fused", ckpt=True, ckpt_granularity="selective"),
     "quick_hf": dict(_Q, model="hf"),
     "quick_fused": dict(_Q, model="ours", attention="fused"),
     "quick_sequential": dict(_Q, model="ours", attention="sequential", ckpt=True),
 }
 # The default run: everything except the optional HF-with-checkpointing row (another ~17 GB run).
-DEFAULT = [n for n in CONFIGS if not n.startswith(("quick", "mid")) and n != "hr_hf_ckpt"]
+DEFAULT = [n for n in CONFIGS if not n.startswith(("quick", "mid")) and n != "hr_hf_ckpt"
+           and not n.endswith(("_ckpt_half", "_ckpt_selective"))]
 QUICK = [n for n in CONFIGS if n.startswith("quick")]
 
 
@@ -299,7 +306,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
         def f(k, fmt="{:.2f}"):
             return fmt.format(r[k]) if k in r else "-"
-        rows.append([r["name"], r["model"], r.get("attention", "-"), "y" if r.get("ckpt") else "n",
+        ckpt = r.get("ckpt_granularity", "block") if r.get("ckpt") else "n"
+        rows.append([r["name"], r["model"], r.get("attention", "-"), ckpt,
                      f("fwd_s"), f("bwd_s"), f("step_s"), f("images_per_s"), f"{peak:.2f}", f("base_rss_gb"),
                      f("fwdbwd_ratio_vs_peer", "{:.3f}x"), f("images_per_s_ratio_vs_peer", "{:.2f}x"),
                      f("mem_ratio_vs_peer", "{:.3f}x"),
@@ -321,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--chunk", type=int, default=None, help="sequential_chunk for our model")
-    ap.add_argument("--ckpt-granularity", default=None, choices=["block", "half"],
+    ap.add_argument("--ckpt-granularity", default=None, choices=["block", "half", "selective"],
                     help="apply_activation_checkpointing granularity for our *_ckpt configs (default block)")
     ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                     help="run the children with glibc MALLOC_MMAP_THRESHOLD_=BYTES (allocations >= BYTES are "
