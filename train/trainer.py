@@ -216,7 +216,8 @@ class Trainer:
     def log_step(self, r: StepResult, probed: bool) -> None:
         """Collective (the reductions over ranks): call on every rank at the same steps."""
         b, opt = self.spec.batch, self.engine.optimizer
-        m = {"train/loss": r.loss, "lr": opt.param_groups[0]["lr"], "train/grad_norm": r.grad_norm,
+        # the schedule's rate: the largest group's (with layer decay the head's, scale 1)
+        m = {"train/loss": r.loss, "lr": max(g["lr"] for g in opt.param_groups), "train/grad_norm": r.grad_norm,
              "train/loss_scale": float(getattr(opt, "loss_scale", 1.0) or 1.0),
              "train/skipped_steps": self.engine.skipped_steps, "train/nonfinite_steps": self.nonfinite.total,
              "train/step_applied": float(r.applied), "train/samples_seen": self.step * b.global_batch,
