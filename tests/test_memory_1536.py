@@ -1,13 +1,13 @@
 """Memory of the tiny 1536^2/W24 geometry: compact shift masks and split checkpoint regions.
 
 Deterministic byte counts only (buffer sizes, live tensor storages via
-scripts.memory_model.LiveMemoryTracker, a TorchDispatchMode); no timing, no RSS.
+swinv2_tools.live_memory.LiveMemoryTracker, a TorchDispatchMode); no timing, no RSS.
 """
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from swinv2_tools.memory_model import LiveMemoryTracker
+from swinv2_tools.live_memory import LiveMemoryTracker
 from swinv2 import apply_activation_checkpointing, create_model, iter_blocks
 from swinv2.model import SwinTransformerV2Block
 from swinv2.windows import MASK_VALUE, RegionMask, shifted_window_regions

@@ -1,7 +1,7 @@
 """Memory bound of the sequential attention kernel, forward AND backward (CPB gradient included).
 
 tests/test_kernels.py already checks the LARGEST single (N, N)-shaped tensor at two resolutions.
-These tests track every tensor storage's lifetime (scripts.memory_model.LiveMemoryTracker) and
+These tests track every tensor storage's lifetime (swinv2_tools.live_memory.LiveMemoryTracker) and
 bound the peak of the SUM of live attention-shaped bytes, separately in the forward and in the
 backward, so a backward that keeps every chunk's scores (or its bias-gradient partials) alive
 until the end would fail here even though each tensor is chunk-sized.
@@ -9,7 +9,7 @@ until the end would fail here even though each tensor is chunk-sized.
 import pytest
 import torch
 
-from swinv2_tools.memory_model import LiveMemoryTracker
+from swinv2_tools.live_memory import LiveMemoryTracker
 from swinv2.attention import WindowAttention
 from swinv2.windows import shifted_window_mask
 
