@@ -7,7 +7,7 @@ import torch
 from swinv2 import apply_activation_checkpointing, create_model
 from swinv2.checkpointing import SELECTIVE_SAVE_OPS, _save_matmuls, is_checkpointed
 from swinv2.kernels import KERNELS
-from swinv2_tools.memory_model import LiveMemoryTracker
+from swinv2_tools.live_memory import LiveMemoryTracker
 from torch.utils.checkpoint import CheckpointPolicy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -109,3 +109,19 @@ def test_config_key_policy_checked_and_applied():
     assert spec([]).train.activation_checkpointing.policy == "block"
     with pytest.raises(C.ConfigError, match=r"^train\.activation_checkpointing\.policy"):
         spec(["train.activation_checkpointing.policy=layer"])
+
+
+def test_bench_checkpointing_script_smoke(tmp_path):
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_checkpointing.py")
+    spec = importlib.util.spec_from_file_location("bench_checkpointing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    assert bench.main(["--img", "64", "--window", "4", "--repeats", "1", "--cpu-malloc", "off",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["none", "block", "half", "selective"]
+    assert rows["block"]["peak_live_gb"] < rows["selective"]["peak_live_gb"] < rows["none"]["peak_live_gb"]
