@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import swinv2  # noqa: E402
-from live_memory import LiveMemoryTracker  # noqa: E402
+import swinv2
+from swinv2_tools.live_memory import LiveMemoryTracker
 
 POLICIES = ("none", "block", "half", "selective")
 
