@@ -252,3 +252,18 @@ def _worker(mode: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_groups_created_later_get_the_collective_timeout():
+    """ZeRO's data-parallel group is a new_group(): without bound_later_groups it would wait
+    torch's 30-minute default on a silent peer instead of train.dist_timeout_s."""
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    saved = c10d.default_pg_timeout
+    try:
+        D.bound_later_groups(timedelta(seconds=7))
+        assert c10d._get_default_timeout(c10d.Backend.GLOO) == timedelta(seconds=7)
+    finally:
+        c10d.default_pg_timeout = saved

@@ -198,6 +198,18 @@ def _timeout_s(timeout_s: Optional[float]) -> float:
     return float(env) if env else DEFAULT_TIMEOUT_S
 
 
+def bound_later_groups(timeout: timedelta) -> None:
+    """Give process groups created later the same collective timeout as the world group. torch's
+    new_group() without a timeout takes its module default (30 min), not the world's, and ZeRO
+    reduces gradients in a data-parallel group DeepSpeed creates that way: a silent peer would
+    hang that all-reduce for half an hour instead of `train.dist_timeout_s` (tests/test_multinode.py,
+    a frozen node)."""
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+
+
 def init_distributed(timeout_s: Optional[float] = None) -> DistEnv:
     """Discover rank/world size, initialise torch.distributed through DeepSpeed, return a
     :class:`DistEnv`. Idempotent: a second call returns the first result.
@@ -249,6 +261,7 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistEnv:
                                    verbose=False)
     if chatter.getvalue().strip():
         log.debug("deepspeed.init_distributed: %s", chatter.getvalue().strip())
+    bound_later_groups(timeout)
     launcher = _detect_launcher(mapped, world_size)
     _ENV = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                    backend=backend, launcher=launcher)
