@@ -108,8 +108,13 @@ def test_sequential_function_gradcheck_against_reference(chunk, with_mask, n_img
     # float64 so the only difference allowed is rounding: every input's gradient, incl. the bias
     # (summed over all windows and chunks) and the per-head scale.
     q, k, v, scale, bias, mask = _attention_inputs(n_img, 6, with_mask=with_mask)
-    ins = [t.clone().requires_grad_(True) for t in (q, k, v, scale, bias)]
-    ins2 = [t.clone().requires_grad_(True) for t in (q, k, v, scale, bias)]
+    _assert_sequential_matches_reference((q, k, v, scale, bias), mask, chunk)
+
+
+def _assert_sequential_matches_reference(inputs, mask, chunk):
+    """float64 sequential vs reference: the output and every input's gradient, to rounding."""
+    ins = [t.clone().requires_grad_(True) for t in inputs]
+    ins2 = [t.clone().requires_grad_(True) for t in inputs]
     out_r = reference_attention(*ins, mask)
     out_s = sequential_attention(*ins2, mask, chunk=chunk)
     torch.testing.assert_close(out_s, out_r, atol=1e-12, rtol=1e-10)
@@ -166,15 +171,7 @@ def test_sequential_matches_reference_under_padding(chunk, shift):
 
     q, k, v, scale, bias, _ = _attention_inputs(2, 9, with_mask=False)
     mask = RegionMask(window_regions(10, 10, 4, shift, pad=2), padded=True)
-    ins = [t.clone().requires_grad_(True) for t in (q, k, v, scale, bias)]
-    ins2 = [t.clone().requires_grad_(True) for t in (q, k, v, scale, bias)]
-    out_r = reference_attention(*ins, mask)
-    out_s = sequential_attention(*ins2, mask, chunk=chunk)
-    torch.testing.assert_close(out_s, out_r, atol=1e-12, rtol=1e-10)
-    w = torch.randn_like(out_r)
-    grads_r = torch.autograd.grad((out_r * w).sum(), ins)
-    for name, a, b in zip("q k v scale bias".split(), torch.autograd.grad((out_s * w).sum(), ins2), grads_r):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=name)
+    _assert_sequential_matches_reference((q, k, v, scale, bias), mask, chunk)
 
 
 @pytest.mark.parametrize("kernel", ["reference", "fused", "sequential"])
