@@ -361,7 +361,12 @@ def lose_node2_mid_run(cluster: MultiNodeCluster, job: str, run_dir: Path,
           f"{info['JobState']} Restarts={info.get('Restarts')} ({info.get('Reason')})")
     assert info["JobState"] in ("PENDING", "REQUEUED") and info.get("Restarts") == "1", info
     assert not ranks_on(cluster, "node1", run_dir)
-    return committed[-1]
+    # The commit marker of a save that was under way at the loss may still have been written
+    # (every rank's files were on disk when node2 stopped): the resume point is what is committed
+    # now that every rank is gone, never older than what was committed at the loss.
+    final = committed_steps(run_dir)
+    assert final[-1] >= committed[-1] and final[-1] <= step_at_loss, (committed, final, step_at_loss)
+    return final[-1]
 
 
 def _alive(pid: int) -> bool:
