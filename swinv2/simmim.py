@@ -31,8 +31,8 @@ from torch import nn
 
 from .config import SwinV2Config
 from .model import SwinTransformerV2
-from .weights import (BUFFER_KEYWORDS, CheckpointMismatchError, _unwrap_model, portable_state_dict, unwrap_checkpoint,
-                      write_checkpoint)
+from .weights import (BUFFER_KEYWORDS, CheckpointMismatchError, _unwrap_model, portable_state_dict, strip_wrappers,
+                      unwrap_checkpoint, write_checkpoint)
 
 __all__ = ["SwinTransformerV2ForSimMIM", "SimMIM", "create_simmim", "normalize_targets", "masked_l1_terms",
            "simmim_loss", "upsample_mask", "simmim_state_dict", "save_simmim_state_dict",
@@ -43,9 +43,6 @@ DEFAULT_NORM_TARGET_WINDOW = 47
 _LOSS_EPS = 1e-5  # official: ... / (mask.sum() + 1e-5) / in_chans
 _VAR_EPS = 1e-6  # official norm_targets: (x - mean) / sqrt(var + 1e-6)
 # Key components inserted by wrappers (DDP / DeepSpeed, torch.compile, activation checkpointing, FSDP)
-_WRAPPERS = frozenset({"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
-
-
 class SwinTransformerV2ForSimMIM(SwinTransformerV2):
     """The backbone without a head, with ``mask_token`` replacing masked patch embeddings."""
 
@@ -191,16 +188,12 @@ def create_simmim(variant: str, img_size: int = 192, window_size: int = 12, norm
 # --------------------------------------------------------------------------------------------
 
 
-def _strip_wrappers(key: str) -> str:
-    return ".".join(p for p in str(key).split(".") if p not in _WRAPPERS)
-
-
 def simmim_state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """``{"model": state_dict}`` in the official SimMIM format (``encoder.*``, ``decoder.0.*``):
     wrapper components removed (the ``encoder.`` prefix is kept, unlike
     :func:`swinv2.official_state_dict`), contiguous CPU tensors, floating point as fp32, buffers
     included. Accepts a model or a state dict (e.g. the fp32 weights of a trainer checkpoint)."""
-    out = portable_state_dict(model, _strip_wrappers, "SimMIM")["model"]
+    out = portable_state_dict(model, strip_wrappers, "SimMIM")["model"]
     if not any(k.startswith("encoder.") for k in out) or "encoder.mask_token" not in out:
         raise ValueError("not a SimMIM model / state dict: expected encoder.* keys with encoder.mask_token")
     return {"model": out}
@@ -216,7 +209,7 @@ def load_simmim_state_dict(model: SimMIM, state_dict: Any) -> list[str]:
     pre-training. Strict on parameters; the window-dependent buffers are the model's own (rebuilt
     for its window), as in :func:`swinv2.load_official_state_dict`. Returns the dropped buffer keys."""
     raw = unwrap_checkpoint(state_dict)
-    values = {_strip_wrappers(k).replace(".rpe_mlp.", ".cpb_mlp."): v for k, v in raw.items()}
+    values = {strip_wrappers(k).replace(".rpe_mlp.", ".cpb_mlp."): v for k, v in raw.items()}
     dropped = sorted(k for k in values if any(word in k for word in BUFFER_KEYWORDS))
     values = {k: v for k, v in values.items() if k not in dropped}
     own = {k for k in _unwrap_model(model).state_dict() if not any(word in k for word in BUFFER_KEYWORDS)}

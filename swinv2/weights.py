@@ -108,6 +108,11 @@ def _format_keys(keys: Sequence[str], limit: int = _MAX_LISTED) -> str:
     return f"[{shown}]"
 
 
+def strip_wrappers(key: str) -> str:
+    """``key`` without wrapper components (``module``, ``_orig_mod``, checkpoint/FSDP wrappers)."""
+    return ".".join(p for p in str(key).split(".") if p not in _WRAPPER_COMPONENTS)
+
+
 def canonical_key(key: str) -> str:
     """Official name of a (possibly wrapped / SimMIM) state-dict key.
 
@@ -115,7 +120,7 @@ def canonical_key(key: str) -> str:
     ``_fsdp_wrapped_module``) anywhere, a leading ``encoder.`` (SimMIM), and renames
     ``rpe_mlp`` -> ``cpb_mlp``.
     """
-    parts = [p for p in key.split(".") if p not in _WRAPPER_COMPONENTS]
+    parts = strip_wrappers(key).split(".")
     if parts and parts[0] == "encoder":
         parts = parts[1:]
     parts = ["cpb_mlp" if p == "rpe_mlp" else p for p in parts]
