@@ -7,12 +7,32 @@ import math
 from typing import Any, Iterable
 
 import torch
+from torch._library.custom_ops import OPDEFS  # private, but the only registry of Python custom ops
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
-class LiveMemoryTracker(TorchDispatchMode):
+def _python_custom_op(func):
+    """The Python function behind a ``torch.library.custom_op`` (the chunked attention kernels), or
+    None. A dispatch mode sees such an op as one call; its chunk temporaries live inside it."""
+    opdef = OPDEFS.get(func._schema.name) if isinstance(func, torch._ops.OpOverload) else None
+    return None if opdef is None else opdef._init_fn
+
+
+class SeeThroughMode(TorchDispatchMode):
+    """A dispatch mode that also sees the ops inside Python custom ops: a subclass's
+    ``__torch_dispatch__`` calls ``self.call(func, args, kwargs)`` instead of ``func(...)``."""
+
+    def call(self, func, args=(), kwargs=None):
+        impl = _python_custom_op(func)
+        if impl is None:
+            return func(*args, **(kwargs or {}))
+        with self:  # the mode is off while it handles an op: back on for the op's own ops
+            return impl(*args, **(kwargs or {}))
+
+
+class LiveMemoryTracker(SeeThroughMode):
     """Tracks every tensor storage created by an op while active: its size and when it died.
 
     ``peak`` is the largest sum of live tracked bytes seen after any op; ``largest`` the largest
@@ -43,7 +63,7 @@ class LiveMemoryTracker(TorchDispatchMode):
             self.records[rid][3] = self.step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = self.call(func, args, kwargs)
         self.step += 1
         self._sweep()
         for t in tree_flatten(out)[0]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .kernels.windowed import window_attention_op
 from .model import iter_blocks
 
 _FLAG = "_swinv2_activation_checkpointing"
@@ -45,13 +46,15 @@ def _checkpointed_forward(block: nn.Module):
 
 
 def _matmul_ops() -> frozenset:
-    """The aten ops whose outputs "selective" keeps: every matrix product and fused attention.
-    Looked up by name because the set of `_scaled_dot_product_*` overloads differs between builds."""
+    """The ops whose outputs "selective" keeps: every matrix product and fused attention, ours
+    (the chunked kernels' custom op) included. Looked up by name because the set of
+    `_scaled_dot_product_*` overloads differs between builds."""
     aten = torch.ops.aten
     names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable"]
-    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+    ops = [getattr(aten, n).default for n in names if hasattr(aten, n)]
+    return frozenset([*ops, window_attention_op._opoverload])
 
 
 SELECTIVE_SAVE_OPS = _matmul_ops()

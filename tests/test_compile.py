@@ -20,9 +20,10 @@ def _losses(run_dir):
     return {r["step"]: r["train/loss"] for r in metrics(run_dir) if "train/loss" in r}
 
 
-@pytest.mark.parametrize("policy", ["block", "selective"])
-def test_compiled_run_matches_eager_and_resumes_exactly(tmp_path, policy):
-    common = [*TINY, "train.max_steps=5", "train.probe_every=0", "model.attention=reference",
+# the default kernel, and the custom op of the chunked kernels (kept whole by the selective policy)
+@pytest.mark.parametrize("policy, kernel", [("block", "reference"), ("selective", "fused")])
+def test_compiled_run_matches_eager_and_resumes_exactly(tmp_path, policy, kernel):
+    common = [*TINY, "train.max_steps=5", "train.probe_every=0", f"model.attention={kernel}",
               "train.activation_checkpointing.every=1", f"train.activation_checkpointing.policy={policy}",
               "logger=none"]
     eager, full, cut = tmp_path / "eager", tmp_path / "full", tmp_path / "cut"

@@ -5,9 +5,8 @@ swinv2_tools.live_memory.LiveMemoryTracker, a TorchDispatchMode); no timing, no 
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from swinv2_tools.live_memory import LiveMemoryTracker
+from swinv2_tools.live_memory import LiveMemoryTracker, SeeThroughMode
 from swinv2 import apply_activation_checkpointing, create_model, iter_blocks
 from swinv2.model import SwinTransformerV2Block
 from swinv2.windows import MASK_VALUE, RegionMask, shifted_window_regions
@@ -107,7 +106,7 @@ def test_stage1_block_state_dict_yields_official_mask_and_loads_it():
         other.load_state_dict(bad)
 
 
-class _ShapeRecorder(TorchDispatchMode):
+class _ShapeRecorder(SeeThroughMode):
     """(shape, dtype) of every tensor an op returns while active."""
 
     def __init__(self):
@@ -115,7 +114,7 @@ class _ShapeRecorder(TorchDispatchMode):
         self.seen = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = self.call(func, args, kwargs)
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
                 self.seen.append((tuple(t.shape), t.dtype))

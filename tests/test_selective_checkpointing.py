@@ -69,7 +69,7 @@ def test_selective_live_peak_between_block_and_none():
 
 def test_policy_saves_matmuls_and_recomputes_pointwise():
     aten = torch.ops.aten
-    for op in (aten.mm.default, aten.addmm.default, aten.bmm.default):
+    for op in (aten.mm.default, aten.addmm.default, aten.bmm.default, torch.ops.swinv2.window_attention.default):
         assert op in SELECTIVE_SAVE_OPS
         assert _save_matmuls(None, op) == CheckpointPolicy.MUST_SAVE
     for op in (aten.gelu.default, aten._softmax.default, aten.native_layer_norm.default, aten.add.Tensor):

@@ -10,8 +10,10 @@ Every kernel is called as ``kernel(q, k, v, bias, mask, attn_drop=0.0, chunk=0) 
 * attn_drop: dropout on the probabilities (0 in eval); chunk: windows per chunk (``sequential``).
 
 ``reference`` (``reference.py``) is the readable definition, written like the official code.
-``fused`` and ``sequential`` (``windowed.py``) compute the same values with device-tuned code;
-tests/test_kernels.py holds them to the reference (forward and every gradient).
+``fused`` and ``sequential`` (``windowed.py``) compute the same values with device-tuned code, a
+``torch.library`` custom op (``swinv2::window_attention``) that ``torch.compile`` takes whole;
+tests/test_kernels.py holds them to the reference (forward and every gradient), and
+tests/test_compile_kernels.py compiled to eager, without graph breaks or recompilation.
 ``split_heads`` and ``scaled_cosine_qk`` (``qk.py``) are the module's two projection steps with
 hand-written backward passes, held to their readable autograd forms by the same tests.
 """

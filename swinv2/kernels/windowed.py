@@ -9,8 +9,14 @@ for the CPU of docs/PERFORMANCE.md:
   accumulate the bias gradient over windows, in two score buffers reused by every chunk;
 * windows grouped by position into unmasked (bias only) and masked ones, cached per mask buffer.
 
-Off CPU, ``fused`` is plain SDPA under autograd. ``sequential`` uses the chunked engine everywhere,
-with ``chunk`` windows per chunk forward AND backward (the paper's "sequential self-attention").
+The chunked engine is two ``torch.library`` custom ops, ``swinv2::window_attention`` and its backward
+``swinv2::window_attention_backward``, with fake (shape-only) implementations and the autograd
+formula registered: ``torch.compile`` sees one opaque node per call whose output shapes it knows, so
+the data-dependent window grouping (``nonzero``), the mask cache and the chunk loops cause no graph
+break and no recompilation. Off CPU, ``fused`` is plain SDPA under autograd, which inductor lowers to
+the device's fused kernel (on CUDA the memory-efficient one, which takes a bias that needs a
+gradient). ``sequential`` is the chunked engine everywhere, with ``chunk`` windows per chunk forward
+AND backward (the paper's "sequential self-attention").
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..windows import RegionMask
-from .reference import dense_mask, mask_rows, split_windows
+from .reference import dense_mask, mask_rows
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 # fp32 scores per backward chunk of the fused kernel. Measured on the shared 2-core box: 4-8 MB
@@ -37,26 +43,38 @@ def fused_attention(q, k, v, bias, mask, attn_drop: float = 0.0, chunk: int = 0)
     """One SDPA call per window group forward; chunked recompute backward (CPU). `chunk` is ignored."""
     if q.device.type != "cpu":
         return _sdpa_autograd(q, k, v, bias, mask, attn_drop)
-    return _WindowAttentionFn.apply(q, k, v, bias, mask, 0, 0, float(attn_drop))
+    return _chunked_attention(q, k, v, bias, mask, 0, 0, attn_drop)
 
 
 def sequential_attention(q, k, v, bias, mask, attn_drop: float = 0.0, chunk: int = 32):
     """Windows in chunks of `chunk` (forward AND backward): at most `chunk` windows' scores exist."""
-    return _WindowAttentionFn.apply(q, k, v, bias, mask, int(chunk), int(chunk), float(attn_drop))
+    return _chunked_attention(q, k, v, bias, mask, int(chunk), int(chunk), attn_drop)
+
+
+def _chunked_attention(q, k, v, bias, mask, chunk_fwd: int, chunk_bwd: int, p: float):
+    """The custom op's call: a RegionMask travels as its region-id tensor and `padded` flag, and the
+    dropout seed is drawn here, outside the op, so that compile and checkpoint recomputation see it."""
+    region = isinstance(mask, RegionMask)
+    seed = torch.randint(0, 2**40, (), device=q.device) if p > 0 else None
+    out, _lse = torch.ops.swinv2.window_attention(
+        q, k, v, bias, mask.regions if region else mask, region, region and mask.padded, seed,
+        int(chunk_fwd), int(chunk_bwd), float(p))
+    return out
 
 
 def _sdpa_autograd(q, k, v, bias, mask, attn_drop: float = 0.0):
     # Plain SDPA under autograd (used off-CPU): on CUDA the memory-efficient kernel takes a float
-    # mask that requires grad. The (nW, nH, N, N) bias+mask is broadcast over the batch via a 5-D
-    # (B, nW, nH, N, hd) view: no B copies.
+    # mask that requires grad. Its kernels want 4-D tensors, so a mask's windows become heads:
+    # (B, nW*nH, N, hd) views against a (1, nW*nH, N, N) bias+mask, broadcast over the B images.
     mask = dense_mask(mask, bias.dtype)
-    am = bias.unsqueeze(0)
-    if mask is not None:
+    if mask is None:
+        am = bias.unsqueeze(0)
+    else:
         nW = mask.shape[0]
-        am = bias.unsqueeze(0) + mask.unsqueeze(1)
-        q, k, v = (split_windows(t, nW) for t in (q, k, v))
+        am = (bias.unsqueeze(0) + mask.unsqueeze(1)).flatten(0, 1).unsqueeze(0)
+        q, k, v = (t.reshape(t.shape[0] // nW, nW * t.shape[1], *t.shape[2:]) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=am.to(q.dtype), dropout_p=attn_drop, scale=1.0)
-    return out.reshape(-1, *out.shape[-3:])
+    return out.reshape(-1, bias.shape[0], *out.shape[-2:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,14 +155,16 @@ def _dropout_keep(shape, p: float, seed: int, start: int, device) -> torch.Tenso
 
 
 def _flash_forward(q, k, v, am):
-    """(out, logsumexp or None) of softmax(q k^T + am) v. q, k, v: (b, h, N, hd); am broadcastable."""
+    """(out, log-sum-exp) of softmax(q k^T + am) v. q, k, v: (b, h, N, hd); am broadcastable."""
     if q.device.type == "cpu" and _FLASH_CPU is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
         try:
             out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=am, scale=1.0)
             return out, lse
-        except RuntimeError:  # shapes/strides the private kernel does not take: public API below
+        except RuntimeError:  # shapes/strides the private kernel does not take: the math below
             pass
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=1.0), None
+    s = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) + am
+    lse = s.logsumexp(-1, keepdim=True)
+    return (s - lse).exp().to(v.dtype) @ v, lse.squeeze(-1)
 
 
 def _forward_step(chunk_fwd: int, B: int, n: int, masked: bool, p: float, nH: int, N: int) -> int:
@@ -169,20 +189,22 @@ def _backward_steps(groups, n_windows: int, B: int, nH: int, N: int, chunk_fwd: 
 # ---------------------------------------------------------------------------------------------
 # forward chunks: write out (and the log-sum-exp) of windows [lo, hi) of one group
 # ---------------------------------------------------------------------------------------------
-def _forward_chunk_dropout(q5, k5, v5, bias, mask, idx, masked, lo, hi, p, seed, start, out):
+def _forward_chunk_dropout(q5, k5, v5, bias, mask, idx, masked, lo, hi, p, seed, start, out, lse):
     # with dropout the probabilities are materialised (the flash op takes no replayable mask)
     qc, kc, vc = (_take(t, idx, lo, hi) for t in (q5, k5, v5))
     cdt = torch.promote_types(q5.dtype, torch.float32)
     s = (qc @ kc.transpose(-2, -1)).to(cdt) + bias.to(cdt)
     if masked:
         s = s + mask_rows(mask, idx[lo:hi], cdt).unsqueeze(1).unsqueeze(0)
-    attn = s.softmax(-1)
+    l = s.logsumexp(-1, keepdim=True)
+    attn = (s - l).exp_()
     attn = attn * _dropout_keep(attn.shape, p, seed, start, q5.device) / (1 - p)
     _put(out, idx, lo, hi, attn.to(v5.dtype) @ vc)
+    _put(lse, idx, lo, hi, l.squeeze(-1))
 
 
-def _forward_chunk_flash(q5, k5, v5, bias, mask, idx, masked, lo, hi, out, lse) -> bool:
-    """Flash forward of one chunk; False when the op gave no log-sum-exp (public SDPA fallback)."""
+def _forward_chunk_flash(q5, k5, v5, bias, mask, idx, masked, lo, hi, out, lse) -> None:
+    """Flash forward of one chunk: out and the log-sum-exp of windows [lo, hi) of one group."""
     B, _, nH, N, hd = q5.shape
     c = hi - lo
     qc, kc, vc = (_take(t, idx, lo, hi) for t in (q5, k5, v5))
@@ -195,10 +217,7 @@ def _forward_chunk_flash(q5, k5, v5, bias, mask, idx, masked, lo, hi, out, lse) 
         o, l = _flash_forward(*(t.reshape(B * c, nH, N, hd) for t in (qc, kc, vc)), am)
     del am, qc, kc, vc  # free this chunk's bias+mask before the next one is built
     _put(out, idx, lo, hi, o.reshape(B, c, nH, N, hd))
-    if l is None:
-        return False
-    _put(lse, idx, lo, hi, l.reshape(B, c, nH, N).float())
-    return True
+    _put(lse, idx, lo, hi, l.reshape(B, c, nH, N))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +236,7 @@ def _backward_chunk(t5, lse5, bias, mask, idx, masked, lo, hi, bufs, grads, keep
     s += bias.to(cdt)
     if masked:
         s += mask_rows(mask, idx[lo:hi], cdt).unsqueeze(1).unsqueeze(0)
-    if lse5 is not None:
-        prob = s.sub_(_take(lse5, idx, lo, hi).unsqueeze(-1).to(cdt)).exp_()
-    else:
-        prob = s.softmax(-1)
+    prob = s.sub_(_take(lse5, idx, lo, hi).unsqueeze(-1).to(cdt)).exp_()
     keep = keep_fn(prob.shape)
     prob3 = prob.reshape(B * c * nH, N, N)
     if dv is not None:
@@ -242,84 +258,111 @@ def _backward_chunk(t5, lse5, bias, mask, idx, masked, lo, hi, bufs, grads, keep
     # nothing of this chunk outlives the call (locals), so the next chunk reuses the memory
 
 
-class _WindowAttentionFn(torch.autograd.Function):
-    """softmax(q k^T + bias + mask) v over windows, never holding all windows' (N, N) scores.
+# ---------------------------------------------------------------------------------------------
+# the custom ops: forward, backward, their fake (shape) functions and the autograd formula
+# ---------------------------------------------------------------------------------------------
+# softmax(q k^T + bias + mask) v over windows, never holding all windows' (N, N) scores.
+# q (already scaled), k, v: (B*nW, nH, N, hd); bias (nH, N, N) shared by all windows (its gradient
+# is the sum over windows, accumulated chunk by chunk); mask: None, a dense (nW, N, N) additive mask
+# or, with `region`, the (nW, N) region ids of a RegionMask (`padded` its flag); the mask is constant.
+# Windows are visited by position (all B images of a position together), in two groups: positions
+# whose mask is zero (bias only) and masked ones. `chunk_fwd` / `chunk_bwd` are windows per chunk
+# (0 = the whole group forward / FUSED_BACKWARD_CHUNK_BYTES of scores backward). With dropout (`seed`
+# given) the forward materialises each chunk's probabilities and the backward replays the per-chunk
+# dropout mask. The forward also returns the log-sum-exp (B*nW, nH, N) in float32 (float64 for float64
+# inputs); the backward computes
+# in float32 (or the input dtype if wider) from it, in two score buffers that every chunk reuses.
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
 
-    q (already scaled), k, v: (B*nW, nH, N, hd); bias (nH, N, N) shared by all windows (its
-    gradient is the sum over windows, accumulated chunk by chunk); mask (nW, N, N) constant.
-    Windows are visited by position (all B images of a position together), in two groups: positions
-    whose mask is zero (bias only) and masked ones. `chunk_fwd` / `chunk_bwd` are windows per
-    chunk (0 = the whole group forward / FUSED_BACKWARD_CHUNK_BYTES of scores backward). With dropout
-    the forward materialises each chunk's probabilities and the backward replays the per-chunk
-    dropout mask. Backward computes in float32 (or the input dtype if wider) from the saved
-    log-sum-exp, in two score buffers that every chunk of the call reuses.
-    """
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias, mask, chunk_fwd: int, chunk_bwd: int, p: float):
-        B_, nH, N, hd = q.shape
-        nW = mask.shape[0] if mask is not None else B_
-        B = B_ // nW
-        # q, k, v are usually strided views of the qkv projection: gathering masked windows from such
-        # a view (index_select) would copy the whole tensor per chunk, so copy once here instead
-        q, k, v = (t.contiguous() for t in (q, k, v))
-        bias_d = bias.detach()  # a mask that requires grad would push CPU SDPA onto the math path
-        groups = _window_groups(mask, nW)
-        seed = int(torch.randint(0, 2**40, (1,)).item()) if p > 0 else 0
-        q5, k5, v5 = (t.view(B, nW, nH, N, hd) for t in (q, k, v))
-        out = torch.empty(B, nW, nH, N, hd, dtype=v.dtype, device=v.device)
-        lse = torch.empty(B, nW, nH, N, dtype=torch.float32, device=q.device) if p == 0 else None
-        have_lse = p == 0
-        for gi, (idx, masked) in enumerate(groups):
-            n = nW if idx is None else idx.numel()
-            step = _forward_step(chunk_fwd, B, n, masked, p, nH, N)
-            for lo in range(0, n, step):
-                hi = min(lo + step, n)
-                if p > 0:
-                    _forward_chunk_dropout(q5, k5, v5, bias_d, mask, idx, masked, lo, hi, p, seed, gi * nW + lo, out)
-                elif not _forward_chunk_flash(q5, k5, v5, bias_d, mask, idx, masked, lo, hi, out, lse):
-                    have_lse = False
-        out = out.view(B_, nH, N, hd)
-        ctx.region_mask = isinstance(mask, RegionMask)
-        ctx.region_padded = ctx.region_mask and mask.padded
-        ctx.save_for_backward(q, k, v, bias_d, mask.regions if ctx.region_mask else mask, out,
-                              lse if have_lse else None)
-        ctx.groups, ctx.chunk_bwd, ctx.p, ctx.seed, ctx.chunk_fwd = groups, chunk_bwd, p, seed, chunk_fwd
-        ctx.bias_dtype = bias.dtype
-        return out
+def _op_mask(mask: Optional[torch.Tensor], region: bool, padded: bool):
+    return RegionMask(mask, padded) if region else mask
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, bias, mask, out, lse = ctx.saved_tensors
-        if ctx.region_mask:
-            mask = RegionMask(mask, ctx.region_padded)
-        p, seed, groups = ctx.p, ctx.seed, ctx.groups
-        B_, nH, N, hd = q.shape
-        nW = mask.shape[0] if mask is not None else B_
-        B = B_ // nW
-        cdt = torch.promote_types(q.dtype, torch.float32)
-        need_q, need_k, need_v, need_b = ctx.needs_input_grad[:4]
-        t5 = tuple(t.view(B, nW, nH, N, hd) for t in (q, k, v, dout.contiguous(), out))
-        grads = (torch.empty_like(t5[0]) if need_q else None, torch.empty_like(t5[1]) if need_k else None,
-                 torch.empty_like(t5[2]) if need_v else None,
-                 torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None)
-        lse5 = lse.view(B, nW, nH, N) if lse is not None else None
-        steps = _backward_steps(groups, nW, B, nH, N, ctx.chunk_fwd, ctx.chunk_bwd, p)
-        # Two score-sized work buffers for ALL chunks of this call (scores/probabilities and their
-        # gradient): a fresh (> 32 MB) tensor per chunk is a fresh mmap under glibc, and its first-touch
-        # page faults cost a quarter of the CPU time at 1536^2. (b, N, N) so memory probes see scores.
-        rows = B * min(max(steps), max(_group_sizes(groups, nW))) * nH
-        bufs = tuple(torch.empty(rows, N, N, dtype=cdt, device=q.device) for _ in range(2))
-        for gi, ((idx, masked), step) in enumerate(zip(groups, steps)):
-            n = nW if idx is None else idx.numel()
-            for lo in range(0, n, step):
-                # regenerate the forward chunk's dropout mask: forward chunks are the same ranges
-                keep_fn = ((lambda shape, start=gi * nW + lo: _dropout_keep(shape, p, seed, start, q.device)
-                            .to(cdt) / (1 - p)) if p > 0 else (lambda shape: None))
-                _backward_chunk(t5, lse5, bias, mask, idx, masked, lo, min(lo + step, n), bufs, grads, keep_fn)
-        dq, dk, dv, dbias = grads
-        shape = (B_, nH, N, hd)
-        return (dq.view(shape) if need_q else None, dk.view(shape) if need_k else None,
-                dv.view(shape) if need_v else None, dbias.to(ctx.bias_dtype) if need_b else None,
-                None, None, None, None)
+
+@torch.library.custom_op("swinv2::window_attention", mutates_args=())
+def window_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                        mask: Optional[torch.Tensor], region: bool, padded: bool, seed: Optional[torch.Tensor],
+                        chunk_fwd: int, chunk_bwd: int, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B_, nH, N, hd = q.shape
+    mask = _op_mask(mask, region, padded)
+    nW = mask.shape[0] if mask is not None else B_
+    B = B_ // nW
+    # q, k, v are usually strided views of the qkv projection: gathering masked windows from such
+    # a view (index_select) would copy the whole tensor per chunk, so copy once here instead
+    q5, k5, v5 = (t.contiguous().view(B, nW, nH, N, hd) for t in (q, k, v))
+    bias = bias.detach()  # a mask that requires grad would push CPU SDPA onto the math path
+    out = torch.empty(B, nW, nH, N, hd, dtype=v.dtype, device=v.device)
+    lse = torch.empty(B, nW, nH, N, dtype=_lse_dtype(q), device=q.device)
+    for gi, (idx, masked) in enumerate(_window_groups(mask, nW)):
+        n = nW if idx is None else idx.numel()
+        step = _forward_step(chunk_fwd, B, n, masked, p, nH, N)
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            if p > 0:
+                _forward_chunk_dropout(q5, k5, v5, bias, mask, idx, masked, lo, hi, p, int(seed), gi * nW + lo,
+                                       out, lse)
+            else:
+                _forward_chunk_flash(q5, k5, v5, bias, mask, idx, masked, lo, hi, out, lse)
+    return out.view(B_, nH, N, hd), lse.view(B_, nH, N)
+
+
+@window_attention_op.register_fake
+def _(q, k, v, bias, mask, region, padded, seed, chunk_fwd, chunk_bwd, p):
+    return q.new_empty(q.shape, dtype=v.dtype), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("swinv2::window_attention_backward", mutates_args=())
+def window_attention_backward_op(
+        dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+        mask: Optional[torch.Tensor], region: bool, padded: bool, seed: Optional[torch.Tensor],
+        chunk_fwd: int, chunk_bwd: int, p: float, out: torch.Tensor, lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B_, nH, N, hd = q.shape
+    mask = _op_mask(mask, region, padded)
+    nW = mask.shape[0] if mask is not None else B_
+    B = B_ // nW
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    t5 = tuple(t.contiguous().view(B, nW, nH, N, hd) for t in (q, k, v, dout, out))
+    grads = (*(torch.empty_like(t) for t in t5[:3]), torch.zeros(bias.shape, dtype=cdt, device=bias.device))
+    lse5 = lse.view(B, nW, nH, N)
+    groups = _window_groups(mask, nW)
+    steps = _backward_steps(groups, nW, B, nH, N, chunk_fwd, chunk_bwd, p)
+    # Two score-sized work buffers for ALL chunks of this call (scores/probabilities and their
+    # gradient): a fresh (> 32 MB) tensor per chunk is a fresh mmap under glibc, and its first-touch
+    # page faults cost a quarter of the CPU time at 1536^2. (b, N, N) so memory probes see scores.
+    rows = B * min(max(steps), max(_group_sizes(groups, nW))) * nH
+    bufs = tuple(torch.empty(rows, N, N, dtype=cdt, device=q.device) for _ in range(2))
+    for gi, ((idx, masked), step) in enumerate(zip(groups, steps)):
+        n = nW if idx is None else idx.numel()
+        for lo in range(0, n, step):
+            # regenerate the forward chunk's dropout mask: forward chunks are the same ranges
+            keep_fn = ((lambda shape, start=gi * nW + lo: _dropout_keep(shape, p, int(seed), start, q.device)
+                        .to(cdt) / (1 - p)) if p > 0 else (lambda shape: None))
+            _backward_chunk(t5, lse5, bias, mask, idx, masked, lo, min(lo + step, n), bufs, grads, keep_fn)
+    dq, dk, dv, dbias = grads
+    return dq.view(B_, nH, N, hd), dk.view(B_, nH, N, hd), dv.view(B_, nH, N, hd), dbias.to(bias.dtype)
+
+
+@window_attention_backward_op.register_fake
+def _(dout, q, k, v, bias, mask, region, padded, seed, chunk_fwd, chunk_bwd, p, out, lse):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), bias.new_empty(bias.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, region, padded, seed, chunk_fwd, chunk_bwd, p = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, mask, seed, out, lse)
+    ctx.options = (region, padded, chunk_fwd, chunk_bwd, p)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, bias, mask, seed, out, lse = ctx.saved_tensors
+    region, padded, chunk_fwd, chunk_bwd, p = ctx.options
+    dq, dk, dv, dbias = torch.ops.swinv2.window_attention_backward(
+        dout, q, k, v, bias, mask, region, padded, seed, chunk_fwd, chunk_bwd, p, out, lse)
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None
+
+
+window_attention_op.register_autograd(_backward, setup_context=_setup_context)
