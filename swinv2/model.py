@@ -15,8 +15,8 @@ from torch import nn
 from .attention import WindowAttention
 from .config import VARIANTS, SwinV2Config, WindowGeometry
 from .optim_groups import no_weight_decay, param_groups  # noqa: F401  (re-exported: the model's API)
-from .windows import (RegionMask, cyclic_shift, mask_from_regions, reverse_cyclic_shift, window_partition,
-                      window_regions, window_reverse)
+from .windows import (RegionMask, mask_from_regions, shifted_window_partition, shifted_window_reverse,
+                      window_regions)
 
 
 class DropPath(nn.Module):
@@ -30,8 +30,10 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
+        # the 1/keep scaling on the (B, 1, ...) mask, then ONE multiply over x (timm's drop_path):
+        # x * mask / keep was two passes over the branch forward and two more backward
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x * mask.div_(keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -154,11 +156,11 @@ class SwinTransformerV2Block(nn.Module):
         x = x.view(B, H, W, C)
         if pad:  # bottom/right, BEFORE the roll (official detection order); the mask cuts these tokens off
             x = F.pad(x, (0, 0, 0, pad, 0, pad))
-        x = cyclic_shift(x, self.shift_size)
-        windows = window_partition(x, ws).view(-1, ws * ws, C)
+        # roll + partition (and partition reverse + roll back) as one token gather each (windows.py)
+        windows = shifted_window_partition(x, ws, self.shift_size)
         mask = None if self.attn_mask_regions is None else RegionMask(self.attn_mask_regions, padded=pad > 0)
         windows = self.attn(windows, mask=mask)
-        x = reverse_cyclic_shift(window_reverse(windows.view(-1, ws, ws, C), ws, H + pad, W + pad), self.shift_size)
+        x = shifted_window_reverse(windows, ws, H + pad, W + pad, self.shift_size)
         if pad:
             x = x[:, :H, :W]
         return x.reshape(B, H * W, C)
@@ -206,9 +208,11 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = self.input_resolution
         B, L, C = x.shape
-        x = x.view(B, H, W, C)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.norm(self.reduction(x.view(B, -1, 4 * C)))
+        # the official cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        # as one permuted copy: row/column parity (a, c) of a 2x2 neighbour goes to slot 2c + a. Same
+        # values; the backward is one copy too (the four slices' was four zero-filled tensors and adds)
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, -1, 4 * C)
+        return self.norm(self.reduction(x))
 
 
 class PatchEmbed(nn.Module):

@@ -33,6 +33,48 @@ def reverse_cyclic_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
     return cyclic_shift(x, -shift)
 
 
+@lru_cache(maxsize=64)
+def _token_order(H: int, W: int, window_size: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse), int64 (H*W,): token order[p] of the map lands at position p of the windows
+    of the shifted map (window_partition(cyclic_shift(., shift)) flattened); inverse undoes it."""
+    order = window_partition(cyclic_shift(torch.arange(H * W).view(1, H, W, 1), shift), window_size).reshape(-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return order.to(device), inverse.to(device)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x (B, L, C) -> x[:, order]: a permutation of tokens, whose backward is the inverse permutation
+    (one gather each way; autograd of index_select would zero-fill and scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.inverse = inverse
+        return x.index_select(1, order)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return g.index_select(1, ctx.inverse), None, None
+
+
+def shifted_window_partition(x: torch.Tensor, window_size: int, shift: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, ws * ws, C) = window_partition(cyclic_shift(x, shift), ws) as ONE copy
+    (a token gather) instead of three (torch.roll over two dims copies twice, the partition once);
+    the backward is one gather too. Same values, bit for bit."""
+    B, H, W, C = x.shape
+    order, inverse = _token_order(H, W, window_size, shift, x.device)
+    return _GatherTokens.apply(x.reshape(B, H * W, C), order, inverse).view(-1, window_size * window_size, C)
+
+
+def shifted_window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int, shift: int) -> torch.Tensor:
+    """Inverse of shifted_window_partition: (B * nW, ws * ws, C) -> (B, H, W, C)
+    = reverse_cyclic_shift(window_reverse(windows, ws, H, W), shift), one gather each way."""
+    C = windows.shape[-1]
+    order, inverse = _token_order(H, W, window_size, shift, windows.device)
+    return _GatherTokens.apply(windows.reshape(-1, H * W, C), inverse, order).view(-1, H, W, C)
+
+
 PAD_REGION = -1  # region id of padded tokens (pad_to_window); real regions are 0..8
 
 
