@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ATTN_TYPES
-from .kernels import KERNELS, scaled_cosine_qk, split_heads
+from .kernels import KERNELS, split_heads
+from .kernels.qk import split_heads_cosine
 
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # tau >= 0.01 (paper); no lower clamp (official)
 CPB_HIDDEN = 512
@@ -109,17 +110,25 @@ class WindowAttention(nn.Module):
         return table.index_select(1, self.relative_position_index.view(-1)).view(self.num_heads, N, N)
 
     def logit_scale_value(self) -> torch.Tensor:
-        return torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+        """(nH, 1, 1) s = exp(min(logit_scale, ln 100)), in float32 (float64 for a float64 model).
+
+        float32 even in a bf16 model (nH numbers, no cost): s multiplies every logit of a head, so its
+        error is systematic, not rounding noise. Clamped in bf16, ln 100 rounds to 4.594 (s <= 98.9,
+        tau >= 0.0101) and exp's result to 8 bits (up to 0.4% off, on every logit of the head); here
+        the clamp is the official bound and s = exp(parameter) to float32 precision."""
+        s = self.logit_scale
+        return torch.clamp(s.to(torch.promote_types(s.dtype, torch.float32)), max=LOGIT_SCALE_MAX).exp()
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        q, k, v = split_heads(F.linear(x, self.qkv.weight, qkv_bias), self.num_heads)
-        if self.attn_type == "cosine":
-            q, k = scaled_cosine_qk(q, k, self.logit_scale_value())
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        if self.attn_type == "cosine":  # split, s * normalize(q), normalize(k): one function (kernels/qk.py)
+            q, k, v = split_heads_cosine(qkv, self.num_heads, self.logit_scale_value())
         else:  # V1 scaled dot product, still with the CPB bias
+            q, k, v = split_heads(qkv, self.num_heads)
             q = q * self.head_dim**-0.5
         # the scale is folded into q above, so the kernels take none
         bias = self.position_bias()
