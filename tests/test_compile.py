@@ -32,6 +32,7 @@ def test_compiled_run_matches_eager_and_resumes_exactly(tmp_path, policy, kernel
     log = p.stdout + p.stderr
     assert "compile=True" in log and "checkpointed blocks=4" in log
     assert "train.compile: first step" in log  # the compile time is logged
+    assert "recompiled" not in log  # one compilation: no later training step recompiled
     le, lc = _losses(eager), _losses(full)
     assert sorted(lc) == list(range(1, 6)) and all(math.isfinite(v) for v in lc.values())
     for step, v in le.items():

@@ -141,7 +141,10 @@ def parallelize(spec: RunSpec, model: torch.nn.Module) -> Tuple[Any, Dict[str, A
     info["ds_config"] = ds_config
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if spec.train.compile:
-        engine.compile()  # compiles the wrapped module in place; state-dict keys stay official
+        # in place (state-dict keys stay official), with static shapes: dynamo's automatic dynamic
+        # shapes are remembered across processes (its profile cache), so after an eval at another batch
+        # size a resumed run would compile shape-generic kernels, round differently and lose exact resume
+        engine.compile(compile_kwargs={"dynamic": False})
     info["compiled"] = bool(spec.train.compile)
     log.info("parallelize: optimizer=%s, checkpointed blocks=%d, fused LayerNorms=%d, attention=%s, "
              "compile=%s, ZeRO stage %d, precision=%s", info["optimizer"], info["checkpointed_blocks"],

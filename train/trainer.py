@@ -258,10 +258,24 @@ class Trainer:
         return self.last_saved
 
     # -- the loop
+    def _report_compile(self, first_step: bool, seconds: float, graphs_before: Optional[int]) -> int:
+        """Log the compile time (torch.compile works lazily, in the first step) and any graph compiled
+        by a later TRAINING step: a recompilation costs minutes and means a guard failed (eval-mode
+        graphs are compiled in evaluate() and are not counted here). The number of graphs so far."""
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+        if self.env.rank == 0 and first_step:
+            log.info("train.compile: first step %.1f s (graph capture and compilation included)", seconds)
+        elif self.env.rank == 0 and graphs != graphs_before:
+            log.warning("train.compile: step %d recompiled the model (%.1f s); TORCH_LOGS=recompiles says why",
+                        self.step + 1, seconds)
+        return graphs
+
     def fit(self) -> str:
         """Train to the step budget; 'completed' or 'preempted' (checkpoint saved, requeued)."""
         t = self.spec.train
-        first_step = True
+        first_step, graphs = True, None
         while self.step < self.total:
             if self.preempt.should_stop():  # collective, every step boundary
                 self.save()
@@ -269,8 +283,8 @@ class Trainer:
                 return "preempted"
             probed = self.probe is not None and probe_due(self.step, self.total, t.probe_every)
             r = self.train_step(self.probe if probed else None)
-            if first_step and t.compile and self.env.rank == 0:  # torch.compile works lazily, in the first step
-                log.info("train.compile: first step %.1f s (graph capture and compilation included)", r.time)
+            if t.compile:
+                graphs = self._report_compile(first_step, r.time, graphs)
             first_step = False
             self.step += 1
             if self.ema is not None and r.applied:  # a skipped (non-finite) step leaves the weights, and the EMA
