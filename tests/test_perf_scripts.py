@@ -155,3 +155,46 @@ def test_malloc_holes_shows_aligned_holes_not_reused_and_the_fix():
     assert default["posix_memalign"][-1]["free_mb"] > 3 * 8
     fixed = run({"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
     assert max(row["heap_mb"] for row in fixed["posix_memalign"]) < default["posix_memalign"][-1]["heap_mb"] / 4
+
+
+def test_bench_compile_product_flops_match_a_hand_count():
+    # tiny 64^2/W4 batch 2: the linear layers (x3 for fwd+bwd) and q k^T, attn v (x3), counted by hand;
+    # the chunked kernels add one q k^T per block (the backward recompute)
+    from argparse import Namespace
+    from swinv2_tools.bench_compile import product_flops
+
+    args = Namespace(variant="tiny", img=64, window=4, batch=2)
+    C, depths, res = 96, (2, 2, 6, 2), (16, 8, 4, 2)
+    linear = attention = qk = 0
+    for i, (d, r) in enumerate(zip(depths, res)):
+        Ci, T, N = C * 2**i, 2 * r * r, min(4, r) ** 2  # a stage no larger than the window is one window
+        linear += d * 2 * T * (3 * Ci * Ci + Ci * Ci + 8 * Ci * Ci)  # qkv, proj, fc1 + fc2
+        attention += d * 2 * (2 * T * N * Ci)
+        qk += d * 2 * T * N * Ci
+        if i < 3:
+            linear += 2 * (T // 4) * (4 * Ci) * (2 * Ci)  # patch merging
+        # the CPB MLP: (2M-1)^2 offsets through Linear(2, 512) and Linear(512, heads)
+        M, heads = min(4, r), (3, 6, 12, 24)[i]
+        linear += d * 2 * (2 * M - 1) ** 2 * (2 * 512 + 512 * heads)
+    linear += 2 * 2 * (8 * C) * 1000 + 2 * 2 * 3 * 16 * C * 16 * 16  # head, patch-embedding conv
+    hand = 3 * (linear + attention)
+    assert product_flops(args, "reference") == pytest.approx(hand, rel=0.01)
+    assert product_flops(args, "fused") - product_flops(args, "reference") == pytest.approx(qk, rel=1e-9)
+
+
+@pytest.mark.slow  # compiles four models (about 2 min on 2 cores)
+def test_bench_compile_smoke(tmp_path):
+    from swinv2_tools.bench_compile import main
+
+    out = tmp_path / "c.json"
+    assert main(["--img", "32", "--window", "4", "--batch", "2", "--kernels", "fused", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert list(rows) == ["fused fp32 eager", "fused fp32 compiled", "fused bf16 eager", "fused bf16 compiled"]
+    assert rows["fused fp32 eager"]["speedup_vs_fp32_eager"] == 1.0
+    for name, r in rows.items():
+        assert r["median_s"] > 0 and r["floor_s"] > 0 and r["time_over_floor"] > 1, name
+        assert (r["compile_s"] is not None) == ("compiled" in name)
+        assert r["recompiled_after_first_step"] in ((False,) if "compiled" in name else (None,)), name
+    assert set(data["meta"]["matmul_gflops"]) == {"fp32", "bf16"}
