@@ -182,19 +182,19 @@ def test_bench_compile_product_flops_match_a_hand_count():
     assert product_flops(args, "fused") - product_flops(args, "reference") == pytest.approx(qk, rel=1e-9)
 
 
-@pytest.mark.slow  # compiles four models (about 2 min on 2 cores)
+@pytest.mark.slow  # compiles a model (about 2 min on 2 cores)
 def test_bench_compile_smoke(tmp_path):
     from swinv2_tools.bench_compile import main
 
     out = tmp_path / "c.json"
-    assert main(["--img", "32", "--window", "4", "--batch", "2", "--kernels", "fused", "--repeats", "1",
-                 "--json", str(out)]) == 0
+    assert main(["--img", "32", "--window", "4", "--batch", "2", "--kernels", "fused", "--precisions", "bf16",
+                 "--repeats", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert list(rows) == ["fused fp32 eager", "fused fp32 compiled", "fused bf16 eager", "fused bf16 compiled"]
-    assert rows["fused fp32 eager"]["speedup_vs_fp32_eager"] == 1.0
+    assert list(rows) == ["fused bf16 eager", "fused bf16 compiled"]
     for name, r in rows.items():
         assert r["median_s"] > 0 and r["floor_s"] > 0 and r["time_over_floor"] > 1, name
+        assert r["speedup_vs_fp32_eager"] is None  # no fp32 eager row to compare with
         assert (r["compile_s"] is not None) == ("compiled" in name)
         assert r["recompiled_after_first_step"] in ((False,) if "compiled" in name else (None,)), name
-    assert set(data["meta"]["matmul_gflops"]) == {"fp32", "bf16"}
+    assert set(data["meta"]["matmul_gflops"]) == {"bf16"}
