@@ -65,12 +65,12 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", default="fused", choices=sorted(swinv2.kernels.KERNELS))
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--cpu-malloc", default="auto", choices=["auto", "off"],
+    ap.add_argument("--cpu-malloc", default="auto", choices=["auto", "on", "off"],
                     help="the trainer's train.cpu_malloc policy, applied here too (default auto, as the trainer)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from swinv2_train.allocator import apply_cpu_malloc_policy
-    malloc = apply_cpu_malloc_policy(args.cpu_malloc)
+    malloc = apply_cpu_malloc_policy(args.cpu_malloc, args.img)
     policies = args.policies.split(",")
     x = torch.randn(1, 3, args.img, args.img, generator=torch.Generator().manual_seed(1))
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), cpu=cpu_model(),

@@ -23,31 +23,38 @@ def calls(monkeypatch):
     return seen
 
 
-def test_auto_sets_the_threshold_and_says_so(calls, caplog):
+def test_auto_sets_the_threshold_at_high_resolution_and_says_so(calls, caplog):
     caplog.set_level("INFO", logger="swinv2_train.allocator")
-    msg = apply_cpu_malloc_policy("auto")
+    msg = apply_cpu_malloc_policy("auto", 1536)
     assert calls == [1 << 20]
     assert "1 MiB" in msg and "train.cpu_malloc=off" in msg
     assert any("CPU allocator:" in r.getMessage() for r in caplog.records)
 
 
+def test_auto_keeps_glibc_below_1024_and_on_forces_it(calls):
+    msg = apply_cpu_malloc_policy("auto", 256)
+    assert calls == [] and "256^2" in msg and "train.cpu_malloc=on" in msg
+    apply_cpu_malloc_policy("on", 256)
+    assert calls == [1 << 20]
+
+
 def test_off_sets_nothing(calls):
-    assert "off" in apply_cpu_malloc_policy("off")
+    assert "off" in apply_cpu_malloc_policy("off", 1536)
     assert calls == []
 
 
 def test_preloaded_jemalloc_or_env_threshold_wins(calls, monkeypatch):
     monkeypatch.setattr(allocator, "preloaded_allocator", lambda: "jemalloc")
-    assert "jemalloc is preloaded" in apply_cpu_malloc_policy("auto")
+    assert "jemalloc is preloaded" in apply_cpu_malloc_policy("auto", 1536)
     monkeypatch.setattr(allocator, "preloaded_allocator", lambda: None)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
-    assert "MALLOC_MMAP_THRESHOLD_=4096" in apply_cpu_malloc_policy("auto")
+    assert "MALLOC_MMAP_THRESHOLD_=4096" in apply_cpu_malloc_policy("on", 256)
     assert calls == []
 
 
 def test_unknown_policy_names_the_key():
     with pytest.raises(ValueError, match="train.cpu_malloc"):
-        apply_cpu_malloc_policy("jemalloc")
+        apply_cpu_malloc_policy("jemalloc", 256)
 
 
 def test_preloaded_allocator_reads_the_maps(tmp_path, monkeypatch):
@@ -70,7 +77,7 @@ def rss_mb():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 out = {}
 if sys.argv[1] == "auto":
-    out["msg"] = apply_cpu_malloc_policy("auto")
+    out["msg"] = apply_cpu_malloc_policy("auto", 1536)
     out["mallopt"] = set_glibc_mmap_threshold(1 << 20)
 n = 7_000_000
 t = torch.ones(n); del t  # a freed mmap'ed block raises glibc's dynamic threshold to 28 MB

@@ -63,7 +63,7 @@ def train(spec: RunSpec, env, preempt, t_start: float) -> Dict[str, Any]:
         OmegaConf.save(OmegaConf.create(spec.config), os.path.join(spec.run_dir, "config.yaml"))
     if env.device.type == "cpu":
         torch.set_num_threads(cpu_threads(spec.train.cpu_threads, spec.data.num_workers))
-        apply_cpu_malloc_policy(spec.train.cpu_malloc)  # before the model and engine allocate anything
+        apply_cpu_malloc_policy(spec.train.cpu_malloc, spec.model.img_size)  # before the model and engine allocate anything
 
     trainer = build_trainer(spec, env, preempt, plan["resume_dir"])
     if spec.schedule.max_steps is None and plan["resume_dir"] is not None and trainer.step >= trainer.total:
