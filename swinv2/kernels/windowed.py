@@ -225,37 +225,54 @@ def _forward_chunk_flash(q5, k5, v5, bias, mask, idx, masked, lo, hi, out, lse) 
 # ---------------------------------------------------------------------------------------------
 def _backward_chunk(t5, lse5, bias, mask, idx, masked, lo, hi, bufs, grads, keep_fn):
     """t5 = (q5, k5, v5, do5, o5) (dout before out); grads = (dq, dk, dv, dbias), None where not needed;
-    keep_fn(shape) -> the forward chunk's dropout keep mask scaled by 1/(1-p), or None."""
+    bufs = (scores, dS) in float32 (or wider) and, for narrower inputs, a third in their dtype;
+    keep_fn(shape) -> the forward chunk's dropout keep mask scaled by 1/(1-p), or None.
+
+    Scores, probabilities and dS are float32: the recomputed scores must meet the forward's float32
+    log-sum-exp (a bf16 score near 100 is off by up to 0.25, a probability by up to 28%). The four
+    products after it (dV, dP, dQ, dK) run in the inputs' dtype, as autograd of the reference does:
+    in bf16 they are several times faster than float32 products on casted copies."""
     q5 = t5[0]
     B, _, nH, N, hd = q5.shape
-    c = hi - lo
-    cdt = torch.promote_types(q5.dtype, torch.float32)
+    rows = B * (hi - lo) * nH
+    cdt, pdt = torch.promote_types(q5.dtype, torch.float32), q5.dtype
+    narrow = bufs[2][:rows] if pdt != cdt else None  # (rows, N, N) in pdt: products' operands/outputs
     dq, dk, dv, dbias = grads
-    qc, kc, vc, doc, oc = (_take(t, idx, lo, hi).to(cdt).reshape(B * c * nH, N, hd) for t in t5)
-    s = torch.bmm(qc, kc.transpose(1, 2), out=bufs[0][:B * c * nH]).view(B, c, nH, N, N)
+    qc, kc, vc, doc, oc = (_take(t, idx, lo, hi).reshape(rows, N, hd) for t in t5)
+    s = torch.bmm(qc.to(cdt), kc.to(cdt).transpose(1, 2), out=bufs[0][:rows]).view(B, hi - lo, nH, N, N)
     s += bias.to(cdt)
     if masked:
         s += mask_rows(mask, idx[lo:hi], cdt).unsqueeze(1).unsqueeze(0)
     prob = s.sub_(_take(lse5, idx, lo, hi).unsqueeze(-1).to(cdt)).exp_()
     keep = keep_fn(prob.shape)
-    prob3 = prob.reshape(B * c * nH, N, N)
+    prob3 = prob.reshape(rows, N, N)
     if dv is not None:
         dropped = prob3 * keep.view_as(prob3) if keep is not None else prob3
-        _bmm_into(dv, idx, lo, hi, dropped.transpose(1, 2), doc)
+        _bmm_into(dv, idx, lo, hi, _narrowed(dropped, narrow).transpose(1, 2), doc)
         del dropped
-    # dP (w.r.t. the dropped probabilities)
-    ds = torch.bmm(doc, vc.transpose(1, 2), out=bufs[1][:B * c * nH])
+    # dP (w.r.t. the dropped probabilities), then dS in place of it
+    if narrow is None:
+        ds = torch.bmm(doc, vc.transpose(1, 2), out=bufs[1][:rows])
+    else:
+        ds = bufs[1][:rows].copy_(torch.bmm(doc, vc.transpose(1, 2), out=narrow))
     if keep is not None:
         ds *= keep.view_as(ds)
     # dS = P * (dP - D), D_i = sum_j P_ij dP_ij = dO_i . O_i (with dropout too: O used the dropped P)
-    ds.sub_((doc * oc).sum(-1, keepdim=True)).mul_(prob3)
-    if dq is not None:
-        _bmm_into(dq, idx, lo, hi, ds, kc)
-    if dk is not None:
-        _bmm_into(dk, idx, lo, hi, ds.transpose(1, 2), qc)
+    ds.sub_((doc.to(cdt) * oc.to(cdt)).sum(-1, keepdim=True)).mul_(prob3)
+    if dq is not None or dk is not None:
+        dsn = _narrowed(ds, narrow)
+        if dq is not None:
+            _bmm_into(dq, idx, lo, hi, dsn, kc)
+        if dk is not None:
+            _bmm_into(dk, idx, lo, hi, dsn.transpose(1, 2), qc)
     if dbias is not None:
-        dbias += ds.view(B * c, nH, N, N).sum(0)
+        dbias += ds.view(-1, nH, N, N).sum(0)
     # nothing of this chunk outlives the call (locals), so the next chunk reuses the memory
+
+
+def _narrowed(t: torch.Tensor, buf: Optional[torch.Tensor]) -> torch.Tensor:
+    """t itself (float32 inputs) or its copy in the inputs' narrower dtype, written into buf."""
+    return t if buf is None else buf.copy_(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,10 +346,11 @@ def window_attention_backward_op(
     groups = _window_groups(mask, nW)
     steps = _backward_steps(groups, nW, B, nH, N, chunk_fwd, chunk_bwd, p)
     # Two score-sized work buffers for ALL chunks of this call (scores/probabilities and their
-    # gradient): a fresh (> 32 MB) tensor per chunk is a fresh mmap under glibc, and its first-touch
+    # gradient; a third in the inputs' dtype when it is narrower than float32): a fresh (> 32 MB) tensor per chunk is a fresh mmap under glibc, and its first-touch
     # page faults cost a quarter of the CPU time at 1536^2. (b, N, N) so memory probes see scores.
     rows = B * min(max(steps), max(_group_sizes(groups, nW))) * nH
-    bufs = tuple(torch.empty(rows, N, N, dtype=cdt, device=q.device) for _ in range(2))
+    dtypes = (cdt, cdt) if q.dtype == cdt else (cdt, cdt, q.dtype)
+    bufs = tuple(torch.empty(rows, N, N, dtype=dt, device=q.device) for dt in dtypes)
     for gi, ((idx, masked), step) in enumerate(zip(groups, steps)):
         n = nW if idx is None else idx.numel()
         for lo in range(0, n, step):
