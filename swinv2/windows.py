@@ -33,14 +33,22 @@ def reverse_cyclic_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
     return cyclic_shift(x, -shift)
 
 
-@lru_cache(maxsize=64)
 def _token_order(H: int, W: int, window_size: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, inverse), int64 (H*W,): token order[p] of the map lands at position p of the windows
     of the shifted map (window_partition(cyclic_shift(., shift)) flattened); inverse undoes it."""
+    if torch.compiler.is_compiling():  # traced into the graph (a little index arithmetic), not cached:
+        return _token_order_uncached(H, W, window_size, shift, device)  # dynamo would skip the cache and warn
+    return _token_order_cached(H, W, window_size, shift, device)
+
+
+def _token_order_uncached(H: int, W: int, window_size: int, shift: int, device: torch.device):
     order = window_partition(cyclic_shift(torch.arange(H * W).view(1, H, W, 1), shift), window_size).reshape(-1)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())
     return order.to(device), inverse.to(device)
+
+
+_token_order_cached = lru_cache(maxsize=64)(_token_order_uncached)
 
 
 class _GatherTokens(torch.autograd.Function):
