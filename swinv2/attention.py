@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ATTN_TYPES
-from .kernels import KERNELS, split_heads
-from .kernels.qk import split_heads_cosine
+from .kernels import KERNELS, split_heads, split_heads_cosine
 
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # tau >= 0.01 (paper); no lower clamp (official)
 CPB_HIDDEN = 512

@@ -14,15 +14,17 @@ Every kernel is called as ``kernel(q, k, v, bias, mask, attn_drop=0.0, chunk=0) 
 ``torch.library`` custom op (``swinv2::window_attention``) that ``torch.compile`` takes whole;
 tests/test_kernels.py holds them to the reference (forward and every gradient), and
 tests/test_compile_kernels.py compiled to eager, without graph breaks or recompilation.
-``split_heads`` and ``scaled_cosine_qk`` (``qk.py``) are the module's two projection steps with
-hand-written backward passes, held to their readable autograd forms by the same tests.
+``split_heads_cosine`` (``qk.py``) is the module's projection step for cosine attention: the head
+split and s * normalize(q), normalize(k) as one autograd function; ``split_heads`` is the split alone
+(dot attention) and ``scaled_cosine_qk`` the normalisation alone. All have hand-written backward
+passes, held to their readable autograd forms by the same tests and tests/test_bf16.py.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from ..config import ATTENTION_KERNELS
-from .qk import scaled_cosine_qk, split_heads
+from .qk import scaled_cosine_qk, split_heads, split_heads_cosine
 from .reference import reference_attention
 from .windowed import fused_attention, sequential_attention
 
@@ -34,4 +36,4 @@ KERNELS: dict[str, Callable] = {
 assert tuple(KERNELS) == ATTENTION_KERNELS
 
 __all__ = ["KERNELS", "reference_attention", "fused_attention", "sequential_attention", "split_heads",
-           "scaled_cosine_qk"]
+           "scaled_cosine_qk", "split_heads_cosine"]
