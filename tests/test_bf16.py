@@ -19,29 +19,14 @@ from swinv2.model import DropPath, PatchMerging
 from swinv2.windows import (cyclic_shift, reverse_cyclic_shift, shifted_window_partition, shifted_window_reverse,
                             window_partition, window_reverse)
 
+from test_kernels import _randomise as _randomise_weights, _small_config as _config  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _config(**kw):
-    # 64px, window 4: stages 1 and 2 have shifted (masked) windows, 3 and 4 are clipped to the map
-    base = dict(img_size=64, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), window_size=4,
-                drop_path_rate=0.0, num_classes=10)
-    base.update(kw)
-    return base
-
-
-@torch.no_grad()
 def _randomise(model, seed=0):
-    # the official init zeroes the res-post norms (every block the identity, attention gradients zero):
-    # give every parameter a generic value; logit scales e^0.5..e^4.6, some at the clamp
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "logit_scale" in name:
-            p.copy_(torch.rand(p.shape, generator=g) * 4.5 + 0.5)
-        elif "norm" in name and name.endswith("weight"):
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-        elif p.ndim == 1:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    # generic weights (see test_kernels); logit scales e^0.5..e^5, some at the clamp
+    _randomise_weights(model, seed, max_log_scale=5.0)
 
 
 def _models(kernel):

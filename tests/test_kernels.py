@@ -34,13 +34,13 @@ def _small_config(**kw):
 
 
 @torch.no_grad()
-def _randomise(model, seed=0):
+def _randomise(model, seed=0, max_log_scale=4.0):
     # The official init zeroes the res-post norms, which would make every attention gradient zero
     # and the comparison vacuous; give every parameter a generic value instead.
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if "logit_scale" in name:
-            p.copy_(torch.rand(p.shape, generator=g) * 3.5 + 0.5)  # scales e^0.5..e^4 (some hit the clamp)
+        if "logit_scale" in name:  # scales e^0.5..e^max (from 4.6 = ln 100 on, some hit the clamp)
+            p.copy_(torch.rand(p.shape, generator=g) * (max_log_scale - 0.5) + 0.5)
         elif "norm" in name and name.endswith("weight"):
             p.copy_(torch.rand(p.shape, generator=g) + 0.5)
         elif p.ndim == 1:
