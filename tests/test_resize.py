@@ -164,8 +164,13 @@ def _worker(mode: str, run_dir: str, precision: str, out_dir: str = "") -> None:
         out["module_matches_master"] = all(torch.equal(p.detach(), again[n].to(p.dtype)) for n, p in master.items())
         out["next_loss_finite"] = bool(torch.isfinite(torch.tensor(_train_step(engine, SAVED_STEP + 1, env.rank))))
     shutdown()
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:])
+    # The result is out: skip the interpreter's teardown. About 1 run in 16 on 2 cores, a rank aborted there,
+    # after destroy_process_group ("terminate called without an active exception": a C++ thread still
+    # joinable when its owner is destroyed at exit), failing a test whose checks had all been made.
+    sys.stderr.flush()
+    os._exit(0)
