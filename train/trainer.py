@@ -258,34 +258,34 @@ class Trainer:
         return self.last_saved
 
     # -- the loop
-    def _report_compile(self, first_step: bool, seconds: float, graphs_before: Optional[int]) -> int:
-        """Log the compile time (torch.compile works lazily, in the first step) and any graph compiled
-        by a later TRAINING step: a recompilation costs minutes and means a guard failed (eval-mode
-        graphs are compiled in evaluate() and are not counted here). The number of graphs so far."""
-        from torch._dynamo.utils import counters
-
-        graphs = counters["stats"]["unique_graphs"]
-        if self.env.rank == 0 and first_step:
-            log.info("train.compile: first step %.1f s (graph capture and compilation included)", seconds)
-        elif self.env.rank == 0 and graphs != graphs_before:
+    def _report_compile(self, first_of_kind: bool, probed: bool, seconds: float, graphs_before: int) -> None:
+        """Log the compile time of the first plain and the first probed step (torch.compile works
+        lazily; the probe's hooks need their own graph) and warn of a graph compiled by any later
+        step: a recompilation costs minutes and means a guard failed (eval mode compiles in evaluate())."""
+        if self.env.rank != 0:
+            return
+        if first_of_kind:
+            log.info("train.compile: first step%s %.1f s (graph capture and compilation included)",
+                     " with the amplitude probe" if probed else "", seconds)
+        elif _compiled_graphs() != graphs_before:
             log.warning("train.compile: step %d recompiled the model (%.1f s); TORCH_LOGS=recompiles says why",
                         self.step + 1, seconds)
-        return graphs
 
     def fit(self) -> str:
         """Train to the step budget; 'completed' or 'preempted' (checkpoint saved, requeued)."""
         t = self.spec.train
-        first_step, graphs = True, None
+        compiled_kinds: set = set()  # probed or not: the kinds of step compiled so far
         while self.step < self.total:
             if self.preempt.should_stop():  # collective, every step boundary
                 self.save()
                 self.preempt.requeue()
                 return "preempted"
             probed = self.probe is not None and probe_due(self.step, self.total, t.probe_every)
+            graphs = _compiled_graphs() if t.compile else 0
             r = self.train_step(self.probe if probed else None)
             if t.compile:
-                graphs = self._report_compile(first_step, r.time, graphs)
-            first_step = False
+                self._report_compile(probed not in compiled_kinds, probed, r.time, graphs)
+                compiled_kinds.add(probed)
             self.step += 1
             if self.ema is not None and r.applied:  # a skipped (non-finite) step leaves the weights, and the EMA
                 self.ema.update(self.engine.module)
@@ -305,6 +305,13 @@ class Trainer:
             if t.stop_at_step is not None and self.step == t.stop_at_step and self.step < self.total:
                 self.preempt.request_stop()  # same path as a preemption signal: save at the boundary, exit
         return "completed"
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 # ----------------------------------------------------------------------------- setup
