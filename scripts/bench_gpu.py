@@ -16,7 +16,9 @@ What it measures (bf16 autocast, fp32 master weights, AdamW on the GPU, channels
    (activation checkpointing on every block + the ``sequential`` attention kernel, AdamW state on
    the same GPU, no ZeRO). W24 by default: the classification model rejects W32 at 1536 because the
    last stage is 48x48 (the paper's W32 is a detection setting with padding).
-4. The same throughput rows for timm's SwinV2 as the peer, when ``import timm`` works there.
+4. The same throughput rows for HF transformers' ``Swinv2ForImageClassification`` as the peer (the
+   same geometry, random weights, as scripts/bench.py builds it), when transformers is importable.
+   (timm's SwinV2 is not used: the project never imports timm.)
 
 Examples::
 
@@ -41,9 +43,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 THROUGHPUT = {
-    "base256_w8": dict(variant="base", img=256, window=8, timm="swinv2_base_window8_256"),
-    "base256_w16": dict(variant="base", img=256, window=16, timm="swinv2_base_window16_256"),
-    "large192_w12": dict(variant="large", img=192, window=12, timm="swinv2_large_window12_192"),
+    "base256_w8": dict(variant="base", img=256, window=8),
+    "base256_w16": dict(variant="base", img=256, window=16),
+    "large192_w12": dict(variant="large", img=192, window=12),
 }
 NO_CUDA_MESSAGE = ("bench_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
                    "(torch {ver}). Nothing was measured. Run it on a GPU node, e.g. "
@@ -129,16 +131,23 @@ def _try_batch(step, img: int, batch: int, steps: int) -> float | None:
 
 
 def build(impl: str, cfg: dict[str, Any], attention: str):
+    """Ours ("ours") or the HF peer ("hf"), as scripts/bench.py builds them, on the GPU; a module
+    whose forward returns the logits, so compile and the train step treat both alike."""
     import torch
 
-    if impl == "timm":
-        import timm  # optional peer; only ever imported here, on CUDA machines
+    from swinv2_tools.bench import build_model
 
-        return timm.create_model(cfg["timm"], pretrained=False, num_classes=1000).cuda()
-    import swinv2
+    model, forward = build_model(dict(cfg, model=impl, attention=attention))
 
-    return swinv2.create_model(cfg["variant"], img_size=cfg["img"], window_size=cfg["window"], num_classes=1000,
-                               attention=attention).to("cuda")
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return forward(x)
+
+    return (model if impl == "ours" else Logits()).to("cuda")
 
 
 def throughput_row(name: str, impl: str, compile_: bool, args, peak: float) -> dict[str, Any]:
@@ -146,10 +155,10 @@ def throughput_row(name: str, impl: str, compile_: bool, args, peak: float) -> d
 
     cfg = THROUGHPUT[name]
     row: dict[str, Any] = dict(part="throughput", config=name, impl=impl, compile=compile_,
-                               attention=None if impl == "timm" else args.attention, **cfg)
+                               attention=None if impl == "hf" else args.attention, **cfg)
     try:
         model = build(impl, cfg, args.attention)
-    except Exception as e:  # timm missing or model not buildable: recorded, not fatal
+    except Exception as e:  # transformers missing or model not buildable: recorded, not fatal
         row["error"] = f"{type(e).__name__}: {e}"
         return row
     model.train()
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=",".join(THROUGHPUT), help=f"throughput configs: {', '.join(THROUGHPUT)}")
     ap.add_argument("--attention", default="fused", help="our kernel for the throughput rows")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    ap.add_argument("--no-timm", action="store_true", help="skip the timm peer rows")
+    ap.add_argument("--no-peer", action="store_true", help="skip the HF transformers peer rows")
     ap.add_argument("--start-batch", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=10, help="timed steps at the chosen batch")
@@ -261,13 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s", flush=True)
     if "throughput" in parts:
         impls = ["ours"]
-        if not args.no_timm:
+        if not args.no_peer:
             try:
-                import timm  # noqa: F401
+                import transformers
 
-                impls.append("timm")
+                impls.append("hf")
+                res["meta"]["transformers"] = transformers.__version__
             except Exception as e:
-                res["meta"]["timm"] = f"not importable: {type(e).__name__}: {e}"
+                res["meta"]["transformers"] = f"not importable: {type(e).__name__}: {e}"
         for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
             for impl in impls:
                 for comp in ([False] if args.no_compile else [False, True]):
