@@ -8,7 +8,10 @@ repeat (interleaved), so a change of machine load hits all of them alike; the ra
 result. Also printed: the compile time (first compiled step), whether any step after the first
 recompiled, and the matrix-product floor of the machine: the step's matrix-product FLOPs (counted
 on the meta device with torch's FlopCounterMode, plus the QK^T recompute of the chunked kernels'
-backward) over this machine's measured 4096^3 matmul rate in that precision.
+backward) over this machine's measured 4096^3 matmul rate in that precision. And, from torch's profiler
+over one more step, the time the step spends in matrix-product kernels: how far the products
+themselves are from that floor, and the most any fusion of the other work (compile) could gain,
+step / products.
 
     python scripts/bench_compile.py                                  # tiny 256^2/W8 batch 8
     python scripts/bench_compile.py --img 1536 --window 24 --batch 1 --kernels fused --repeats 2
@@ -26,12 +29,15 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import swinv2
 from swinv2_tools.bench_checkpointing import cpu_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+FLASH_OP = "aten::_scaled_dot_product_flash_attention_for_cpu"  # products with their softmax, inseparable
 
 
 def build(args, kernel: str, dtype: torch.dtype, device=None) -> torch.nn.Module:
@@ -45,6 +51,16 @@ def build(args, kernel: str, dtype: torch.dtype, device=None) -> torch.nn.Module
 def step(model, x) -> None:
     model.zero_grad(set_to_none=True)
     model(x).float().logsumexp(-1).mean().backward()
+
+
+def product_seconds(model, x) -> tuple[float, float]:
+    """Seconds of one profiled fwd+bwd spent in matrix-product kernels, and in CPU flash attention.
+
+    Self time, so addmm's copy of the bias into its output counts as other work, as it is."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(model, x)
+    self_s = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    return sum(self_s.get(op, 0.0) for op in PRODUCT_OPS), self_s.get(FLASH_OP, 0.0)
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 4096) -> float:
@@ -112,6 +128,7 @@ def main(argv=None) -> int:
                 step(model, inputs[name.split()[0]])
                 times[name].append(time.perf_counter() - t)
         recompiled = counters["stats"]["unique_graphs"] != graphs
+        products = {name: product_seconds(model, inputs[name.split()[0]]) for name, model in variants.items()}
         base = statistics.median(times["fp32 eager"][1:]) if "fp32 eager" in times else None
         for name, ts in times.items():
             med = statistics.median(ts[1:])
@@ -120,22 +137,33 @@ def main(argv=None) -> int:
             rows[f"{kernel} {name}"] = dict(
                 median_s=med, min_s=min(ts[1:]), speedup_vs_fp32_eager=base / med if base else None,
                 floor_s=floor, time_over_floor=med / floor, compile_s=compile_s[p] if "compiled" in name else None,
-                recompiled_after_first_step=recompiled if "compiled" in name else None, gflop=flops / 1e9)
+                recompiled_after_first_step=recompiled if "compiled" in name else None, gflop=flops / 1e9,
+                products_s=products[name][0], flash_attention_s=products[name][1],
+                products_over_floor=products[name][0] / floor, time_over_products=med / products[name][0])
     meta["load_after"] = os.getloadavg()
     print(f"{meta['date']}  {meta['cpu']}  {meta['cores']} cores, {meta['threads']} threads  torch {meta['torch']}  "
           f"load {meta['load_before'][0]:.2f} -> {meta['load_after'][0]:.2f}")
     print(f"{args.variant} {args.img}^2/W{args.window} batch {args.batch} fwd+bwd, median of {args.repeats}; "
           "matmul " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in meta["matmul_gflops"].items()))
-    print("| kernel, variant | fwd+bwd s | vs fp32 eager | product floor s | time / floor | compile s | recompiled |")
-    print("|---|---|---|---|---|---|---|")
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return 0
+
+
+def print_table(rows: dict) -> None:
+    print("| kernel, variant | fwd+bwd s | vs fp32 eager | product floor s | time / floor | products s "
+          "| products / floor | time / products | compile s | recompiled |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         c = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"
         rc = {None: "-", True: "**yes**", False: "no"}[r["recompiled_after_first_step"]]
         sp = f"{r['speedup_vs_fp32_eager']:.2f}x" if r["speedup_vs_fp32_eager"] else "-"
-        print(f"| {name} | {r['median_s']:.3f} | {sp} | {r['floor_s']:.3f} | {r['time_over_floor']:.2f}x | {c} | {rc} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    return 0
+        print(f"| {name} | {r['median_s']:.3f} | {sp} | {r['floor_s']:.3f} | {r['time_over_floor']:.2f}x "
+              f"| {r['products_s']:.3f} | {r['products_over_floor']:.2f}x | {r['time_over_products']:.2f}x | {c} | {rc} |")
+    flash = {name: r["flash_attention_s"] for name, r in rows.items() if r["flash_attention_s"]}
+    if flash:  # the fused kernel's unmasked blocks: products and softmax in one kernel, counted as other work
+        print("CPU flash attention (not in products s): " + ", ".join(f"{n} {s:.3f} s" for n, s in flash.items()))
 
 
 if __name__ == "__main__":

@@ -182,6 +182,22 @@ def test_bench_compile_product_flops_match_a_hand_count():
     assert product_flops(args, "fused") - product_flops(args, "reference") == pytest.approx(qk, rel=1e-9)
 
 
+def test_bench_compile_product_seconds_count_only_the_products():
+    # a pointwise model has no product time; the reference kernel's step has products and no flash
+    # attention; the fused kernel's unmasked blocks run CPU flash attention, counted apart
+    import swinv2
+    from swinv2_tools.bench_compile import product_seconds
+
+    x = torch.randn(2, 3, 32, 32)
+    assert product_seconds(torch.nn.GELU(), x.requires_grad_()) == (0.0, 0.0)
+    ref = swinv2.create_model("tiny", img_size=32, window_size=4, attention="reference")
+    products, flash = product_seconds(ref, x.detach())
+    assert products > 0 and flash == 0
+    fused = swinv2.create_model("tiny", img_size=32, window_size=4, attention="fused")
+    products, flash = product_seconds(fused, x.detach())
+    assert products > 0 and flash > 0
+
+
 @pytest.mark.slow  # compiles a model (about 2 min on 2 cores)
 def test_bench_compile_smoke(tmp_path):
     from swinv2_tools.bench_compile import main
@@ -194,6 +210,8 @@ def test_bench_compile_smoke(tmp_path):
     assert list(rows) == ["fused bf16 eager", "fused bf16 compiled"]
     for name, r in rows.items():
         assert r["median_s"] > 0 and r["floor_s"] > 0 and r["time_over_floor"] > 1, name
+        assert r["products_s"] > 0 and r["time_over_products"] > 1, name  # a step is more than its products
+        assert r["products_over_floor"] == pytest.approx(r["products_s"] / r["floor_s"]), name
         assert r["speedup_vs_fp32_eager"] is None  # no fp32 eager row to compare with
         assert (r["compile_s"] is not None) == ("compiled" in name)
         assert r["recompiled_after_first_step"] in ((False,) if "compiled" in name else (None,)), name
