@@ -30,10 +30,12 @@ from ..windows import RegionMask
 from .reference import dense_mask, mask_rows
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-# fp32 scores per backward chunk of the fused kernel. Measured on the shared 2-core box: 4-8 MB
-# (cache-sized) chunks are best single-threaded on an idle core but several times slower under load
-# (many small parallel ops); 64 MB chunks were within 10% of the best in every condition tried.
-FUSED_BACKWARD_CHUNK_BYTES = 64 << 20
+# fp32 scores per backward chunk of the fused kernel (its masked forward chunks too). Small chunks
+# keep each pass over the scores in cache but make many small parallel ops, which stall when another
+# process holds a core. Backward of one 1536^2/W24 stage-1 layer (2-core Xeon, 2026-12-02): quiet,
+# 64 MB 0.94 s, 32 MB 0.61 s, 16 MB 0.55 s, 4 MB 0.82 s; with a busy process on one core, 64 and 32 MB
+# within 8% of each other, 16 MB up to 1.6x slower (stage 3). 32 MB keeps most of the cache gain.
+FUSED_BACKWARD_CHUNK_BYTES = 32 << 20
 
 
 # ---------------------------------------------------------------------------------------------
