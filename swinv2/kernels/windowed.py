@@ -33,8 +33,9 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 # fp32 scores per backward chunk of the fused kernel (its masked forward chunks too). Small chunks
 # keep each pass over the scores in cache but make many small parallel ops, which stall when another
 # process holds a core. Backward of one 1536^2/W24 stage-1 layer (2-core Xeon, 2026-12-02): quiet,
-# 64 MB 0.94 s, 32 MB 0.61 s, 16 MB 0.55 s, 4 MB 0.82 s; with a busy process on one core, 64 and 32 MB
-# within 8% of each other, 16 MB up to 1.6x slower (stage 3). 32 MB keeps most of the cache gain.
+# 64 MB 0.94 s, 32 MB 0.61 s, 16 MB 0.55 s, 4 MB 0.82 s; over all layers 32 MB is 31% faster than 64 MB
+# quiet, 3% slower beside a 1-thread busy process, 20% slower oversubscribed (a 2-thread one), where
+# 16 MB is up to 3x slower. See docs/PERFORMANCE.md ("Fused backward chunk").
 FUSED_BACKWARD_CHUNK_BYTES = 32 << 20
 
 
