@@ -20,9 +20,11 @@ What it measures (bf16 autocast, fp32 master weights, AdamW on the GPU, channels
    same geometry, random weights, as scripts/bench.py builds it), when transformers is importable.
    (timm's SwinV2 is not used: the project never imports timm.)
 
-Examples::
+It runs from a bare checkout too (a GPU node where nothing was pip-installed: it needs torch, and
+transformers for the peer). Examples::
 
-    python scripts/bench_gpu.py --out bench_gpu.json
+    python scripts/bench_gpu.py --out bench_gpu.json                  # all parts, OOM search: 15-30 min
+    python scripts/bench_gpu.py --configs base256_w8 --batch 128 --steps 5 --out bench_gpu.json  # < 10 min
     python scripts/bench_gpu.py --parts peak,throughput --configs base256_w8 --no-compile
 """
 from __future__ import annotations
@@ -130,14 +132,22 @@ def _try_batch(step, img: int, batch: int, steps: int) -> float | None:
         _free()
 
 
-def build(impl: str, cfg: dict[str, Any], attention: str):
-    """Ours ("ours") or the HF peer ("hf"), as scripts/bench.py builds them, on the GPU; a module
+def bench_module():
+    """scripts/bench.py: installed as swinv2_tools.bench, or taken from the checkout this file is in
+    (a bare GPU node where the project was not pip-installed)."""
+    try:
+        from swinv2_tools import bench
+    except ImportError:
+        from scripts import bench
+    return bench
+
+
+def build(impl: str, cfg: dict[str, Any], attention: str, device: str = "cuda"):
+    """Ours ("ours") or the HF peer ("hf"), as scripts/bench.py builds them, on `device`; a module
     whose forward returns the logits, so compile and the train step treat both alike."""
     import torch
 
-    from swinv2_tools.bench import build_model
-
-    model, forward = build_model(dict(cfg, model=impl, attention=attention))
+    model, forward = bench_module().build_model(dict(cfg, model=impl, attention=attention))
 
     class Logits(torch.nn.Module):
         def __init__(self):
@@ -147,7 +157,7 @@ def build(impl: str, cfg: dict[str, Any], attention: str):
         def forward(self, x):
             return forward(x)
 
-    return (model if impl == "ours" else Logits()).to("cuda")
+    return (model if impl == "ours" else Logits()).to(device)
 
 
 def throughput_row(name: str, impl: str, compile_: bool, args, peak: float) -> dict[str, Any]:
@@ -163,15 +173,15 @@ def throughput_row(name: str, impl: str, compile_: bool, args, peak: float) -> d
         return row
     model.train()
     step = _train_step_fn(model, compile_)
-    best_b, best_t, b = None, None, args.start_batch
-    while b <= args.max_batch:  # double until OOM: the last batch that fitted is the one reported
+    best_b, best_t, b = None, None, args.batch or args.start_batch
+    while b <= (args.batch or args.max_batch):  # double until OOM: the last batch that fitted is reported
         t = _try_batch(step, cfg["img"], b, steps=2)
         if t is None:
             break
         best_b, best_t = b, t
         b *= 2
     if best_b is None:
-        row["error"] = f"OOM already at batch {args.start_batch}"
+        row["error"] = f"OOM already at batch {args.batch or args.start_batch}"
     else:
         t = _try_batch(step, cfg["img"], best_b, steps=args.steps) or best_t
         fl = 2 * swinv2.flops(swinv2.SwinV2Config.from_variant(cfg["variant"], img_size=cfg["img"],
@@ -249,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--no-peer", action="store_true", help="skip the HF transformers peer rows")
     ap.add_argument("--start-batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None, help="this batch only, no search for the largest")
     ap.add_argument("--max-batch", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=10, help="timed steps at the chosen batch")
     ap.add_argument("--giant-window", type=int, default=24)

@@ -140,6 +140,27 @@ def test_bench_gpu_refuses_on_cpu():
     assert "Traceback" not in r.stderr
 
 
+def test_bench_gpu_builds_both_models_from_a_bare_checkout(tmp_path):
+    # the GPU node has torch and transformers but the project is not pip-installed there: with
+    # swinv2_tools unimportable, bench_gpu still builds ours and the HF peer (here on the CPU)
+    pytest.importorskip("transformers")
+    code = f"""
+import runpy, sys, torch
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "swinv2_tools":
+            raise ImportError("swinv2_tools is not installed")
+sys.meta_path.insert(0, NotInstalled())
+bench_gpu = runpy.run_path({str(REPO / "scripts" / "bench_gpu.py")!r})
+for impl in ("ours", "hf"):
+    model = bench_gpu["build"](impl, dict(variant="tiny", img=64, window=4), "fused", device="cpu")
+    print(impl, tuple(model(torch.randn(2, 3, 64, 64)).shape), bench_gpu["bench_module"]().__name__)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["ours (2, 1000) scripts.bench", "hf (2, 1000) scripts.bench"]
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="measures glibc's allocator")
 def test_malloc_holes_shows_aligned_holes_not_reused_and_the_fix():
     # docs/PERFORMANCE.md explains our default-allocator peak RSS with this: a freed 64-byte-aligned
