@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import wide_dtype
+
 
 class _SplitHeads(torch.autograd.Function):
     """qkv (B_, N, 3*C) -> q, k, v (B_, nH, N, hd), each a contiguous copy.
@@ -102,10 +104,6 @@ def scaled_cosine_qk(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor):
     return _ScaledCosineQK.apply(q, k, scale)
 
 
-def _factor_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _cosine_factors(x: torch.Tensor, scale):
     """(clamped row norms in x's dtype, per-row multiplier s / |x| in x's dtype) of x (..., hd).
 
@@ -115,7 +113,7 @@ def _cosine_factors(x: torch.Tensor, scale):
     n = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
     if scale is None:
         return n, None
-    return n, (scale.to(_factor_dtype(x)) / n.to(_factor_dtype(x))).to(x.dtype)
+    return n, (scale.to(wide_dtype(x)) / n.to(wide_dtype(x))).to(x.dtype)
 
 
 def _row_dot_fast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -152,7 +150,7 @@ class _SplitHeadsCosine(torch.autograd.Function):
     def backward(ctx, dqn, dkn, dv):
         qn, kn, nq, nk, scale = ctx.saved_tensors
         B_, nH, N, hd = qn.shape
-        fdt = _factor_dtype(qn)
+        fdt = wide_dtype(qn)
         dqkv = torch.empty(B_, N, 3, nH, hd, dtype=qn.dtype, device=qn.device)
         slot_q, slot_k, slot_v = dqkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B_, nH, N, hd) views
         ds = None

@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from ..windows import RegionMask
 
 
+def wide_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 tensors: the dtype of scores, probabilities, log-sum-exp and
+    per-row factors when the tensors themselves are narrower (bf16, fp16)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def dense_mask(mask, dtype: torch.dtype = torch.float32):
     """The (nW, N, N) additive mask of a dense mask or a RegionMask (None stays None)."""
     return mask.dense(dtype) if isinstance(mask, RegionMask) else mask

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..windows import RegionMask
-from .reference import dense_mask, mask_rows
+from .reference import dense_mask, mask_rows, wide_dtype
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 # fp32 scores per backward chunk of the fused kernel (its masked forward chunks too). Small chunks
@@ -165,7 +165,7 @@ def _flash_forward(q, k, v, am):
             return out, lse
         except RuntimeError:  # shapes/strides the private kernel does not take: the math below
             pass
-    s = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) + am
+    s = (q @ k.transpose(-2, -1)).to(wide_dtype(q)) + am
     lse = s.logsumexp(-1, keepdim=True)
     return (s - lse).exp().to(v.dtype) @ v, lse.squeeze(-1)
 
@@ -195,7 +195,7 @@ def _backward_steps(groups, n_windows: int, B: int, nH: int, N: int, chunk_fwd: 
 def _forward_chunk_dropout(q5, k5, v5, bias, mask, idx, masked, lo, hi, p, seed, start, out, lse):
     # with dropout the probabilities are materialised (the flash op takes no replayable mask)
     qc, kc, vc = (_take(t, idx, lo, hi) for t in (q5, k5, v5))
-    cdt = torch.promote_types(q5.dtype, torch.float32)
+    cdt = wide_dtype(q5)
     s = (qc @ kc.transpose(-2, -1)).to(cdt) + bias.to(cdt)
     if masked:
         s = s + mask_rows(mask, idx[lo:hi], cdt).unsqueeze(1).unsqueeze(0)
@@ -238,7 +238,7 @@ def _backward_chunk(t5, lse5, bias, mask, idx, masked, lo, hi, bufs, grads, keep
     q5 = t5[0]
     B, _, nH, N, hd = q5.shape
     rows = B * (hi - lo) * nH
-    cdt, pdt = torch.promote_types(q5.dtype, torch.float32), q5.dtype
+    cdt, pdt = wide_dtype(q5), q5.dtype
     narrow = bufs[2][:rows] if pdt != cdt else None  # (rows, N, N) in pdt: products' operands/outputs
     dq, dk, dv, dbias = grads
     qc, kc, vc, doc, oc = (_take(t, idx, lo, hi).reshape(rows, N, hd) for t in t5)
@@ -289,13 +289,9 @@ def _narrowed(t: torch.Tensor, buf: Optional[torch.Tensor]) -> torch.Tensor:
 # whose mask is zero (bias only) and masked ones. `chunk_fwd` / `chunk_bwd` are windows per chunk
 # (0 = the whole group forward / FUSED_BACKWARD_CHUNK_BYTES of scores backward). With dropout (`seed`
 # given) the forward materialises each chunk's probabilities and the backward replays the per-chunk
-# dropout mask. The forward also returns the log-sum-exp (B*nW, nH, N) in float32 (float64 for float64
-# inputs); the backward computes
-# in float32 (or the input dtype if wider) from it, in two score buffers that every chunk reuses.
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
-
-
+# dropout mask. The forward also returns the log-sum-exp (B*nW, nH, N) in wide_dtype (float32, float64
+# for float64 inputs); the backward recomputes the probabilities in that dtype from it, in score
+# buffers that every chunk reuses.
 def _op_mask(mask: Optional[torch.Tensor], region: bool, padded: bool):
     return RegionMask(mask, padded) if region else mask
 
@@ -313,7 +309,7 @@ def window_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     q5, k5, v5 = (t.contiguous().view(B, nW, nH, N, hd) for t in (q, k, v))
     bias = bias.detach()  # a mask that requires grad would push CPU SDPA onto the math path
     out = torch.empty(B, nW, nH, N, hd, dtype=v.dtype, device=v.device)
-    lse = torch.empty(B, nW, nH, N, dtype=_lse_dtype(q), device=q.device)
+    lse = torch.empty(B, nW, nH, N, dtype=wide_dtype(q), device=q.device)
     for gi, (idx, masked) in enumerate(_window_groups(mask, nW)):
         n = nW if idx is None else idx.numel()
         step = _forward_step(chunk_fwd, B, n, masked, p, nH, N)
@@ -329,7 +325,7 @@ def window_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 
 @window_attention_op.register_fake
 def _(q, k, v, bias, mask, region, padded, seed, chunk_fwd, chunk_bwd, p):
-    return q.new_empty(q.shape, dtype=v.dtype), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
+    return q.new_empty(q.shape, dtype=v.dtype), q.new_empty(q.shape[:-1], dtype=wide_dtype(q))
 
 
 @torch.library.custom_op("swinv2::window_attention_backward", mutates_args=())
@@ -342,14 +338,15 @@ def window_attention_backward_op(
     mask = _op_mask(mask, region, padded)
     nW = mask.shape[0] if mask is not None else B_
     B = B_ // nW
-    cdt = torch.promote_types(q.dtype, torch.float32)
+    cdt = wide_dtype(q)
     t5 = tuple(t.contiguous().view(B, nW, nH, N, hd) for t in (q, k, v, dout, out))
     grads = (*(torch.empty_like(t) for t in t5[:3]), torch.zeros(bias.shape, dtype=cdt, device=bias.device))
     lse5 = lse.view(B, nW, nH, N)
     groups = _window_groups(mask, nW)
     steps = _backward_steps(groups, nW, B, nH, N, chunk_fwd, chunk_bwd, p)
     # Two score-sized work buffers for ALL chunks of this call (scores/probabilities and their
-    # gradient; a third in the inputs' dtype when it is narrower than float32): a fresh (> 32 MB) tensor per chunk is a fresh mmap under glibc, and its first-touch
+    # gradient; a third in the inputs' dtype when it is narrower than float32): a fresh (> 32 MB)
+    # tensor per chunk is a fresh mmap under glibc, and its first-touch
     # page faults cost a quarter of the CPU time at 1536^2. (b, N, N) so memory probes see scores.
     rows = B * min(max(steps), max(_group_sizes(groups, nW))) * nH
     dtypes = (cdt, cdt) if q.dtype == cdt else (cdt, cdt, q.dtype)
