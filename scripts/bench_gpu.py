@@ -160,6 +160,21 @@ def build(impl: str, cfg: dict[str, Any], attention: str, device: str = "cuda"):
     return (model if impl == "ours" else Logits()).to(device)
 
 
+def _batch_to_time(step, img: int, args) -> tuple[int | None, float | None]:
+    """(batch, a first step time or None): --batch as given, else the largest that fits, doubling
+    from --start-batch until CUDA OOM (None when even that does not fit)."""
+    if args.batch:
+        return args.batch, None
+    best_b, best_t, b = None, None, args.start_batch
+    while b <= args.max_batch:
+        t = _try_batch(step, img, b, steps=2)
+        if t is None:
+            break
+        best_b, best_t = b, t
+        b *= 2
+    return best_b, best_t
+
+
 def throughput_row(name: str, impl: str, compile_: bool, args, peak: float) -> dict[str, Any]:
     import swinv2
 
@@ -173,21 +188,15 @@ def throughput_row(name: str, impl: str, compile_: bool, args, peak: float) -> d
         return row
     model.train()
     step = _train_step_fn(model, compile_)
-    best_b, best_t, b = None, None, args.batch or args.start_batch
-    while b <= (args.batch or args.max_batch):  # double until OOM: the last batch that fitted is reported
-        t = _try_batch(step, cfg["img"], b, steps=2)
-        if t is None:
-            break
-        best_b, best_t = b, t
-        b *= 2
-    if best_b is None:
-        row["error"] = f"OOM already at batch {args.batch or args.start_batch}"
+    batch, first_t = _batch_to_time(step, cfg["img"], args)
+    t = (_try_batch(step, cfg["img"], batch, steps=args.steps) or first_t) if batch else None
+    if t is None:
+        row["error"] = f"CUDA OOM at batch {batch or args.start_batch}"
     else:
-        t = _try_batch(step, cfg["img"], best_b, steps=args.steps) or best_t
         fl = 2 * swinv2.flops(swinv2.SwinV2Config.from_variant(cfg["variant"], img_size=cfg["img"],
                                                                window_size=cfg["window"]))
-        ips = best_b / t
-        row.update(batch=best_b, step_s=t, images_per_s=ips, model_flops_per_image_fwd=fl,
+        ips = batch / t
+        row.update(batch=batch, step_s=t, images_per_s=ips, model_flops_per_image_fwd=fl,
                    achieved_tflops=3 * fl * ips / 1e12, mfu=3 * fl * ips / peak)
     del model, step
     _free()
