@@ -1,16 +1,32 @@
 """Swin Transformer V2 at scale: a faithful model library and a DeepSpeed/Hydra trainer."""
+import os
+
 from setuptools import setup
 
-# installed name -> folder in this repository
-PACKAGE_DIR = {
+# installed name -> folder in this repository, for the top-level packages
+ROOTS = {
     "swinv2": "swinv2",
     "swinv2_train": "train",
-    "swinv2_train.data": "train/data",
     "swinv2_train.configs": "configs",   # Hydra finds them as pkg://swinv2_train.configs
     "swinv2_launch": "launch",
-    "swinv2_launch.slurm": "launch/slurm",
     "swinv2_tools": "scripts",
 }
+
+
+def _with_subpackages(roots: dict) -> dict:
+    """Every folder holding an __init__.py under each root, by its installed name, so that a new
+    subpackage (swinv2.kernels, swinv2_train.tasks, ...) cannot be left out of the wheel."""
+    found = {}
+    for name, folder in roots.items():
+        for path, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            if "__init__.py" in files:
+                rel = os.path.relpath(path, folder)
+                found[name if rel == "." else ".".join([name, *rel.split(os.sep)])] = path
+    return found
+
+
+PACKAGE_DIR = _with_subpackages(ROOTS)
 
 setup(
     name="swinv2-scale",
