@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_flatten
 from swinv2 import SwinTransformerV2, SwinV2Config
 from swinv2.attention import LOGIT_SCALE_MAX, WindowAttention
 from swinv2.kernels import scaled_cosine_qk, split_heads
-from swinv2.kernels.qk import split_heads_cosine
+from swinv2.kernels.qk import _split_heads_cosine_traced, split_heads_cosine
+from swinv2.kernels.reference import wide_dtype
 from swinv2.model import DropPath, PatchMerging
 from swinv2.windows import (cyclic_shift, reverse_cyclic_shift, shifted_window_partition, shifted_window_reverse,
                             window_partition, window_reverse)
@@ -190,6 +191,25 @@ def test_split_heads_cosine_equals_split_heads_then_scaled_cosine_qk(used, dtype
         torch.testing.assert_close(grads[0][1], grads[1][1], **tol)
     else:
         assert grads[0][1] is None or not grads[0][1].any()
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_compiled_form_of_split_heads_cosine_equals_the_autograd_function(dtype, rel):
+    # what torch.compile traces (the readable expression, float32 inside) against the eager function
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(6, 7, 3 * 2 * 8, generator=g).to(dtype)
+    qkv.view(6, 7, 3, 2, 8)[0, :3, :2] *= 1e-14  # norms below eps: the clamp branch, q and k
+    scale = (torch.rand(2, 1, 1, generator=g) * 20 + 0.5).to(wide_dtype(qkv))
+    ws = [torch.randn(6, 2, 7, 8, generator=g).to(dtype) for _ in range(3)]
+    results = []
+    for form in (split_heads_cosine, _split_heads_cosine_traced):
+        x, s = qkv.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+        outs = form(x, 2, s)
+        sum((o.float() * w.float()).sum() for o, w in zip(outs, ws)).backward()
+        assert all(o.dtype == dtype and o.is_contiguous() for o in outs)
+        results.append((*outs, x.grad, s.grad))
+    for mine, theirs in zip(*results):
+        assert _rel(mine, theirs) <= rel
 
 
 def test_split_heads_cosine_gradcheck():

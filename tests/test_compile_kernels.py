@@ -69,7 +69,9 @@ def _assert_compiled_matches_eager(kernel, padded, backend, rel):
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_block_compiles_to_one_graph_without_recompiles(kernel, padded):
-    _assert_compiled_matches_eager(kernel, padded, "aot_eager", 1e-6)
+    # 1e-5, not exact: the traced graph normalises q and k with the readable expression
+    # (kernels/qk.py, _split_heads_cosine_traced), eager with the hand-written autograd function
+    _assert_compiled_matches_eager(kernel, padded, "aot_eager", 1e-5)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ passes are a bigger share than in float32 (``split_heads_cosine`` makes fewer an
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .reference import wide_dtype
 
@@ -180,5 +181,22 @@ class _SplitHeadsCosine(torch.autograd.Function):
 
 def split_heads_cosine(qkv: torch.Tensor, num_heads: int, scale: torch.Tensor):
     """(B_, N, 3*C), scale (nH, 1, 1) -> (s * normalize(q), normalize(k), v), each (B_, nH, N, hd)
-    contiguous: split_heads + scaled_cosine_qk as one autograd function (see _SplitHeadsCosine)."""
+    contiguous: split_heads + scaled_cosine_qk as one autograd function (see _SplitHeadsCosine), or,
+    under torch.compile, as the readable expression (_split_heads_cosine_traced)."""
+    if torch.compiler.is_compiling():
+        return _split_heads_cosine_traced(qkv, num_heads, scale)
     return _SplitHeadsCosine.apply(qkv, num_heads, scale)
+
+
+def _split_heads_cosine_traced(qkv: torch.Tensor, num_heads: int, scale: torch.Tensor):
+    """What torch.compile traces: the readable formulation, so that inductor derives the backward and
+    fuses both ways with the neighbouring copies. The hand-written backward saves eager passes but is
+    opaque to inductor, which then writes more of them: the compiled 256^2/W8 step was 4% (fp32) and 6%
+    (bf16) slower with it (docs/PERFORMANCE.md). In float32 inside the fused kernel (free there: a
+    compiled CPU kernel computes bf16 in float32 lanes anyway), rounded once to the input's dtype."""
+    B_, N, C3 = qkv.shape
+    q, k, v = qkv.view(B_, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    wide = wide_dtype(qkv)
+    qn = (F.normalize(q.to(wide), dim=-1) * scale).to(qkv.dtype)
+    kn = F.normalize(k.to(wide), dim=-1).to(qkv.dtype)
+    return qn.contiguous(), kn.contiguous(), v.contiguous()
