@@ -26,6 +26,7 @@ import torch
 
 import swinv2
 from swinv2_tools.live_memory import LiveMemoryTracker
+from swinv2_train.allocator import CPU_MALLOC_POLICIES, apply_cpu_malloc_policy
 
 POLICIES = ("none", "block", "half", "selective")
 
@@ -57,6 +58,12 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+def add_cpu_malloc_option(ap: argparse.ArgumentParser) -> None:
+    """--cpu-malloc: the trainer's train.cpu_malloc policy, so a benchmark runs as training would."""
+    ap.add_argument("--cpu-malloc", default="auto", choices=CPU_MALLOC_POLICIES,
+                    help="the trainer's train.cpu_malloc policy, applied here too (default auto, as the trainer)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="tiny")
@@ -65,11 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", default="fused", choices=sorted(swinv2.kernels.KERNELS))
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--cpu-malloc", default="auto", choices=["auto", "on", "off"],
-                    help="the trainer's train.cpu_malloc policy, applied here too (default auto, as the trainer)")
+    add_cpu_malloc_option(ap)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from swinv2_train.allocator import apply_cpu_malloc_policy
     malloc = apply_cpu_malloc_policy(args.cpu_malloc, args.img)
     policies = args.policies.split(",")
     x = torch.randn(1, 3, args.img, args.img, generator=torch.Generator().manual_seed(1))

@@ -11,7 +11,8 @@ on the meta device with torch's FlopCounterMode, plus the QK^T recompute of the 
 backward) over this machine's measured 4096^3 matmul rate in that precision. And, from torch's profiler
 over one more step, the time the step spends in matrix-product kernels: how far the products
 themselves are from that floor, and the most any fusion of the other work (compile) could gain,
-step / products.
+step / products. The process runs under the trainer's CPU allocator policy (``--cpu-malloc``, default
+auto, as ``train.cpu_malloc``): below 1024^2 freed memory stays in glibc's heap (no page faults).
 
     python scripts/bench_compile.py                                  # tiny 256^2/W8 batch 8
     python scripts/bench_compile.py --img 1536 --window 24 --batch 1 --kernels fused --repeats 2
@@ -33,7 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import swinv2
-from swinv2_tools.bench_checkpointing import cpu_model
+from swinv2_tools.bench_checkpointing import add_cpu_malloc_option, cpu_model
+from swinv2_train.allocator import apply_cpu_malloc_policy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -100,12 +102,15 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="reference,fused", help="comma-separated (the default kernel is reference)")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--repeats", type=int, default=5)
+    add_cpu_malloc_option(ap)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    malloc = apply_cpu_malloc_policy(args.cpu_malloc, args.img)
     precisions = args.precisions.split(",")
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), cpu=cpu_model(),
                 cores=len(os.sched_getaffinity(0)), threads=torch.get_num_threads(), torch=torch.__version__,
-                load_before=os.getloadavg(), **{k: getattr(args, k) for k in ("variant", "img", "window", "batch")})
+                load_before=os.getloadavg(), cpu_malloc=malloc,
+                **{k: getattr(args, k) for k in ("variant", "img", "window", "batch")})
     meta["matmul_gflops"] = {p: matmul_rate(DTYPES[p]) / 1e9 for p in precisions}
     x32 = torch.randn(args.batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(1))
     rows = {}
@@ -143,6 +148,7 @@ def main(argv=None) -> int:
     meta["load_after"] = os.getloadavg()
     print(f"{meta['date']}  {meta['cpu']}  {meta['cores']} cores, {meta['threads']} threads  torch {meta['torch']}  "
           f"load {meta['load_before'][0]:.2f} -> {meta['load_after'][0]:.2f}")
+    print(f"CPU allocator: {malloc}")
     print(f"{args.variant} {args.img}^2/W{args.window} batch {args.batch} fwd+bwd, median of {args.repeats}; "
           "matmul " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in meta["matmul_gflops"].items()))
     print_table(rows)

@@ -66,7 +66,7 @@ class TrainLoopConfig:
     progress: str = "auto"             # auto (tqdm on a terminal) | bar | lines
     dist_timeout_s: float = 600.0
     cpu_threads: Optional[int] = None  # CPU training: intra-op threads; null = auto (see loop.cpu_threads)
-    cpu_malloc: str = "auto"           # CPU: on (glibc mmap threshold 1 MiB unless jemalloc/tcmalloc is preloaded) | auto (on from 1024^2) | off
+    cpu_malloc: str = "auto"           # CPU, glibc (nothing if jemalloc/tcmalloc is preloaded): on (mmap threshold 1 MiB: RSS at live memory) | retain (freed blocks stay in the heap: no page faults) | auto (on from 1024^2, retain below) | off
     stop_at_step: Optional[int] = None  # checkpoint and exit after this step (time-limited jobs)
     ema_decay: Optional[float] = None  # EMA of weights (e.g. 0.9998), val_ema/* + model_ema_official.pth; null/0 off
     ema_warmup: bool = True            # decay of update n: min(ema_decay, (1 + n) / (10 + n)) (swinv2_train.ema)
