@@ -115,7 +115,6 @@ def test_policy_returns_freed_tensors_to_the_os():
     assert fixed["retained_mb"] < 60, fixed
 
 
-
 # training steps of a small SwinV2 (64^2, batch 8, fp32): minor page faults of each step
 _STEPS_CHILD = r"""
 import json, resource, sys, torch
@@ -139,7 +138,7 @@ print(json.dumps(out))
 def test_retain_reuses_freed_memory_without_page_faults():
     # glibc's dynamic thresholds unmap or trim freed activations, so most steps fault their pages in
     # again (measured: 13-20 k faults a step, now and then one with none); auto below 1024^2 (retain)
-    # keeps them in the heap (measured: 0-800 a step from the third step on)
+    # keeps them in the heap (measured: 0-800 a step from the fourth step on)
     default, retained = (sum(_run_child(_STEPS_CHILD, p)["faults"][3:]) for p in ("off", "auto"))
     assert default > 20_000 and retained < min(4000, default / 10), (default, retained)
 
