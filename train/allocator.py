@@ -93,14 +93,14 @@ def _apply(policy: str, img_size: int) -> str:
         return f"{', '.join(user)} from the environment: nothing set"
     why = f" (train.cpu_malloc=auto at {img_size}^2)" if policy == "auto" else ""
     if chosen == "on":
-        if not set_glibc_thresholds(MMAP_THRESHOLD_BYTES):
-            return "not glibc (or mallopt refused): nothing set"
-        return (f"glibc mmap threshold fixed at {MMAP_THRESHOLD_BYTES >> 20} MiB{why}: freed tensors >= 1 MiB "
+        thresholds = (MMAP_THRESHOLD_BYTES,)
+        done = (f"glibc mmap threshold fixed at {MMAP_THRESHOLD_BYTES >> 20} MiB{why}: freed tensors >= 1 MiB "
                 "go back to the OS, so RSS tracks live memory; train.cpu_malloc=retain for fewer page faults, "
                 "train.cpu_malloc=off for glibc's dynamic thresholds")
-    if not set_glibc_thresholds(*RETAIN_THRESHOLDS):
-        return "not glibc (or mallopt refused): nothing set"
-    return (f"glibc keeps freed blocks up to {RETAIN_THRESHOLDS[0] >> 20} MiB in its heap{why} (mmap threshold "
-            f"{RETAIN_THRESHOLDS[0] >> 20} MiB, trim threshold {RETAIN_THRESHOLDS[1] >> 30} GiB): steps reuse "
-            "memory without page faults and RSS stays at the run's peak; train.cpu_malloc=on for RSS at live "
-            "memory, train.cpu_malloc=off for glibc's dynamic thresholds")
+    else:
+        thresholds = RETAIN_THRESHOLDS
+        done = (f"glibc keeps freed blocks up to {RETAIN_THRESHOLDS[0] >> 20} MiB in its heap{why} (mmap threshold "
+                f"{RETAIN_THRESHOLDS[0] >> 20} MiB, trim threshold {RETAIN_THRESHOLDS[1] >> 30} GiB): steps reuse "
+                "memory without page faults and RSS stays at the run's peak; train.cpu_malloc=on for RSS at live "
+                "memory, train.cpu_malloc=off for glibc's dynamic thresholds")
+    return done if set_glibc_thresholds(*thresholds) else "not glibc (or mallopt refused): nothing set"

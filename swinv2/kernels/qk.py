@@ -20,6 +20,12 @@ import torch.nn.functional as F
 from .reference import wide_dtype
 
 
+def _head_views(qkv: torch.Tensor, num_heads: int):
+    """(B_, N, 3*C) -> q, k, v as strided (B_, nH, N, hd) views of the projection's output."""
+    B_, N, C3 = qkv.shape
+    return qkv.view(B_, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class _SplitHeads(torch.autograd.Function):
     """qkv (B_, N, 3*C) -> q, k, v (B_, nH, N, hd), each a contiguous copy.
 
@@ -31,9 +37,7 @@ class _SplitHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, num_heads: int):
-        B_, N, C3 = qkv.shape
-        parts = qkv.view(B_, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
-        return tuple(t.clone(memory_format=torch.contiguous_format) for t in parts.unbind(0))
+        return tuple(t.clone(memory_format=torch.contiguous_format) for t in _head_views(qkv, num_heads))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -137,8 +141,7 @@ class _SplitHeadsCosine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, num_heads: int, scale):
-        B_, N, C3 = qkv.shape
-        q, k, v = qkv.view(B_, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _head_views(qkv, num_heads)
         nq, fq = _cosine_factors(q, scale)
         nk, _ = _cosine_factors(k, None)
         qn = torch.mul(q, fq, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
@@ -194,8 +197,7 @@ def _split_heads_cosine_traced(qkv: torch.Tensor, num_heads: int, scale: torch.T
     opaque to inductor, which then writes more of them: the compiled 256^2/W8 step was 4% (fp32) and 6%
     (bf16) slower with it (docs/PERFORMANCE.md). In float32 inside the fused kernel (free there: a
     compiled CPU kernel computes bf16 in float32 lanes anyway), rounded once to the input's dtype."""
-    B_, N, C3 = qkv.shape
-    q, k, v = qkv.view(B_, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = _head_views(qkv, num_heads)
     wide = wide_dtype(qkv)
     qn = (F.normalize(q.to(wide), dim=-1) * scale).to(qkv.dtype)
     kn = F.normalize(k.to(wide), dim=-1).to(qkv.dtype)

@@ -345,9 +345,9 @@ def window_attention_backward_op(
     groups = _window_groups(mask, nW)
     steps = _backward_steps(groups, nW, B, nH, N, chunk_fwd, chunk_bwd, p)
     # Two score-sized work buffers for ALL chunks of this call (scores/probabilities and their
-    # gradient; a third in the inputs' dtype when it is narrower than float32): a fresh (> 32 MB)
-    # tensor per chunk is a fresh mmap under glibc, and its first-touch
-    # page faults cost a quarter of the CPU time at 1536^2. (b, N, N) so memory probes see scores.
+    # gradient; a third in the inputs' dtype when it is narrower than float32): a fresh tensor per
+    # chunk is a fresh mmap under glibc's default, and its first-touch page faults cost a quarter of
+    # the CPU time at 1536^2. (b, N, N) so memory probes see scores.
     rows = B * min(max(steps), max(_group_sizes(groups, nW))) * nH
     dtypes = (cdt, cdt) if q.dtype == cdt else (cdt, cdt, q.dtype)
     bufs = tuple(torch.empty(rows, N, N, dtype=dt, device=q.device) for dt in dtypes)
