@@ -240,6 +240,17 @@ def giant_row(args) -> dict[str, Any]:
     return row
 
 
+def record(res: dict[str, Any], row: dict[str, Any], out: str | None) -> None:
+    """Print a finished row and rewrite the results file with it: a run cut off by a time limit (a lent
+    GPU's command limit, a SLURM time limit) leaves every row it measured in the file."""
+    print(json.dumps(row), flush=True)
+    res["rows"].append(row)
+    if out:
+        tmp = Path(out + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(out)  # never a half-written file
+
+
 def format_table(res: dict[str, Any]) -> str:
     lines = [f"GPU {res['meta'].get('gpu')}; measured bf16 matmul peak {res.get('peak_tflops', 0):.1f} TFLOP/s", "",
              "| config | impl | compile | batch | img/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
@@ -272,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=10, help="timed steps at the chosen batch")
     ap.add_argument("--giant-window", type=int, default=24)
-    ap.add_argument("--out", default=None, help="write results JSON here")
+    ap.add_argument("--out", default=None, help="results JSON, rewritten after every finished row")
     args = ap.parse_args(argv)
     require_cuda()
 
@@ -301,16 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
             for impl in impls:
                 for comp in ([False] if args.no_compile else [False, True]):
-                    row = throughput_row(name, impl, comp, args, peak)
-                    print(json.dumps(row), flush=True)
-                    res["rows"].append(row)
+                    record(res, throughput_row(name, impl, comp, args, peak), args.out)
     if "giant" in parts:
-        row = giant_row(args)
-        print(json.dumps(row), flush=True)
-        res["rows"].append(row)
+        record(res, giant_row(args), args.out)
     print(format_table(res))
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
         print(f"wrote {args.out}")
     return 0
 

@@ -3,6 +3,7 @@ memory TARGETS are in scripts/bench.py output and docs/PERFORMANCE.md)."""
 import json
 import os
 import platform
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,18 @@ for impl in ("ours", "hf"):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:2] == ["ours (2, 1000) scripts.bench", "hf (2, 1000) scripts.bench"]
+
+
+def test_bench_gpu_results_file_holds_every_finished_row(tmp_path):
+    # a lent GPU's command is killed at its time limit: the rows measured before then must be in the file
+    bench_gpu = runpy.run_path(str(REPO / "scripts" / "bench_gpu.py"))
+    out = tmp_path / "bench_gpu.json"
+    res = {"meta": {"gpu": "test"}, "rows": []}
+    for batch in (64, 128):
+        bench_gpu["record"](res, {"config": "base256_w8", "batch": batch}, str(out))
+        assert [r["batch"] for r in json.loads(out.read_text())["rows"]] == [64, 128][:len(res["rows"])]
+    assert json.loads(out.read_text())["meta"] == {"gpu": "test"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_gpu.json"]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="measures glibc's allocator")
