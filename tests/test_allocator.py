@@ -40,6 +40,20 @@ def test_auto_retains_freed_memory_below_1024_and_on_or_retain_force_either(call
     assert calls == [RETAIN_THRESHOLDS, (1 << 20,), RETAIN_THRESHOLDS]
 
 
+def test_retain_on_an_older_glibc_falls_back_to_its_32_mib_ceiling(calls, monkeypatch):
+    # glibc 2.33 and before (RHEL 8, Ubuntu 20.04) refuses mmap thresholds above 32 MiB and then sets nothing;
+    # retain must still set the largest it accepts, with the same trim threshold, and say which
+    def old_glibc(mmap_bytes, trim_bytes=None):
+        calls.append((mmap_bytes, trim_bytes))
+        return mmap_bytes <= 32 << 20
+    monkeypatch.setattr(allocator, "set_glibc_thresholds", old_glibc)
+    msg = apply_cpu_malloc_policy("auto", 512)
+    assert calls == [RETAIN_THRESHOLDS, (32 << 20, RETAIN_THRESHOLDS[1])]
+    assert "up to 32 MiB" in msg and "mmap threshold 32 MiB, trim threshold 1 GiB" in msg
+    monkeypatch.setattr(allocator, "set_glibc_thresholds", lambda *a: False)  # not glibc at all
+    assert "nothing set" in apply_cpu_malloc_policy("retain", 512)
+
+
 def test_off_sets_nothing(calls):
     assert "off" in apply_cpu_malloc_policy("off", 1536)
     assert calls == []

@@ -17,7 +17,9 @@ Policies:
   one without a page fault, and RSS stays at the run's peak. glibc's default is neither: its
   dynamic thresholds stop at 32 MB / 64 MB, so a 256^2/W8 batch-8 step still unmaps and re-faults
   ~50 k (bf16) to ~100 k (fp32) pages; ``retain`` made it 10% (bf16) / 6% (fp32) faster, 512^2 steps
-  20-24% faster, with the same peak RSS as the default within 9% (docs/PERFORMANCE.md).
+  20-24% faster, with the same peak RSS as the default within 9% (docs/PERFORMANCE.md). Older glibc
+  (2.33 and before) caps the mmap threshold at 32 MiB; there blocks up to 32 MiB are kept (the log line
+  says which).
 * ``auto`` (default): ``on`` for inputs of at least AUTO_MIN_IMG_SIZE pixels a side, where the retained
   holes are most of the heap (1.9 GB of a 2.3 GB heap with 0.6 GB live at 1536^2), ``retain`` below.
 * ``off`` leaves the allocator alone.
@@ -41,6 +43,10 @@ CPU_MALLOC_POLICIES = ("auto", "on", "retain", "off")
 AUTO_MIN_IMG_SIZE = 1024  # auto: `on` from here on, where the memory it saves is worth its page faults
 MMAP_THRESHOLD_BYTES = 1 << 20  # on: 1 MiB, the setting measured in docs/PERFORMANCE.md
 RETAIN_THRESHOLDS = (512 << 20, 1 << 30)  # retain: (mmap, trim); trim at twice mmap, glibc's own ratio
+# older glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2, 32 MiB on 64-bit (2.33 and before, e.g.
+# RHEL 8, Ubuntu 20.04; 2.36 takes 512 MiB): `retain` then falls back to 32 MiB, which still keeps every
+# tensor up to 32 MiB in the heap
+OLD_GLIBC_MAX_MMAP_THRESHOLD = 32 << 20
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 ALTERNATIVE_ALLOCATORS = ("jemalloc", "tcmalloc")
 USER_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -60,7 +66,9 @@ def preloaded_allocator(maps_path: str = "/proc/self/maps") -> Optional[str]:
 
 def set_glibc_thresholds(mmap_bytes: int, trim_bytes: Optional[int] = None) -> bool:
     """mallopt(M_MMAP_THRESHOLD, mmap_bytes) and, if given, mallopt(M_TRIM_THRESHOLD, trim_bytes) (either
-    turns glibc's dynamic thresholds off); True when glibc accepted them (False: not glibc)."""
+    turns glibc's dynamic thresholds off); True when glibc accepted them. False when this is not glibc or
+    glibc refused the mmap threshold (then nothing is set: the trim threshold comes second, and glibc
+    accepts any trim threshold)."""
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -92,15 +100,19 @@ def _apply(policy: str, img_size: int) -> str:
     if user:
         return f"{', '.join(user)} from the environment: nothing set"
     why = f" (train.cpu_malloc=auto at {img_size}^2)" if policy == "auto" else ""
+    refused = "not glibc (or mallopt refused): nothing set"
     if chosen == "on":
-        thresholds = (MMAP_THRESHOLD_BYTES,)
-        done = (f"glibc mmap threshold fixed at {MMAP_THRESHOLD_BYTES >> 20} MiB{why}: freed tensors >= 1 MiB "
+        if not set_glibc_thresholds(MMAP_THRESHOLD_BYTES):
+            return refused
+        return (f"glibc mmap threshold fixed at {MMAP_THRESHOLD_BYTES >> 20} MiB{why}: freed tensors >= 1 MiB "
                 "go back to the OS, so RSS tracks live memory; train.cpu_malloc=retain for fewer page faults, "
                 "train.cpu_malloc=off for glibc's dynamic thresholds")
-    else:
-        thresholds = RETAIN_THRESHOLDS
-        done = (f"glibc keeps freed blocks up to {RETAIN_THRESHOLDS[0] >> 20} MiB in its heap{why} (mmap threshold "
-                f"{RETAIN_THRESHOLDS[0] >> 20} MiB, trim threshold {RETAIN_THRESHOLDS[1] >> 30} GiB): steps reuse "
-                "memory without page faults and RSS stays at the run's peak; train.cpu_malloc=on for RSS at live "
-                "memory, train.cpu_malloc=off for glibc's dynamic thresholds")
-    return done if set_glibc_thresholds(*thresholds) else "not glibc (or mallopt refused): nothing set"
+    mmap_bytes, trim_bytes = RETAIN_THRESHOLDS
+    if not set_glibc_thresholds(mmap_bytes, trim_bytes):
+        mmap_bytes = OLD_GLIBC_MAX_MMAP_THRESHOLD  # mallopt refused the mmap threshold and set nothing
+        if not set_glibc_thresholds(mmap_bytes, trim_bytes):
+            return refused
+    return (f"glibc keeps freed blocks up to {mmap_bytes >> 20} MiB in its heap{why} (mmap threshold "
+            f"{mmap_bytes >> 20} MiB, trim threshold {trim_bytes >> 30} GiB): steps reuse memory without page "
+            "faults and RSS stays at the run's peak; train.cpu_malloc=on for RSS at live memory, "
+            "train.cpu_malloc=off for glibc's dynamic thresholds")
