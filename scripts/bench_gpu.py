@@ -248,6 +248,10 @@ def record(res: dict[str, Any], row: dict[str, Any], out: str | None) -> None:
     GPU's command limit, a SLURM time limit) leaves every row it measured in the file."""
     print(json.dumps(row), flush=True)
     res["rows"].append(row)
+    save(res, out)
+
+
+def save(res: dict[str, Any], out: str | None) -> None:
     if out:
         tmp = Path(out + ".tmp")
         tmp.write_text(json.dumps(res, indent=1))
@@ -319,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     if "giant" in parts:
         record(res, giant_row(args), args.out)
     print(format_table(res))
-    if args.out:
+    if args.out:  # also a run without rows (--parts peak)
+        save(res, args.out)
         print(f"wrote {args.out}")
     return 0
 
