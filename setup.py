@@ -66,7 +66,7 @@ setup(
             "swinv2-make-shards=swinv2_tools.make_shards:main",
             "swinv2-amplitude-report=swinv2_tools.amplitude_report:main",
             "swinv2-submit=swinv2_launch.submit:main",
-            "swinv2-eval=swinv2_train.evaluate:main",
+            "swinv2-eval=swinv2_train.eval_command:main",
         ],
     },
 )

@@ -146,7 +146,6 @@ def unwrap_checkpoint(obj: Any) -> Mapping[str, Any]:
     return obj
 
 
-_unwrap_checkpoint = unwrap_checkpoint  # the old private name, still imported by swinv2_train.evaluate
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:

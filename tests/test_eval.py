@@ -14,7 +14,7 @@ from torch import nn
 
 import swinv2
 from data_helpers import make_dataset
-from swinv2_train import evaluate as E
+from swinv2_train import eval_command as E
 from swinv2_train.data.config import DataConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")

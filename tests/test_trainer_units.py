@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from swinv2_train.errors import NonFiniteError
-from swinv2_train.loop import cpu_threads
+from swinv2_train.lifecycle import cpu_threads
 from swinv2_train.spec import resolve_spec
 from swinv2_train.tasks import TASKS, build_task
 from swinv2_train.trainer import KeyTrace, NonFinitePolicy, StepResult, Trainer, due, probe_due, rank_metrics, restore

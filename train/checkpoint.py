@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from swinv2_train.errors import CheckpointError, ResumeMismatchError
+from .errors import CheckpointError, ResumeMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def _shape_fields(cfg: Any, num_classes: int) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     from swinv2.config import SwinV2Config
-    from swinv2_train.config import model_kwargs
+    from .config import model_kwargs
 
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     kw = model_kwargs(cfg.model, num_classes)
@@ -415,7 +415,7 @@ class CheckpointManager:
     def _load_universal(self, engine, tag_dir: str) -> Tuple[Optional[str], Dict[str, Any]]:
         """DeepSpeed's universal load (ZeRO state re-partitioned for this world size) of the
         world-size independent copy, made by rank 0 while the others wait."""
-        from swinv2_train.distributed import broadcast_object
+        from .distributed import broadcast_object
 
         failure = None
         if self.rank == 0:
@@ -554,7 +554,7 @@ def official_writer(state: Dict[str, torch.Tensor]):
 def ema_state_dict(tag_dir: str) -> Dict[str, torch.Tensor]:
     """The full state dict with the checkpoint's EMA of weights (fp32) in place of its trained
     weights; the entries the EMA does not keep (derived ones such as attn_mask) are the checkpoint's."""
-    from swinv2_train.ema import EMA_FILE
+    from .ema import EMA_FILE
 
     path = os.path.join(tag_dir, EMA_FILE)
     if not os.path.isfile(path):

@@ -21,8 +21,8 @@ from typing import Iterator, List, NoReturn, Optional
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from swinv2_train.config import ConfigError
-from swinv2_train.errors import UsageError, UserError
+from .config import ConfigError
+from .errors import UsageError, UserError
 
 # Keys whose values are shard patterns: several values are joined with '::' (expand_shards).
 SHARD_KEYS = ("data.train_shards", "data.val_shards")

@@ -15,8 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from swinv2.config import SwinV2Config
-from swinv2_train.data.config import DataConfig
-from swinv2_train.errors import UserError
+from .data.config import DataConfig
+from .errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NAN_POLICIES = ("skip", "fail")
@@ -218,7 +218,7 @@ register()
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> DictConfig:
     """Check `cfg` without touching data or devices: building the run spec is the validation
     (see swinv2_train.spec.resolve_spec). Returns `cfg`."""
-    from swinv2_train.spec import resolve_spec  # spec.py imports this module (the schema)
+    from .spec import resolve_spec  # spec.py imports this module (the schema)
 
     resolve_spec(cfg, world_size, resolve_data=False)
     return cfg

@@ -42,8 +42,8 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-from swinv2_train import distributed
-from swinv2_train.errors import CheckpointError
+from . import distributed
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

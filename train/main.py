@@ -29,7 +29,7 @@ PROG = "swinv2-train"
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    from swinv2_train.loop import run  # deferred: --help and --cfg job need none of the trainer's imports
+    from swinv2_train.lifecycle import run  # deferred: --help and --cfg job need none of the trainer's imports
     # A UserError (bad config, corrupt data, a checkpoint that does not fit, ...) ends as one
     # message; its traceback goes to the run's train.log (and the terminal with HYDRA_FULL_ERROR=1).
     with user_errors_as_messages(PROG, launch_rank()):

@@ -10,8 +10,8 @@ from typing import Any, Dict, Tuple
 import torch
 
 import swinv2
-from swinv2_train.spec import RunSpec
-from swinv2_train.tasks import task_class
+from .spec import RunSpec
+from .tasks import task_class
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import subprocess
 import threading
 from typing import Iterable
 
-from swinv2_train import distributed
+from . import distributed
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import swinv2
 from swinv2.config import SwinV2Config
-from swinv2_train.config import (TASKS, ConfigError, DeepSpeedSection, LoggerConfig, OptimConfig, RunConfig,
+from .config import (TASKS, ConfigError, DeepSpeedSection, LoggerConfig, OptimConfig, RunConfig,
                                  TaskConfig, TrainLoopConfig, model_config)
-from swinv2_train.data.config import DataConfig, as_data_config
-from swinv2_train.data.sources import check_sources, resolve_sources
-from swinv2_train.allocator import CPU_MALLOC_POLICIES
-from swinv2_train.distributed import launch_world_size
+from .data.config import DataConfig, as_data_config
+from .data.sources import check_sources, resolve_sources
+from .allocator import CPU_MALLOC_POLICIES
+from .distributed import launch_world_size
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def _data(node: DictConfig, resolve: bool) -> DataConfig:
 
 def _check_task(node: DictConfig, model: SwinV2Config) -> None:
     """The task's own settings against the model (e.g. SimMIM's mask geometry); its messages name the key."""
-    from swinv2_train.tasks import TASKS as TASK_CLASSES  # the tasks import the data package and the model
+    from .tasks import TASKS as TASK_CLASSES  # the tasks import the data package and the model
 
     check = getattr(TASK_CLASSES[node.name], "check_config", None)
     if check is not None:

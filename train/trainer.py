@@ -27,16 +27,16 @@ import torch
 from tqdm import tqdm
 
 import swinv2
-from swinv2_train import distributed
-from swinv2_train.amplitudes import amplitude_metrics
-from swinv2_train.checkpoint import CheckpointManager, set_rng_state
-from swinv2_train.datastream import open_stream, saved_position
-from swinv2_train.ema import EMA_FILE, ModelEma, build_ema, evaluate_ema
-from swinv2_train.errors import NonFiniteError
-from swinv2_train.metrics import NullLogger
-from swinv2_train.parallelize import parallelize
-from swinv2_train.rng import seed_rank_streams
-from swinv2_train.tasks import Task, build_task, reduced_train_metrics, task_class
+from . import distributed
+from .amplitudes import amplitude_metrics
+from .checkpoint import CheckpointManager, set_rng_state
+from .data import TrainStream, saved_position
+from .ema import EMA_FILE, ModelEma, build_ema, evaluate_ema
+from .errors import NonFiniteError
+from .metrics import NullLogger
+from .parallelize import parallelize
+from .rng import seed_rank_streams
+from .tasks import Task, build_task, reduced_train_metrics, task_class
 
 log = logging.getLogger("train")
 
@@ -333,6 +333,17 @@ def build_model(spec, from_checkpoint: bool) -> torch.nn.Module:
     """The task's model (swinv2_train.tasks: the classifier, or SimMIM's encoder + decoder), with
     `model.pretrained` loaded unless resuming."""
     return task_class(spec).build_model(spec, from_checkpoint)
+
+
+def open_stream(spec, env, position: Optional[Dict[str, Any]] = None) -> TrainStream:
+    """This rank's training stream of `spec` (the elastic order, swinv2_train.data.stream), from a
+    saved data position (None: the start). A task without labels (SimMIM) has the stream draw
+    its masks per sample instead."""
+    task = task_class(spec)
+    masks = None if getattr(task, "labels", True) else task.stream_masks(spec)
+    return TrainStream(spec.data, img_size=spec.model.img_size, global_batch=spec.batch.global_batch,
+                       grad_accum=spec.batch.accum, rank=env.rank, world_size=env.world_size,
+                       seed=spec.run.seed, position=position, masks=masks)
 
 
 def build_trainer(spec, env, preempt, resume_dir: Optional[str]) -> Trainer:

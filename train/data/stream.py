@@ -439,3 +439,20 @@ def merge_positions(parts: Sequence[Position]) -> Position:
     for p in parts:
         offsets.update(p["offsets"])
     return {**first, "offsets": offsets}
+
+
+def saved_position(client: Dict[str, Any], warn: bool = True) -> Optional[Dict[str, Any]]:
+    """The data position of a checkpoint's client state. A checkpoint written before the elastic
+    order holds (epoch, micro-batch) of the old per-rank order: no batch of the new order
+    corresponds to it, so that epoch starts again from its first batch (the weights and the
+    optimizer state are valid; refusing would strand runs in progress). Every sample of the
+    epoch is then read at least once; the ones read before the checkpoint are read twice."""
+    pos = client.get("data_position")
+    if pos is None or isinstance(pos, dict):
+        return pos
+    epoch = int(pos[0])
+    if warn:
+        log.warning("the checkpoint's data position %s is of the per-rank order used before the elastic "
+                    "data order: epoch %d starts again from its first batch (samples read before the "
+                    "checkpoint in this epoch are read again)", list(pos), epoch)
+    return {"epoch": epoch, "batch": 0}

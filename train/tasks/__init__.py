@@ -21,9 +21,9 @@ from typing import Any, Callable, Dict, Protocol
 
 import torch
 
-from swinv2_train.distributed import all_reduce_sum
-from swinv2_train.tasks.classification import ClassificationTask
-from swinv2_train.tasks.simmim import SimMIMTask
+from ..distributed import all_reduce_sum
+from ..tasks.classification import ClassificationTask
+from ..tasks.simmim import SimMIMTask
 
 
 class Task(Protocol):

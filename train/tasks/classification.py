@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import swinv2
 from swinv2.class_map import load_class_map
-from swinv2_train.data import build_mixup
-from swinv2_train.evaluate import DTYPES, evaluate  # the one evaluation path (also swinv2-eval)
+from ..data import build_mixup
+from ..evaluation import DTYPES, evaluate  # the one evaluation path (also swinv2-eval)
 
 MIXUP_STATE = "mixup"  # key of the mixup generator in rng_rank{r}.pt
 

@@ -19,12 +19,12 @@ import torch
 
 from swinv2.simmim import (DEFAULT_NORM_TARGET_WINDOW, SimMIM, load_simmim_state_dict, normalize_targets,
                            save_simmim_state_dict, upsample_mask)
-from swinv2_train.checkpoint import tag_for
-from swinv2_train.data import build_eval_loader
-from swinv2_train.data.masking import MaskGenerator
-from swinv2_train.data.pipeline import mix_seed
-from swinv2_train.distributed import all_reduce_sum
-from swinv2_train.rng import isolated_rng
+from ..checkpoint import tag_for
+from ..data import build_eval_loader
+from ..data.masking import MaskGenerator
+from ..data.pipeline import mix_seed
+from ..distributed import all_reduce_sum
+from ..rng import isolated_rng
 
 log = logging.getLogger("train")
 

@@ -18,17 +18,17 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from swinv2_train import distributed
-from swinv2_train.allocator import apply_cpu_malloc_policy
-from swinv2_train.amplitudes import plot_amplitudes
-from swinv2_train.checkpoint import check_resumable, export, read_marker, resolve_resume, set_aside_checkpoints
-from swinv2_train.ema import EXPORT_FILE as EMA_EXPORT_FILE
-from swinv2_train.errors import ResumeMismatchError, UserError
-from swinv2_train.metrics import build_logger, read_jsonl
-from swinv2_train.preemption import PreemptionHandler
-from swinv2_train.spec import RunSpec, resolve_spec
-from swinv2_train.tasks import task_class
-from swinv2_train.trainer import Trainer, build_trainer, progress_bar
+from . import distributed
+from .allocator import apply_cpu_malloc_policy
+from .amplitudes import plot_amplitudes
+from .checkpoint import check_resumable, export, read_marker, resolve_resume, set_aside_checkpoints
+from .ema import EXPORT_FILE as EMA_EXPORT_FILE
+from .errors import ResumeMismatchError, UserError
+from .metrics import build_logger, read_jsonl
+from .preemption import PreemptionHandler
+from .spec import RunSpec, resolve_spec
+from .tasks import task_class
+from .trainer import Trainer, build_trainer, progress_bar
 
 log = logging.getLogger("train")
 

@@ -1,8 +1,5 @@
-"""Evaluation: the one code path behind the trainer's validation and `swinv2-eval`.
-
-`evaluate(model, data_cfg, ...)` takes a plain nn.Module (the trainer passes `engine.module`);
-`main` is the `swinv2-eval` command (see USAGE).
-"""
+"""The `swinv2-eval` command (see USAGE): a run directory or an official .pth -> its model, config
+and validation data -> swinv2_train.evaluation.evaluate, the trainer's own evaluation path."""
 from __future__ import annotations
 
 import json
@@ -16,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -29,21 +25,18 @@ import swinv2
 from swinv2.class_map import load_class_map
 from swinv2.config import SwinV2Config
 from swinv2.weights import CheckpointMismatchError, canonical_key, unwrap_checkpoint
-from swinv2_train.checkpoint import (MARKER, damaged_files, fp32_state_dict, latest_committed, list_checkpoints,
+from .checkpoint import (MARKER, damaged_files, fp32_state_dict, latest_committed, list_checkpoints,
                                      saved_config, tag_for)
-from swinv2_train.cli import prepare_overrides  # shard lists and brace patterns, as for swinv2-train
-from swinv2_train.config import TrainSchema, model_kwargs  # importing it registers the schema
-from swinv2_train.data import build_eval_loader
-from swinv2_train.data import shards as S
-from swinv2_train.data.config import as_data_config
-from swinv2_train.data.sources import resolve_sources
-from swinv2_train.distributed import all_reduce_sum
-from swinv2_train.errors import CheckpointError, UsageError, UserError
-from swinv2_train.rng import isolated_rng
+from .cli import prepare_overrides  # shard lists and brace patterns, as for swinv2-train
+from .config import TrainSchema, model_kwargs  # importing it registers the schema
+from .data import shards as S
+from .data.config import as_data_config
+from .data.sources import resolve_sources
+from .errors import CheckpointError, UsageError, UserError
+from .evaluation import DTYPES, evaluate
 
 log = logging.getLogger("swinv2-eval")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_MODULE = "swinv2_train.configs"  # the same tree as swinv2-train (pkg://swinv2_train.configs)
 
 USAGE = """\
@@ -87,41 +80,6 @@ examples
   swinv2-eval swinv2_base_w12_192_22k.pth model.variant=base model.img_size=192 \\
       model.window_size=12 data.root=/data/in1k-wds train.eval_class_map=map22kto1k.txt
 """
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: nn.Module, data_cfg, *, img_size: int, batch_size: int, device,
-             dtype: torch.dtype = torch.float32, class_map: Optional[torch.Tensor] = None,
-             rank: int = 0, world_size: int = 1) -> Dict[str, float]:
-    """Loss, top-1, top-5 (percent) and sample count of `model` on the validation shards.
-
-    Every sample is seen once across ranks; with a process group the sums are all-reduced, so
-    every rank returns the totals. `class_map` selects logit columns (22K head on 1K labels).
-    The model's train/eval mode and the global RNG streams are left as they were."""
-    was_training = model.training
-    model.eval()
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss*n, top1, top5, n
-    with isolated_rng():
-        loader = build_eval_loader(data_cfg, img_size=img_size, batch_size=batch_size,
-                                   rank=rank, world_size=world_size)
-        for x, y in loader:
-            x, y = x.to(device, dtype), y.to(device)
-            logits = model(x).float()
-            if class_map is not None:
-                logits = logits[:, class_map]
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hit = top.eq(y[:, None])
-            sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
-            sums[1] += hit[:, 0].sum().item()
-            sums[2] += hit.any(dim=1).sum().item()
-            sums[3] += y.numel()
-    model.train(was_training)
-    s = all_reduce_sum(sums)  # ranks may see different batch counts
-    n = max(1.0, s[3])
-    return {"val/loss": s[0] / n, "val/top1": 100.0 * s[1] / n, "val/top5": 100.0 * s[2] / n,
-            "val/samples": s[3]}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -489,7 +447,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parse_args(argv)
         result = run_eval(args)
     except UserError as e:  # a user error: one clear message, no traceback
-        from swinv2_train.cli import exit_code_for, report_user_error
+        from .cli import exit_code_for, report_user_error
         report_user_error("swinv2-eval", e)
         return exit_code_for(e)
     print(format_result(result), flush=True)
