@@ -482,4 +482,3 @@ def official_state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[s
 def save_official_state_dict(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> dict:
     """Write :func:`official_state_dict` to ``path`` with ``torch.save``; returns what was saved."""
     return write_checkpoint(official_state_dict(model), path)
-
