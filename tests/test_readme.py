@@ -1,13 +1,16 @@
 """The README is the contract with new users and with CI: its quick start stays two commands, CI
-runs its test command verbatim, and every command of ours in its bash blocks runs as typed.
+runs its test command verbatim, and every command of ours in the bash blocks of the README and of the
+reference pages it links (DOC_PAGES: docs/data.md, configuration.md, run-directory.md, launch.md) runs
+as typed. The pages' links and anchors resolve, and the source files they name exist.
 
-The example runner executes each `swinv2-*` command of the README through bash (so quoting and
+The example runner executes each `swinv2-*` command of these pages, in the order of DOC_PAGES and
+each page's order, once per distinct command (and `python -m swinv2_train.checkpoint ...`), through bash (so quoting and
 brace expansion happen as in a user's shell) with example paths substituted: `/data/imagenet`
 becomes a small ImageFolder tree, `/d/` and `/runs/` folders under a temp dir. Brace patterns of
 shards that no earlier command wrote are filled with copies of one small real shard. Training
 commands get a suffix that shrinks the model and the run to a few steps (the recipe, data and
 run-directory keys stay as typed), `swinv2-eval` of a `.pth` the same model keys, and
-`swinv2-submit` gets `--dry-run`.
+`swinv2-submit` gets `--dry-run`. A standalone `...` ("your other overrides") is dropped.
 """
 import os
 import re
@@ -24,7 +27,14 @@ from data_helpers import jpeg_bytes, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_COMMANDS = ("swinv2-train", "swinv2-eval", "swinv2-make-shards", "swinv2-submit")
+OUR_MODULES = ("python -m swinv2_train.checkpoint ",)  # run-directory.md's verify / export
 CPU_EXAMPLE = "deepspeed --num_gpus 2 --master_addr 127.0.0.1"  # the README's CPU-only launcher line
+# The reference pages the README links, in the order their commands run (later pages use what
+# earlier ones wrote: /d/in1k and /runs/t256 come from the README's own-data commands).
+DOC_PAGES = ("README.md", "docs/data.md", "docs/configuration.md", "docs/run-directory.md", "docs/launch.md")
+# Pages whose links and named source files are checked (the diary, PERFORMANCE-notes.md, keeps the
+# file names of its time).
+LINKED_PAGES = DOC_PAGES + ("docs/PERFORMANCE.md",)
 SMOKE = ["model.variant=tiny", "model.img_size=32", "model.window_size=4", "model.embed_dim=16",
          "model.depths=[1,1,1,1]", "model.num_heads=[1,2,2,4]", "model.attention=reference",
          "model.pretrained_window_sizes=[0,0,0,0]", "train.batch_size=8", "train.grad_accum=1",
@@ -36,6 +46,10 @@ CLASSES = 1000  # the README's examples are ImageNet-1K recipes
 
 def readme() -> str:
     return (ROOT / "README.md").read_text()
+
+
+def page(name: str) -> str:
+    return (ROOT / name).read_text()
 
 
 def quick_start_commands():
@@ -60,20 +74,89 @@ def bash_commands(text: str):
     """Commands of the ```bash blocks: continuation lines joined, trailing comments dropped."""
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for cmd in re.sub(r"\\\n\s*", " ", block).splitlines():
-            words = shlex.split(cmd, comments=True)
+            try:
+                words = shlex.split(cmd, comments=True)
+            except ValueError:  # a placeholder such as <this node's address>: not a command of ours
+                words = cmd.split(" #", 1)[0].split()
             if words:
                 yield cmd.split(" #", 1)[0].strip(), words
 
 
 def our_commands(text: str):
-    """README commands that start one of our tools (the quick start's install line excluded)."""
+    """Commands that start one of our tools (the quick start's install line excluded)."""
     return [cmd for cmd, words in bash_commands(text)
-            if words[0] in OUR_COMMANDS or cmd.startswith(CPU_EXAMPLE)]
+            if words[0] in OUR_COMMANDS or cmd.startswith(CPU_EXAMPLE) or cmd.startswith(OUR_MODULES)]
+
+
+def documented_commands():
+    """Every page's commands of ours, in DOC_PAGES order, each distinct command once."""
+    seen, out = set(), []
+    for name in DOC_PAGES:
+        for cmd in our_commands(page(name)):
+            key = " ".join(cmd.split())  # a continuation line leaves a double space
+            if key not in seen:
+                seen.add(key)
+                out.append((name, cmd))
+    return out
 
 
 def test_readme_shows_each_user_command():
     seen = {c.split()[0] for c in our_commands(readme())}
     assert seen == set(OUR_COMMANDS) | {"deepspeed"}, seen
+
+
+@pytest.mark.parametrize("name", DOC_PAGES[1:])
+def test_reference_page_is_linked_and_has_commands(name):
+    """The README links every reference page, and each one's commands are found (and so run)."""
+    assert f"]({name})" in readme(), f"README does not link {name}"
+    assert our_commands(page(name)), f"no command of ours found in {name}'s bash blocks"
+
+
+def _headings(text: str):
+    """GitHub's anchors of a page's headings (fenced code, where `#` starts comments, skipped)."""
+    anchors, fenced = set(), False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def _links(text: str):
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            yield from re.findall(r"\]\(([^)\s]+)\)", line)
+
+
+@pytest.mark.parametrize("name", LINKED_PAGES)
+def test_links_and_anchors_resolve(name):
+    """Relative links point at files that exist, and their #anchors at headings there."""
+    broken = []
+    for link in _links(page(name)):
+        if re.match(r"[a-z]+://", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (ROOT / name).parent / path if path else ROOT / name
+        if not target.exists():
+            broken.append(link)
+        elif anchor and target.suffix == ".md" and anchor not in _headings(target.read_text()):
+            broken.append(link)
+    assert not broken, f"{name}: {broken}"
+
+
+@pytest.mark.parametrize("name", LINKED_PAGES)
+def test_named_source_files_exist(name):
+    """Source files the pages name (train/lifecycle.py, scripts/bench_gpu.py, ...) exist: a module
+    renamed or removed shows up here."""
+    named = re.findall(r"(?<![\w./])((?:train|swinv2|scripts|launch|tests|configs)/[\w/.-]*\.(?:py|yaml|sbatch))",
+                       page(name))
+    missing = sorted({p for p in named if not (ROOT / p).exists()})
+    assert not missing, f"{name} names files that do not exist: {missing}"
 
 
 def _image_folder(root: Path) -> Path:
@@ -99,6 +182,7 @@ def _fill_brace_patterns(cmd: str, template_shard: Path) -> None:
 
 
 def _as_run_here(cmd: str, tmp: Path) -> str:
+    cmd = re.sub(r"(?<=\s)\.\.\.(?=\s|$)", "", cmd).strip()  # "..." stands for the reader's other overrides
     cmd = (cmd.replace("/data/imagenet", str(tmp / "imagefolder")).replace("/d/", f"{tmp}/d/")
               .replace("/runs/", f"{tmp}/runs/"))
     tool = cmd.split()[0]
@@ -112,7 +196,7 @@ def _as_run_here(cmd: str, tmp: Path) -> str:
 
 
 @pytest.mark.slow
-def test_every_readme_command_runs_as_typed(tmp_path):
+def test_every_documented_command_runs_as_typed(tmp_path):
     _image_folder(tmp_path / "imagefolder")
     template = tmp_path / "template.tar"
     write_tar(template, [{"__key__": f"s{i}", "jpg": jpeg_bytes(i, (48, 48)), "cls": str(i % CLASSES).encode()}
@@ -123,10 +207,10 @@ def test_every_readme_command_runs_as_typed(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
-    for cmd in our_commands(readme()):
+    for name, cmd in documented_commands():
         line = _as_run_here(cmd, tmp_path)
         _fill_brace_patterns(line, template)
         p = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True,
                            timeout=900)
-        assert p.returncode == 0, f"README command failed: {cmd}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-        assert "Traceback" not in p.stderr, f"{cmd}\n{p.stderr[-3000:]}"
+        assert p.returncode == 0, f"{name} command failed: {cmd}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        assert "Traceback" not in p.stderr, f"{name}: {cmd}\n{p.stderr[-3000:]}"
