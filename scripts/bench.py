@@ -27,18 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from swinv2_tools.bench_meta import bench_metadata, summary_line
+
 RESULT_TAG = "BENCH_RESULT "
 
 # name -> config. group: rows of one group are compared with the group's HF ("peer") row.
@@ -223,13 +222,12 @@ def _profile_gemm(fwd, x, y, model, amp: bool, device) -> dict[str, float]:
 def spawn(cfg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """Run one config in a fresh interpreter; returns its result plus the child's peak RSS."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     if cfg.get("malloc_mmap_threshold"):  # glibc: fixed threshold, freed big blocks go back to the OS
         env["MALLOC_MMAP_THRESHOLD_"] = str(int(cfg["malloc_mmap_threshold"]))
     with tempfile.TemporaryFile("w+") as out:
         t0 = time.time()
         p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(cfg)],
-                             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+                             stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = None if timeout is None else t0 + timeout
         while True:  # wait4 gives THIS child's rusage (RUSAGE_CHILDREN would be the max over all)
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)
@@ -252,31 +250,6 @@ def spawn(cfg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         return res
     res.update(json.loads(lines[-1][len(RESULT_TAG):]))
     return res
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = dict(
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
-        torch=torch.__version__, platform=platform.platform(), cores=os.cpu_count(),
-        command=" ".join([Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv)]),
-    )
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except Exception as e:  # pragma: no cover - reported, not fatal
-        info["transformers"] = f"unavailable: {e}"
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                                  if ln.startswith("Model name")), platform.processor())
-    except Exception:
-        info["cpu_model"] = platform.processor()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def add_ratios(results: list[dict[str, Any]]) -> None:
@@ -367,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             ap.error("--profile measures CPU op time; on CUDA use bench_gpu.py or nsys")
 
-    info = machine_info()
+    info = bench_metadata(__file__, argv, packages=["transformers"])
     results: list[dict[str, Any]] = []
     for n in names:
         cfg = dict(CONFIGS[n], name=n, device=args.device, precision=args.precision)
@@ -401,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     results.sort(key=lambda r: order.get(r.get("name"), 1 << 30))
     add_ratios(results)
     print()
-    print(f"{info['date']}  {info['cpu_model']}  {info['cores']} cores  torch {info['torch']}  "
-          f"transformers {info.get('transformers')}  loadavg now {os.getloadavg()}")
+    print(f"{summary_line(info)}  transformers {info['transformers']}  loadavg now {os.getloadavg()}")
     print(format_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": info, "results": results}, indent=1))

@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 import swinv2
+from swinv2_tools.bench_meta import bench_metadata, summary_line
 from swinv2_tools.live_memory import LiveMemoryTracker
 from swinv2_train.allocator import CPU_MALLOC_POLICIES, apply_cpu_malloc_policy
 
@@ -51,13 +50,6 @@ def peak_live_gb(model: torch.nn.Module, x: torch.Tensor) -> float:
     return tr.peak / 1e9
 
 
-def cpu_model() -> str:
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
 def add_cpu_malloc_option(ap: argparse.ArgumentParser) -> None:
     """--cpu-malloc: the trainer's train.cpu_malloc policy, so a benchmark runs as training would."""
     ap.add_argument("--cpu-malloc", default="auto", choices=CPU_MALLOC_POLICIES,
@@ -78,9 +70,8 @@ def main(argv=None) -> int:
     malloc = apply_cpu_malloc_policy(args.cpu_malloc, args.img)
     policies = args.policies.split(",")
     x = torch.randn(1, 3, args.img, args.img, generator=torch.Generator().manual_seed(1))
-    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), cpu=cpu_model(),
-                cores=len(os.sched_getaffinity(0)), threads=torch.get_num_threads(), torch=torch.__version__,
-                load_before=os.getloadavg(), cpu_malloc=malloc, **{k: getattr(args, k) for k in ("variant", "img", "window", "kernel")})
+    meta = bench_metadata(__file__, argv, cpu_malloc=malloc,
+                          **{k: getattr(args, k) for k in ("variant", "img", "window", "kernel")})
     models = {p: build(p, args) for p in policies}
     peaks = {p: peak_live_gb(models[p], x) for p in policies}  # also the warm-up step
     times: dict[str, list[float]] = {p: [] for p in policies}
@@ -89,11 +80,10 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             step(models[p], x)
             times[p].append(time.perf_counter() - t)
-    meta["load_after"] = os.getloadavg()
+    meta["loadavg_after"] = list(os.getloadavg())
     rows = {p: dict(min_s=min(ts), median_s=statistics.median(ts), peak_live_gb=peaks[p]) for p, ts in times.items()}
     ref = rows.get("none")
-    print(f"{meta['date']}  {meta['cpu']}  {meta['cores']} cores, {meta['threads']} threads  torch {meta['torch']}  "
-          f"load {meta['load_before'][0]:.2f} -> {meta['load_after'][0]:.2f}")
+    print(f"{summary_line(meta)} -> {meta['loadavg_after'][0]:.2f}")
     print(f"{args.variant} {args.img}^2/W{args.window} batch 1 fwd+bwd, kernel {args.kernel}, {args.repeats} repeats; "
           f"allocator: {malloc}")
     print("| policy | fwd+bwd s (min) | median s | time / none | peak live GB | memory / none |")

@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -34,7 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import swinv2
-from swinv2_tools.bench_checkpointing import add_cpu_malloc_option, cpu_model
+from swinv2_tools.bench_checkpointing import add_cpu_malloc_option
+from swinv2_tools.bench_meta import bench_metadata, summary_line
 from swinv2_train.allocator import apply_cpu_malloc_policy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -107,10 +107,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     malloc = apply_cpu_malloc_policy(args.cpu_malloc, args.img)
     precisions = args.precisions.split(",")
-    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), cpu=cpu_model(),
-                cores=len(os.sched_getaffinity(0)), threads=torch.get_num_threads(), torch=torch.__version__,
-                load_before=os.getloadavg(), cpu_malloc=malloc,
-                **{k: getattr(args, k) for k in ("variant", "img", "window", "batch")})
+    meta = bench_metadata(__file__, argv, cpu_malloc=malloc,
+                          **{k: getattr(args, k) for k in ("variant", "img", "window", "batch")})
     meta["matmul_gflops"] = {p: matmul_rate(DTYPES[p]) / 1e9 for p in precisions}
     x32 = torch.randn(args.batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(1))
     rows = {}
@@ -145,9 +143,8 @@ def main(argv=None) -> int:
                 recompiled_after_first_step=recompiled if "compiled" in name else None, gflop=flops / 1e9,
                 products_s=products[name][0], flash_attention_s=products[name][1],
                 products_over_floor=products[name][0] / floor, time_over_products=med / products[name][0])
-    meta["load_after"] = os.getloadavg()
-    print(f"{meta['date']}  {meta['cpu']}  {meta['cores']} cores, {meta['threads']} threads  torch {meta['torch']}  "
-          f"load {meta['load_before'][0]:.2f} -> {meta['load_after'][0]:.2f}")
+    meta["loadavg_after"] = list(os.getloadavg())
+    print(f"{summary_line(meta)} -> {meta['loadavg_after'][0]:.2f}")
     print(f"CPU allocator: {malloc}")
     print(f"{args.variant} {args.img}^2/W{args.window} batch {args.batch} fwd+bwd, median of {args.repeats}; "
           "matmul " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in meta["matmul_gflops"].items()))

@@ -12,7 +12,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import time
 from collections import Counter
 
 import numpy as np
+
+from swinv2_tools.bench_meta import bench_metadata, summary_line
 
 
 def make_bench_shards(out_dir: str, n: int, width: int = 500, height: int = 375,
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
     from swinv2_train.data.transforms import build_transform
 
     torch.set_num_threads(1)  # a loader worker runs single-threaded
+    meta = bench_metadata(__file__, argv, packages=["PIL"], augment=args.augment)
     tmp = None
     pattern = args.shards
     if pattern is None:
@@ -116,10 +118,9 @@ def main(argv=None) -> int:
             row[f"loader_{args.loader_workers}w"] = round(train_stream_rate(
                 pattern, len(samples), args.augment, crop, args.loader_workers), 1)
         rows.append(row)
-    meta = {"images": len(samples), "avg_jpeg_kb": round(avg_kb, 1), "augment": args.augment,
-            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "pillow": __import__("PIL").__version__}
+    meta.update(images=len(samples), avg_jpeg_kb=round(avg_kb, 1))
     cols = list(rows[0].keys())
+    print(summary_line(meta))
     print(f"images/s per worker ({meta['images']} images, avg {meta['avg_jpeg_kb']} KB, "
           f"augment={args.augment}, 1 thread)")
     print(" | ".join(f"{c:>14}" for c in cols))
