@@ -37,13 +37,12 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # `python scripts/amplitude_study.py` from anywhere
-    sys.path.insert(0, REPO)
-
-from swinv2_tools.amplitude_report import (  # noqa: E402
+from swinv2_tools.amplitude_report import (
     LOGIT_SCALE_LABEL, _json_safe, draw_logit_scale_panel, draw_loss, load_run, summarize_run)
-from swinv2_train.amplitudes import draw_amplitude_panel, plt_agg  # noqa: E402
+from swinv2_tools.bench_meta import git_commit
+from swinv2_train.amplitudes import draw_amplitude_panel, plt_agg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the trainers' working directory
 
 VARIANTS = [  # (norm_style, attn_type); the first is SwinV2, the last is V1-style
     ("res_post", "cosine"),
@@ -146,14 +145,6 @@ def same_setup(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {"identical": len(groups) == 1,
             "differing_runs": [] if len(groups) <= 1 else
             [n for n, v in prints.items() if v != max(groups, key=list(prints.values()).count)]}
-
-
-def git_head() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ----------------------------------------------------------------------------- figures
@@ -315,7 +306,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fig_dir = os.path.abspath(a.figures_dir or os.path.join(out, "figures"))
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     if a.jobs > 1:  # share the cores instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.jobs)))
     specs = []
@@ -359,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "probe_every": a.probe_every, "quick": a.quick, "jobs": a.jobs,
                           "variants": [list(v) for v in a.variants],
                           "trainer": " ".join(trainer_command()[1:])},
-               "git_head": git_head(), "same_setup": same_setup(results),
+               "git_head": git_commit(), "same_setup": same_setup(results),
                "wall_s": time.time() - t0, "figures": figures,
                "runs": [{k: r[k] for k in ("name", "lr", "norm", "attn", "run_dir", "rc", "crashed", "wall_s",
                                            "command", "summary")} for r in results]}

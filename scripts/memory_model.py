@@ -47,12 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-from swinv2_tools.live_memory import LiveMemoryTracker  # noqa: E402  (tests use the tracker too)
+from swinv2_tools.bench_meta import bench_metadata
+from swinv2_tools.live_memory import LiveMemoryTracker  # (tests use the tracker too)
 
 GB = 1e9
 
@@ -398,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.setups.split(","):
         att, ck = s.split(":")
         setups.append((att, ck == "ckpt"))
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"meta": bench_metadata(__file__, argv)}
     if args.validate:
         pts = [tuple(int(v) for v in p.split(":")) for p in args.validate_points.split(",")]
         print(f"\nactivation peak, predicted (calibrated at tiny 128^2/W8 b2) vs measured, CPU {args.precision}\n")
