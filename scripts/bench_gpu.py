@@ -21,7 +21,7 @@ What it measures (bf16 autocast, fp32 master weights, AdamW on the GPU, channels
    (timm's SwinV2 is not used: the project never imports timm.)
 
 It runs from a bare checkout too (a GPU node where nothing was pip-installed: it needs torch, and
-transformers for the peer). Examples::
+transformers for the peer): see ``use_checkout_where_not_installed``. Examples::
 
     python scripts/bench_gpu.py --out bench_gpu.json                  # all parts, OOM search: 15-30 min
     python scripts/bench_gpu.py --configs base256_w8 --batch 128 --steps 5 --out bench_gpu.json  # < 10 min
@@ -31,18 +31,44 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
-import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# setup.py's ROOTS for the packages this file imports: installed name -> folder of the checkout
+CHECKOUT_PACKAGES = {"swinv2": "swinv2", "swinv2_tools": "scripts"}
+
+
+def use_checkout_where_not_installed() -> None:
+    """The one import rule of this file: it imports the project by its installed names (``swinv2``,
+    ``swinv2_tools.bench``, ``swinv2_tools.bench_meta``), always. On a GPU node where the project is not
+    installed (``python scripts/bench_gpu.py`` from a bare checkout, torch only), each of those packages
+    that is not importable is first loaded from the checkout this file is in, under its installed name,
+    as setup.py installs it (swinv2/ as ``swinv2``, scripts/ as ``swinv2_tools``). ``sys.path`` is not
+    touched, so nothing else of the checkout becomes importable."""
+    checkout = Path(__file__).resolve().parents[1]
+    for name, folder in CHECKOUT_PACKAGES.items():
+        if name in sys.modules or importlib.util.find_spec(name) is not None:
+            continue
+        init = checkout / folder / "__init__.py"
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+
+
+use_checkout_where_not_installed()
+
+import swinv2  # noqa: E402
+from swinv2_tools import bench  # noqa: E402
+from swinv2_tools.bench_meta import NOT_IMPORTABLE, bench_metadata, summary_line  # noqa: E402
 
 THROUGHPUT = {
     "base256_w8": dict(variant="base", img=256, window=8),
@@ -132,22 +158,12 @@ def _try_batch(step, img: int, batch: int, steps: int) -> float | None:
         _free()
 
 
-def bench_module():
-    """scripts/bench.py: installed as swinv2_tools.bench, or taken from the checkout this file is in
-    (a bare GPU node where the project was not pip-installed)."""
-    try:
-        from swinv2_tools import bench
-    except ImportError:
-        from scripts import bench
-    return bench
-
-
 def build(impl: str, cfg: dict[str, Any], attention: str, device: str = "cuda"):
     """Ours ("ours") or the HF peer ("hf"), as scripts/bench.py builds them, on `device`; a module
     whose forward returns the logits, so compile and the train step treat both alike."""
     import torch
 
-    model, forward = bench_module().build_model(dict(cfg, model=impl, attention=attention))
+    model, forward = bench.build_model(dict(cfg, model=impl, attention=attention))
 
     class Logits(torch.nn.Module):
         def __init__(self):
@@ -176,8 +192,6 @@ def _batch_to_time(step, img: int, args) -> tuple[int | None, float | None]:
 
 
 def throughput_row(name: str, impl: str, compile_: bool, args, peak: float) -> dict[str, Any]:
-    import swinv2
-
     cfg = THROUGHPUT[name]
     row: dict[str, Any] = dict(part="throughput", config=name, impl=impl, compile=compile_,
                                attention=None if impl == "hf" else args.attention, **cfg)
@@ -206,7 +220,6 @@ def throughput_row(name: str, impl: str, compile_: bool, args, peak: float) -> d
 def giant_row(args) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
-    import swinv2
 
     row: dict[str, Any] = dict(part="giant", variant="giant", img=1536, window=args.giant_window, batch=1,
                                attention="sequential", checkpointing=True, optimizer="AdamW (same GPU)")
@@ -294,28 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     require_cuda()
 
-    import torch
-
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    res: dict[str, Any] = {"meta": dict(
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), gpu=torch.cuda.get_device_name(0),
-        gpu_mem_gb=torch.cuda.get_device_properties(0).total_memory / 1e9, torch=torch.__version__,
-        cuda=torch.version.cuda, python=platform.python_version(), host=platform.node(),
-        command=" ".join(["scripts/bench_gpu.py"] + sys.argv[1:]), loadavg=list(os.getloadavg())),
-        "rows": []}
+    peer = "throughput" in parts and not args.no_peer
+    res: dict[str, Any] = {"meta": bench_metadata(__file__, argv, packages=["transformers"] if peer else []),
+                           "rows": []}
+    print(summary_line(res["meta"]), flush=True)
     peak = measure_matmul_peak() if (parts & {"peak", "throughput"}) else float("nan")
     res["peak_tflops"] = peak / 1e12
     print(f"measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s", flush=True)
     if "throughput" in parts:
-        impls = ["ours"]
-        if not args.no_peer:
-            try:
-                import transformers
-
-                impls.append("hf")
-                res["meta"]["transformers"] = transformers.__version__
-            except Exception as e:
-                res["meta"]["transformers"] = f"not importable: {type(e).__name__}: {e}"
+        impls = ["ours"] + (["hf"] if peer and not res["meta"]["transformers"].startswith(NOT_IMPORTABLE) else [])
         for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
             for impl in impls:
                 for comp in ([False] if args.no_compile else [False, True]):

@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,11 @@ import torch
 from swinv2_tools import memory_model as mm
 
 REPO = Path(__file__).resolve().parents[1]
+# the fields swinv2_tools.bench_meta.bench_metadata records, and the benchmarks that record them
+BENCH_META_FIELDS = {"date", "command", "host", "machine", "platform", "python", "torch", "cpu_model", "cores",
+                     "threads", "loadavg", "git_commit", "git_dirty"}
+BENCHMARKS = ("bench.py", "bench_gpu.py", "bench_compile.py", "bench_checkpointing.py", "bench_loader.py",
+              "memory_model.py")
 
 
 def _block_params(C: int, heads: int, mlp_ratio: int = 4, cpb_hidden: int = 512) -> int:
@@ -110,7 +116,8 @@ def test_bench_quick_writes_json_with_both_models(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert {"date", "torch", "cpu_model", "cores", "command"} <= set(data["meta"])
+    assert BENCH_META_FIELDS | {"transformers"} <= set(data["meta"])
+    assert data["meta"]["command"] == f"scripts/bench.py --quick --configs quick_hf,quick_sequential --profile --out {out}"
     rows = {row["name"]: row for row in data["results"]}
     assert set(rows) == {"quick_hf", "quick_sequential"}
     assert rows["quick_hf"]["model"] == "hf" and rows["quick_sequential"]["model"] == "ours"
@@ -141,25 +148,55 @@ def test_bench_gpu_refuses_on_cpu():
     assert "Traceback" not in r.stderr
 
 
+def _bare_checkout(tmp_path: Path) -> tuple[Path, list[str], dict[str, str]]:
+    """A GPU node's bare checkout: this repository's swinv2/ and scripts/ copied (the project is not
+    installed there), and the command prefix + environment of an interpreter that has the installed
+    third-party packages (torch, transformers) but not this project: `python -S` skips the .pth files
+    (this checkout's editable install among them), PYTHONPATH keeps the package folders."""
+    checkout = tmp_path / "checkout"
+    for folder in ("swinv2", "scripts"):
+        shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    packages = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    return checkout, [sys.executable, "-S"], {**os.environ, "PYTHONPATH": os.pathsep.join(packages)}
+
+
 def test_bench_gpu_builds_both_models_from_a_bare_checkout(tmp_path):
-    # the GPU node has torch and transformers but the project is not pip-installed there: with
-    # swinv2_tools unimportable, bench_gpu still builds ours and the HF peer (here on the CPU)
+    # the GPU node has torch and transformers but the project is not pip-installed there: bench_gpu
+    # imports bench by its one name, swinv2_tools.bench, bound to the checkout's scripts/ folder
+    # (and swinv2 to its swinv2/), and builds ours and the HF peer (here on the CPU)
     pytest.importorskip("transformers")
+    checkout, python, env = _bare_checkout(tmp_path)
     code = f"""
-import runpy, sys, torch
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "swinv2_tools":
-            raise ImportError("swinv2_tools is not installed")
-sys.meta_path.insert(0, NotInstalled())
-bench_gpu = runpy.run_path({str(REPO / "scripts" / "bench_gpu.py")!r})
+import importlib.util, runpy, sys, torch
+assert importlib.util.find_spec("swinv2_tools") is None and importlib.util.find_spec("swinv2") is None, "installed"
+bench_gpu = runpy.run_path({str(checkout / "scripts" / "bench_gpu.py")!r})
 for impl in ("ours", "hf"):
     model = bench_gpu["build"](impl, dict(variant="tiny", img=64, window=4), "fused", device="cpu")
-    print(impl, tuple(model(torch.randn(2, 3, 64, 64)).shape), bench_gpu["bench_module"]().__name__)
+    print(impl, tuple(model(torch.randn(2, 3, 64, 64)).shape))
+bench = bench_gpu["bench"]
+print(bench.__name__, bench.__file__, sys.modules["swinv2"].__file__)
+print(sorted(n for n in sys.modules if n.split(".")[0] in ("scripts", "train", "swinv2_train", "bench")))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run([*python, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[:2] == ["ours (2, 1000) scripts.bench", "hf (2, 1000) scripts.bench"]
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["ours (2, 1000)", "hf (2, 1000)"]
+    assert lines[2].split() == ["swinv2_tools.bench", str(checkout / "scripts" / "bench.py"),
+                                str(checkout / "swinv2" / "__init__.py")]
+    assert lines[3] == "[]"  # one name for bench; nothing else of the checkout is imported
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_gpu_documented_command_runs_from_a_bare_checkout(tmp_path):
+    # docs/PERFORMANCE.md's device check, as typed, from a bare checkout: on this CPU machine it gets as
+    # far as the CUDA check (every import resolved) and refuses there
+    checkout, python, env = _bare_checkout(tmp_path)
+    cmd = [*python, "scripts/bench_gpu.py", "--configs", "base256_w8", "--batch", "128", "--steps", "5",
+           "--out", str(tmp_path / "bench_gpu.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=checkout,
+                       env={**env, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_gpu_results_file_holds_every_finished_row(tmp_path):
@@ -172,6 +209,49 @@ def test_bench_gpu_results_file_holds_every_finished_row(tmp_path):
         assert [r["batch"] for r in json.loads(out.read_text())["rows"]] == [64, 128][:len(res["rows"])]
     assert json.loads(out.read_text())["meta"] == {"gpu": "test"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_gpu.json"]
+
+
+def test_bench_metadata_describes_the_run():
+    from datetime import datetime
+
+    import numpy
+    from swinv2_tools.bench_meta import bench_metadata, summary_line
+
+    meta = bench_metadata(str(REPO / "scripts" / "bench.py"), ["--quick", "--out", "q.json"],
+                          packages=["numpy", "no_such_package_here"], batch=8)
+    assert BENCH_META_FIELDS <= set(meta)
+    assert meta["command"] == "scripts/bench.py --quick --out q.json"
+    assert datetime.fromisoformat(meta["date"]).utcoffset().total_seconds() == 0
+    assert meta["torch"] == torch.__version__ and meta["threads"] == torch.get_num_threads()
+    assert meta["python"] == platform.python_version() and meta["machine"] == platform.machine()
+    assert meta["cpu_model"] and 1 <= meta["cores"] <= os.cpu_count() and len(meta["loadavg"]) == 3
+    assert ("gpu" in meta) == ("cuda" in meta) == torch.cuda.is_available()
+    assert meta["numpy"] == numpy.__version__ and meta["no_such_package_here"].startswith("not importable: ")
+    assert meta["batch"] == 8
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    if head.returncode == 0:  # a git checkout (CI's is a fresh clone)
+        assert meta["git_commit"] == head.stdout.strip() and isinstance(meta["git_dirty"], bool)
+    assert json.loads(json.dumps(meta)) == meta
+    assert summary_line(meta).startswith(meta["date"]) and meta["cpu_model"] in summary_line(meta)
+
+
+def test_scripts_leave_sys_path_alone_and_share_one_metadata_helper():
+    # scripts import the installed packages (swinv2, swinv2_train, swinv2_tools.*): none edits sys.path
+    # or its children's PYTHONPATH (bench_gpu's bare checkout binds package names, see its test above);
+    # every benchmark's metadata comes from swinv2_tools.bench_meta, the only place that builds it
+    import ast
+
+    for path in sorted((REPO / "scripts").glob("*.py")):
+        src = path.read_text()
+        tree = ast.parse(src)
+        assert not [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "path"
+                    and isinstance(n.value, ast.Name) and n.value.id == "sys"], path.name
+        assert "PYTHONPATH" not in src, path.name
+        if path.name in BENCHMARKS:
+            assert "bench_metadata(" in src, path.name
+        if path.name != "bench_meta.py":
+            assert not [w for w in ("datetime", "/proc/cpuinfo", "lscpu", "platform.processor", "platform.node")
+                        if w in src], path.name
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="measures glibc's allocator")
