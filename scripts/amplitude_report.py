@@ -21,23 +21,22 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from swinv2_train.amplitudes import (amplitudes_by_step, draw_amplitude_panel, mark_stages, pick_steps,
                               plt_agg, stage_ranges)
 from swinv2_train.metrics import read_jsonl
+from swinv2_train.rundir import LOGIT_SCALE_KEY_RE, VAL_LOSS, VAL_TOP1, RunDir
 
 AMP_STATS = ("mean_abs", "max")
-_LS_RE = re.compile(r"^logit_scale/(\d+)$")
 LOSS_EXPLOSION_FACTOR = 2.0  # a logged train loss above this x the first one counts as an explosion
 FAILED_TO_TRAIN_FACTOR = 0.9  # final train loss above this x the first one: learned (almost) nothing
 
 
 # ----------------------------------------------------------------------------- reading
 def _depths_from_config(run_dir: str) -> Optional[List[int]]:
-    path = os.path.join(run_dir, "config.yaml")
+    path = RunDir(run_dir).config
     if not os.path.exists(path):
         return None
     try:
@@ -54,7 +53,7 @@ def _depths_from_config(run_dir: str) -> Optional[List[int]]:
 
 def load_run(run_dir: str) -> Dict[str, Any]:
     """{"records": [...], "depths": [..] or None, "run_dir": ...}; raises FileNotFoundError."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = RunDir(run_dir).metrics
     if not os.path.exists(path):
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     return {"records": read_jsonl(path), "depths": _depths_from_config(run_dir), "run_dir": run_dir}
@@ -65,7 +64,7 @@ def logit_scales_by_step(records: Sequence[dict]) -> Dict[int, Dict[int, float]]
     out: Dict[int, Dict[int, float]] = {}
     for rec in records:
         for k, v in rec.items():
-            m = _LS_RE.match(k)
+            m = LOGIT_SCALE_KEY_RE.match(k)
             if m:
                 out.setdefault(int(rec["step"]), {})[int(m.group(1))] = float(v)
     return out
@@ -111,9 +110,9 @@ def summarize_run(records: Sequence[dict], depths: Optional[Sequence[int]] = Non
                loss_exploded=exploded,
                diverged=bool(nonfinite or nonfinite_loss or exploded),
                steps=losses[-1][0] if losses else 0)
-    val = [r for r in records if "val/top1" in r]
-    out["final_val_top1"] = float(val[-1]["val/top1"]) if val else None
-    out["final_val_loss"] = float(val[-1]["val/loss"]) if val and "val/loss" in val[-1] else None
+    val = [r for r in records if VAL_TOP1 in r]
+    out["final_val_top1"] = float(val[-1][VAL_TOP1]) if val else None
+    out["final_val_loss"] = float(val[-1][VAL_LOSS]) if val and VAL_LOSS in val[-1] else None
 
     stages = [r for r in stage_ranges(depths) if len(r)]
     deep = max(stages, key=len) if stages else None
@@ -178,9 +177,9 @@ def plot_loss(records, out_png: str, title: str = "") -> Optional[str]:
     plt = plt_agg()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     draw_loss(ax, records)
-    val = loss_curve(records, "val/loss")
+    val = loss_curve(records, VAL_LOSS)
     if val:
-        ax.plot([s for s, _ in val], [v for _, v in val], "s", ms=5, label="val/loss")
+        ax.plot([s for s, _ in val], [v for _, v in val], "s", ms=5, label=VAL_LOSS)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss")

@@ -130,9 +130,11 @@ def same_setup(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Check from the resolved config.yaml files that every run had the same data, seed, budget and
     model apart from norm_style / attn_type (the working tree may change while a study runs)."""
     from omegaconf import OmegaConf
+
+    from swinv2_train.rundir import RunDir
     prints = {}
     for r in results:
-        path = os.path.join(r["run_dir"], "config.yaml")
+        path = RunDir(r["run_dir"]).config
         if not os.path.exists(path):
             continue
         c = OmegaConf.to_container(OmegaConf.load(path), resolve=True)

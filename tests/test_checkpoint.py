@@ -10,7 +10,8 @@ import torch
 
 from swinv2_train.errors import CheckpointError, ResumeMismatchError
 from swinv2_train.checkpoint import (MARKER, CheckpointManager, _sum_files_together, damaged_files, latest_committed,
-                                     list_checkpoints, resolve_resume, tag_for, write_marker)
+                                     resolve_resume, tag_for, write_marker)
+from swinv2_train.rundir import checkpoint_dirs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +48,7 @@ def test_prune_keeps_newest_and_drops_old_debris(tmp_path):
     _make(root, 25, committed=False)  # newer than every commit: may be a save in progress
     os.makedirs(os.path.join(root, tag_for(0)))  # uncommitted and older than the newest commit
     CheckpointManager(str(tmp_path), keep=2, rank=0, world_size=1).prune()
-    left = [(s, c) for s, _, c in list_checkpoints(root)]
+    left = [(s, c) for s, _, c in checkpoint_dirs(root)]
     assert left == [(3, True), (4, True), (25, False)]
 
 
@@ -221,7 +222,7 @@ def test_a_truncated_deepspeed_checkpoint_falls_back(tmp_path, caplog, victim):
 
 
 def test_resume_never_sets_earlier_checkpoints_aside(tmp_path):
-    from swinv2_train.checkpoint import set_aside_checkpoints
+    from swinv2_train.rundir import set_aside as set_aside_checkpoints
 
     assert set_aside_checkpoints(str(tmp_path)) is None  # nothing there
     _make(str(tmp_path / "checkpoints"), 3)

@@ -1,23 +1,21 @@
 """Activation-amplitude probe metrics (per block) and the amplitude-vs-layer plot.
 
-Keys: `amplitude/{layer:02d}/{mean_abs|rms|max}` (layer = block index of swinv2.iter_blocks) and
-`logit_scale/{layer:02d}` (mean over heads of exp(clamped logit_scale)). `plot_amplitudes`
-only needs the records of metrics.jsonl, so report tools can reuse it.
+Keys (swinv2_train.rundir): `amplitude/{layer:02d}/{mean_abs|rms|max}` (layer = block index of
+swinv2.iter_blocks) and `logit_scale/{layer:02d}` (mean over heads of exp(clamped logit_scale)).
+`plot_amplitudes` only needs the records of metrics.jsonl, so report tools can reuse it.
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
-PREFIX = "amplitude"  # metric keys amplitude/NN/stat (NN = block index of swinv2.iter_blocks)
-_AMP_RE = re.compile(rf"^{PREFIX}/(\d+)/(mean_abs|rms|max)$")
+from .rundir import AMPLITUDE_KEY_RE, amplitude_key, logit_scale_key
 
 
 def amplitude_metrics(stats: Dict[int, Dict[str, float]], scales: Dict[int, List[float]]) -> Dict[str, float]:
-    out = {f"{PREFIX}/{i:02d}/{k}": v for i, s in stats.items() for k, v in s.items()}
+    out = {amplitude_key(i, k): v for i, s in stats.items() for k, v in s.items()}
     for i, heads in scales.items():
-        out[f"logit_scale/{i:02d}"] = sum(heads) / len(heads)
+        out[logit_scale_key(i)] = sum(heads) / len(heads)
     return out
 
 
@@ -26,7 +24,7 @@ def amplitudes_by_step(records: Iterable[dict], stat: str = "rms") -> Dict[int, 
     out: Dict[int, Dict[int, float]] = {}
     for rec in records:
         for k, v in rec.items():
-            m = _AMP_RE.match(k)
+            m = AMPLITUDE_KEY_RE.match(k)
             if m and m.group(2) == stat:
                 out.setdefault(int(rec["step"]), {})[int(m.group(1))] = float(v)
     return out

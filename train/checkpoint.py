@@ -1,8 +1,8 @@
 """Checkpoints with commit markers, auto-resume and export to the official weight format.
 
-Layout: RUN_DIR/checkpoints/step_{N:08d}/ holds DeepSpeed's files (every rank writes its ZeRO
-partition), `rng_rank{r}.pt` (each rank's RNG states), `ema.pt` (rank 0, with train.ema_decay),
-`config.yaml` and, last, `COMMITTED`.
+Layout (swinv2_train.rundir): a checkpoint folder `step_{N:08d}` holds DeepSpeed's files (every
+rank writes its ZeRO partition), `rng_rank{r}.pt` (each rank's RNG states), `ema.pt` (rank 0, with
+train.ema_decay), `config.yaml` and, last, `COMMITTED`.
 Rank 0 writes the marker (temp file + os.replace) only after a barrier that every rank reaches
 after its own writes, so a directory without the marker is an interrupted save and is never
 loaded. The marker records every file's size and CRC-32: resume verifies them and falls back to
@@ -33,19 +33,14 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, ResumeMismatchError
+from .rundir import (CONFIG_FILE, EMA_FILE, MARKER, MODEL_STATES_FILE, OPTIM_STATES_GLOB, SET_ASIDE, UNIVERSAL_DIR,
+                     Located, RunDir, checkpoint_dirs, committed_steps, locate, rng_file, tag_for)
+from .rundir import latest_committed  # noqa: F401  (callers of this module's earlier home of it)
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMMITTED"
-CONFIG_FILE = "config.yaml"  # the resolved config that wrote the checkpoint (checked on resume)
-UNIVERSAL_DIR = "universal"  # DeepSpeed's world-size independent copy, made when the world size changes
 # SwinV2Config fields that leave the weights and their shapes alone: free to change on resume
 FREE_MODEL_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate", "attention", "sequential_chunk")
-_TAG_RE = re.compile(r"^step_(\d{8})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -79,64 +74,50 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ----------------------------------------------------------------------------- discovery
-def list_checkpoints(ckpt_root: str) -> List[Tuple[int, str, bool]]:
-    """[(step, path, committed)] sorted by step."""
-    if not os.path.isdir(ckpt_root):
-        return []
-    out = []
-    for name in os.listdir(ckpt_root):
-        m = _TAG_RE.match(name)
-        path = os.path.join(ckpt_root, name)
-        if m and os.path.isdir(path):
-            out.append((int(m.group(1)), path, os.path.isfile(os.path.join(path, MARKER))))
-    return sorted(out)
+# ----------------------------------------------------------------------------- path -> checkpoint
+def find_checkpoint(path: str, step: Optional[int] = None, way_out: str = "") -> Tuple[Located, Optional[str]]:
+    """The one rule that turns a path (+ an optional step) into a checkpoint folder, for resuming,
+    swinv2-eval and the export:
+
+    * a named checkpoint (a step_N folder, or `step` of a run dir or checkpoint root) is taken
+      as named: it must be committed and intact, nothing is substituted;
+    * a run dir or checkpoint root (rundir.locate) means its newest intact committed checkpoint: newer damaged
+      ones are skipped with a warning, and when every committed one is damaged that is an error.
+
+    Returns (what the path points at, the checkpoint folder); the folder is None when a run dir
+    has no committed checkpoint (the caller decides whether that is an error). Failures are
+    CheckpointErrors ending in `way_out` (the command's advice). Reads every file of the chosen
+    checkpoint: call it on one rank and share the answer (the trainer's resume plan does)."""
+    where = locate(path, step)
+    if where.tag_dir is not None:
+        return where, _named_checkpoint(where, way_out)
+    return where, newest_intact(where.ckpt_root, way_out)
 
 
-def latest_committed(ckpt_root: str) -> Optional[str]:
-    done = [p for _, p, c in list_checkpoints(ckpt_root) if c]
-    return done[-1] if done else None
+def _named_checkpoint(where: Located, way_out: str) -> str:
+    tag_dir = where.tag_dir
+    if not os.path.isfile(os.path.join(tag_dir, MARKER)):
+        state = (f"not committed (no {MARKER} marker: an interrupted save)" if os.path.isdir(tag_dir)
+                 else "no such checkpoint")
+        raise CheckpointError(f"{tag_dir}: {state}; committed steps here: "
+                              f"{committed_steps(where.ckpt_root) or 'none'}; {way_out}")
+    damage = damaged_files(tag_dir)
+    if damage:
+        raise CheckpointError(f"checkpoint {tag_dir} is damaged: {_describe(damage)}; {way_out}")
+    return tag_dir
 
 
-def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
-    """Tag directory to resume from: `auto` (the newest intact committed checkpoint of the run
-    dir, or None), `never`, or a path (a tag directory, a checkpoints directory or a run
-    directory). Damaged checkpoints are skipped with a warning; a damaged tag directory given
-    by name, or a run with no intact checkpoint left, is a CheckpointError. Reads every file:
-    call it on one rank and share the answer (the trainer's resume plan does)."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return newest_intact(os.path.join(run_dir, "checkpoints"), run_dir)
-    path = os.path.abspath(resume)
-    if _TAG_RE.match(os.path.basename(path.rstrip("/"))):
-        if not os.path.isfile(os.path.join(path, MARKER)):
-            raise CheckpointError(f"run.resume={resume}: no {MARKER} marker (an interrupted save?); "
-                                  "give a committed checkpoint, or run.resume=auto|never")
-        damage = damaged_files(path)
-        if damage:
-            raise CheckpointError(f"run.resume={resume}: checkpoint {path} is damaged: {_describe(damage)}. "
-                                  "Give another checkpoint (or its run dir: the newest intact one is taken), "
-                                  "or run.resume=never")
-        return path
-    for root in (os.path.join(path, "checkpoints"), path):
-        if latest_committed(root):
-            return newest_intact(root, run_dir)
-    raise CheckpointError(f"run.resume={resume}: no committed checkpoint there; give a run dir, its "
-                          "checkpoints/ or a step_N directory, or run.resume=auto|never")
-
-
-def newest_intact(ckpt_root: str, run_dir: str) -> Optional[str]:
+def newest_intact(ckpt_root: str, way_out: str = "") -> Optional[str]:
     """The newest committed checkpoint whose files match its marker (None: no committed one).
     Newer damaged ones are named in a warning; when every one is damaged, a CheckpointError."""
     damaged = []
-    for _, path, committed in reversed(list_checkpoints(ckpt_root)):
+    for _, path, committed in reversed(checkpoint_dirs(ckpt_root)):
         if not committed:
             continue
         damage = damaged_files(path)
         if not damage:
             for bad, what in damaged:
-                log.warning("checkpoint %s is damaged: %s; resuming from the previous intact checkpoint %s",
+                log.warning("checkpoint %s is damaged: %s; taking the previous intact checkpoint %s",
                             bad, _describe(what), path)
             return path
         damaged.append((path, damage))
@@ -144,10 +125,34 @@ def newest_intact(ckpt_root: str, run_dir: str) -> Optional[str]:
         return None
     newest, damage = damaged[0]
     older = f" (and the {len(damaged) - 1} older ones are damaged too)" if len(damaged) > 1 else ""
-    raise CheckpointError(
-        f"checkpoint {newest} is damaged: {_describe(damage)}{older}; no intact checkpoint is left in {ckpt_root} "
-        f"to resume from. Start a new run with another run.dir=..., or start over in {run_dir} with "
-        "run.resume=never (its checkpoints are moved to checkpoints.old-N)")
+    raise CheckpointError(f"checkpoint {newest} is damaged: {_describe(damage)}{older}; no intact checkpoint "
+                          f"is left in {ckpt_root}; {way_out}")
+
+
+def resume_way_out(run_dir: str) -> str:
+    """What to do when a run cannot resume its checkpoint."""
+    return (f"start a new run with another run.dir=..., or start over in {run_dir} with run.resume=never "
+            f"(its checkpoint folders are moved to {SET_ASIDE})")
+
+
+def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
+    """Checkpoint folder to resume from (find_checkpoint's rule): `auto` (the run dir's newest
+    intact one, or None), `never` (None), or a path (a step_N folder, a checkpoint root or a
+    run dir)."""
+    if resume == "never":
+        return None
+    explicit = resume != "auto"
+    way_out = ("give another checkpoint (or its run dir: the newest intact one is taken), run.resume=auto or "
+               "run.resume=never"
+               if explicit else resume_way_out(run_dir))
+    try:
+        _, tag_dir = find_checkpoint(resume if explicit else run_dir, way_out=way_out)
+    except CheckpointError as e:
+        raise CheckpointError(f"run.resume={resume}: {e}" if explicit else str(e)) from None
+    if tag_dir is None and explicit:
+        raise CheckpointError(f"run.resume={resume}: no committed checkpoint there; give a run dir, its "
+                              "checkpoint folder or a step_N folder, or run.resume=auto|never")
+    return tag_dir
 
 
 def read_marker(tag_dir: str) -> Dict[str, Any]:
@@ -156,14 +161,14 @@ def read_marker(tag_dir: str) -> Dict[str, Any]:
 
 
 def saved_config(tag_dir: str) -> Optional[Dict[str, Any]]:
-    """The resolved config a checkpoint was written with: its config.yaml; for checkpoints older
+    """The resolved config a checkpoint was written with: its config.yaml; for a checkpoint older
     than that file, the client state in the model-states file (memory-mapped, weights not read)."""
     from omegaconf import OmegaConf
 
     path = os.path.join(tag_dir, CONFIG_FILE)
     if os.path.isfile(path):
         return OmegaConf.to_container(OmegaConf.load(path))
-    states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    states = os.path.join(tag_dir, MODEL_STATES_FILE)
     if not os.path.isfile(states):
         return None
     return torch.load(states, map_location="cpu", mmap=True, weights_only=False).get("config")
@@ -280,7 +285,7 @@ def _plain(v: Any) -> Any:
 def resume_mismatches(saved_cfg: Optional[Dict[str, Any]], cfg: Any, num_classes: int) -> List[str]:
     """What differs between a checkpoint and this run, as 'key checkpoint -> now' strings.
     `num_classes`: this run's class count; the checkpoint's config holds its resolved count
-    (not stored by older checkpoints: then not compared). The world size is free to change."""
+    (not stored by an older checkpoint: then not compared). The world size is free to change."""
     then = None
     if saved_cfg is not None:
         saved_classes = (saved_cfg.get("data") or {}).get("num_classes") or num_classes
@@ -300,8 +305,7 @@ def check_resumable(tag_dir: str, cfg: Any, world_size: int, run_dir: str, num_c
     cannot be resumed by this run; warn when it was written at another world size (it resumes,
     but not as an exact continuation). Cheap file reads only: called on rank 0 before the model
     and the engine exist."""
-    ways_out = (f"start a new run with another run.dir=..., or start over in {run_dir} with "
-                "run.resume=never (its checkpoints are moved to checkpoints.old-N)")
+    ways_out = resume_way_out(run_dir)
     try:
         marker, saved = read_marker(tag_dir), saved_config(tag_dir)
     except Exception as e:  # noqa: BLE001 - unreadable marker / config: a damaged checkpoint
@@ -319,24 +323,10 @@ def check_resumable(tag_dir: str, cfg: Any, world_size: int, run_dir: str, num_c
                     tag_dir, saved_world, world_size)
 
 
-def set_aside_checkpoints(run_dir: str) -> Optional[str]:
-    """run.resume=never in a run dir that has checkpoints: move them to checkpoints.old-N, so
-    that neither auto-resume nor pruning ever mixes them with the new run's. Returns the new
-    place (None when there was nothing to move)."""
-    root = os.path.join(run_dir, "checkpoints")
-    if not list_checkpoints(root):
-        return None
-    n = 1
-    while os.path.exists(f"{root}.old-{n}"):
-        n += 1
-    os.replace(root, f"{root}.old-{n}")
-    return f"{root}.old-{n}"
-
-
 # ----------------------------------------------------------------------------- manager
 class CheckpointManager:
     def __init__(self, run_dir: str, keep: int, rank: int, world_size: int):
-        self.root = os.path.join(run_dir, "checkpoints")
+        self.root = RunDir(run_dir).ckpt_root
         self.keep, self.rank, self.world_size = keep, rank, world_size
         self.loaded_step: Optional[int] = None  # the checkpoint this run resumed from
 
@@ -358,7 +348,7 @@ class CheckpointManager:
             dist.barrier()
         client_state = dict(client_state, step=step, world_size=self.world_size)
         engine.save_checkpoint(self.root, tag=tag, client_state=client_state, save_latest=False)
-        _atomic_torch_save({**rng_state(), **(extra_rng or {})}, os.path.join(path, f"rng_rank{self.rank}.pt"))
+        _atomic_torch_save({**rng_state(), **(extra_rng or {})}, os.path.join(path, rng_file(self.rank)))
         for name, obj in (rank0_files or {}).items() if self.rank == 0 else ():
             _atomic_torch_save(obj, os.path.join(path, name))
         if dist.is_initialized():
@@ -378,8 +368,8 @@ class CheckpointManager:
         return path
 
     def prune(self) -> None:
-        """Keep the newest `keep` committed checkpoints; drop uncommitted debris older than the newest."""
-        ckpts = list_checkpoints(self.root)
+        """Keep the newest `keep` committed checkpoint folders; drop uncommitted debris older than the newest."""
+        ckpts = checkpoint_dirs(self.root)
         committed = [(s, p) for s, p, c in ckpts if c]
         if not committed:
             return
@@ -440,10 +430,10 @@ class CheckpointManager:
     def _rng_of_this_rank(self, tag_dir: str, client: Dict[str, Any], saved_world: int) -> Optional[Dict[str, Any]]:
         """This rank's saved RNG states; a rank the checkpoint did not have (more ranks now) gets
         fresh streams seeded from (run seed, step, rank), shaped like rank 0's states."""
-        own = os.path.join(tag_dir, f"rng_rank{self.rank}.pt")
+        own = os.path.join(tag_dir, rng_file(self.rank))
         if os.path.exists(own):
             return torch.load(own, weights_only=False)
-        template = os.path.join(tag_dir, "rng_rank0.pt")
+        template = os.path.join(tag_dir, rng_file(0))
         if self.rank < saved_world or not os.path.exists(template):
             return None
         seed = ((client.get("config") or {}).get("run") or {}).get("seed", 0)
@@ -509,8 +499,8 @@ def fp32_state_dict(tag_dir: str) -> Dict[str, torch.Tensor]:
     DeepSpeed's zero_to_fp32 for fp32 runs, and it also reads bf16 runs (BF16_Optimizer files,
     which zero_to_fp32 rejects), where the module weights themselves are only bf16.
     """
-    ms = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-    files = glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    ms = torch.load(os.path.join(tag_dir, MODEL_STATES_FILE), map_location="cpu", weights_only=False)
+    files = glob.glob(os.path.join(tag_dir, OPTIM_STATES_GLOB))
     files.sort(key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f).group(1)))
     parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
              ["single_partition_of_fp32_groups"] for f in files]
@@ -524,23 +514,22 @@ def fp32_state_dict(tag_dir: str) -> Dict[str, torch.Tensor]:
 
 
 def export(run_dir: str, out: str, step: Optional[int] = None, ema: bool = False) -> str:
+    """Export a run's checkpoint (find_checkpoint's rule: `step`'s, else the newest intact one);
+    returns its folder."""
+    where, tag_dir = find_checkpoint(run_dir, step, way_out="export another step with --step N")
+    if tag_dir is None:
+        raise CheckpointError(f"no committed checkpoint in {where.ckpt_root}")
+    export_checkpoint(tag_dir, out, ema)
+    return tag_dir
+
+
+def export_checkpoint(tag_dir: str, out: str, ema: bool = False) -> None:
     """Write the official-format state dict ({"model": fp32 state dict}) of a committed checkpoint:
     its trained weights, or with `ema` its EMA of weights (train.ema_decay). The format follows the
     weights: a SimMIM run (encoder.mask_token) -> the official SimMIM state dict (encoder.*,
     decoder.0.*), else the official classification one."""
-
-    root = os.path.join(run_dir, "checkpoints")
-    if step is None:
-        tag_dir = latest_committed(root)
-        if tag_dir is None:
-            raise FileNotFoundError(f"no committed checkpoint in {root}")
-    else:
-        tag_dir = os.path.join(root, tag_for(step))
-        if not os.path.isfile(os.path.join(tag_dir, MARKER)):
-            raise FileNotFoundError(f"{tag_dir} is missing or not committed")
     state = ema_state_dict(tag_dir) if ema else fp32_state_dict(tag_dir)
     official_writer(state)(state, out)
-    return tag_dir
 
 
 def official_writer(state: Dict[str, torch.Tensor]):
@@ -554,8 +543,6 @@ def official_writer(state: Dict[str, torch.Tensor]):
 def ema_state_dict(tag_dir: str) -> Dict[str, torch.Tensor]:
     """The full state dict with the checkpoint's EMA of weights (fp32) in place of its trained
     weights; the entries the EMA does not keep (derived ones such as attn_mask) are the checkpoint's."""
-    from .ema import EMA_FILE
-
     path = os.path.join(tag_dir, EMA_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{tag_dir} has no {EMA_FILE}: its run had no EMA of weights (train.ema_decay)")
@@ -564,8 +551,8 @@ def ema_state_dict(tag_dir: str) -> Dict[str, torch.Tensor]:
 
 def verify(run_dir: str) -> List[Tuple[str, List[Tuple[str, str]]]]:
     """[(tag dir, damage)] of every committed checkpoint of a run (damage [] when intact)."""
-    root = os.path.join(run_dir, "checkpoints")
-    return [(path, damaged_files(path)) for _, path, committed in list_checkpoints(root) if committed]
+    root = locate(run_dir).ckpt_root
+    return [(path, damaged_files(path)) for _, path, committed in checkpoint_dirs(root) if committed]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -584,7 +571,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for path, damage in results:
             print(f"{path}: " + (f"DAMAGED: {_describe(damage)}" if damage else "ok"))
         if not results:
-            print(f"no committed checkpoint in {os.path.join(a.run_dir, 'checkpoints')}")
+            print(f"no committed checkpoint in {locate(a.run_dir).ckpt_root}")
         return 1 if not results or any(damage for _, damage in results) else 0
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     tag_dir = export(a.run_dir, a.out, a.step, ema=a.ema)

@@ -3,7 +3,7 @@
     ema = build_ema(spec, engine.module, resume_dir)   # None when off; after the weights are restored
     ema.update(engine.module)                          # after every APPLIED optimizer step
     with ema.swapped_in(engine.module): task.evaluate(engine.module)   # -> val_ema/*
-    ema.state_dict() -> RUN/checkpoints/step_N/ema.pt (rank 0; in the commit marker's checksums)
+    ema.state_dict() -> ema.pt in each checkpoint folder (rank 0; in the commit marker's checksums)
 
 What is averaged: every floating-point parameter and persistent buffer of the model (official
 state-dict names), held in fp32. Integer and bool buffers (`relative_position_index`, int64) are
@@ -44,11 +44,10 @@ import torch
 
 from . import distributed
 from .errors import CheckpointError
+from .rundir import EMA_FILE, ema_key
 
 log = logging.getLogger(__name__)
 
-EMA_FILE = "ema.pt"  # in each checkpoint's tag folder, written by rank 0
-EXPORT_FILE = "model_ema_official.pth"  # the run dir's official-format EMA weights (beside model_official.pth)
 
 
 def warmup_decay(decay: float, updates: int, warmup: bool = True) -> float:
@@ -160,7 +159,7 @@ def build_ema(spec, model: torch.nn.Module, resume_dir: Optional[str]) -> Option
 
 def ema_metrics(val: Dict[str, float]) -> Dict[str, float]:
     """The task's validation metrics under the EMA's names: val/top1 -> val_ema/top1."""
-    return {(f"val_ema/{k[4:]}" if k.startswith("val/") else f"ema/{k}"): v for k, v in val.items()}
+    return {ema_key(k): v for k, v in val.items()}
 
 
 def rank_spread(ema: ModelEma, max_over_ranks: Callable = distributed.all_reduce_max_list) -> float:

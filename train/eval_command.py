@@ -25,8 +25,7 @@ import swinv2
 from swinv2.class_map import load_class_map
 from swinv2.config import SwinV2Config
 from swinv2.weights import CheckpointMismatchError, canonical_key, unwrap_checkpoint
-from .checkpoint import (MARKER, damaged_files, fp32_state_dict, latest_committed, list_checkpoints,
-                                     saved_config, tag_for)
+from .checkpoint import find_checkpoint, fp32_state_dict, saved_config
 from .cli import prepare_overrides  # shard lists and brace patterns, as for swinv2-train
 from .config import TrainSchema, model_kwargs  # importing it registers the schema
 from .data import shards as S
@@ -34,22 +33,24 @@ from .data.config import as_data_config
 from .data.sources import resolve_sources
 from .errors import CheckpointError, UsageError, UserError
 from .evaluation import DTYPES, evaluate
+from .rundir import (CHECKPOINTS, EXPORT_FILE, MARKER, VAL_LOSS, VAL_SAMPLES, VAL_TOP1, VAL_TOP5, RunDir, step_of,
+                     tag_for)
 
 log = logging.getLogger("swinv2-eval")
 
 CONFIG_MODULE = "swinv2_train.configs"  # the same tree as swinv2-train (pkg://swinv2_train.configs)
 
-USAGE = """\
+USAGE = f"""\
 usage: swinv2-eval RUN_DIR_OR_PTH [--json OUT.json] [--step N] [KEY=VALUE ...]
 
 Evaluate trained weights on validation shards: prints top-1, top-5, loss, the number of
 samples and images/s. KEY=VALUE are Hydra overrides with the keys of swinv2-train.
 
 RUN_DIR_OR_PTH
-  a run directory    the newest committed checkpoint (checkpoints/step_*/COMMITTED, fp32
+  a run directory    the newest intact committed checkpoint ({CHECKPOINTS}/step_*/{MARKER}, fp32
                      master weights) with the run's config.yaml as the base config: no model
-                     keys needed. A checkpoint directory (RUN/checkpoints/step_00000300) works too.
-  an official .pth   e.g. RUN_DIR/model_official.pth or a released Swin V2 file; the model comes
+                     keys needed. A checkpoint directory (RUN/{CHECKPOINTS}/{tag_for(300)}) works too.
+  an official .pth   e.g. RUN_DIR/{EXPORT_FILE} or a released Swin V2 file; the model comes
                      from the model.* keys on top of swinv2-train's default config
                      (model.variant=X selects the variant's sizes unless embed_dim/depths/
                      num_heads are given too).
@@ -126,28 +127,15 @@ def override_keys(overrides: List[str]) -> set:
 
 
 # ----------------------------------------------------------------------------- inputs
-_TAG_RE = re.compile(r"^step_\d{8}$")
-
-
-def find_checkpoint(path: str, step: Optional[int]) -> Tuple[str, str]:
-    """(run dir, committed checkpoint dir) for a run dir, its checkpoints/ dir or a tag dir."""
-    path = os.path.abspath(path)
-    if _TAG_RE.match(os.path.basename(path)):
-        tag_dir, run_dir = path, os.path.dirname(os.path.dirname(path))
-    else:
-        run_dir = os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
-        root = os.path.join(run_dir, "checkpoints")
-        tag_dir = latest_committed(root) if step is None else os.path.join(root, tag_for(step))
-        if tag_dir is None:
-            raise CheckpointError(f"{path}: no committed checkpoint in {root} (a run saves one at its end, "
-                            "every train.ckpt_every steps and on preemption); evaluate an exported "
-                            ".pth instead, or let the run finish")
-    if not os.path.isfile(os.path.join(tag_dir, MARKER)):
-        steps = [s for s, _, done in list_checkpoints(os.path.dirname(tag_dir)) if done]
-        state = (f"not committed (no {MARKER} marker: an interrupted save)" if os.path.isdir(tag_dir)
-                 else "no such checkpoint")
-        raise CheckpointError(f"{tag_dir}: {state}; committed steps here: {steps or 'none'} (choose one with --step N)")
-    return run_dir, tag_dir
+def checkpoint_of(path: str, step: Optional[int]) -> Tuple[str, str]:
+    """(run dir, checkpoint dir) of a run dir, its checkpoint root or a step_N dir, by
+    swinv2_train.checkpoint.find_checkpoint's rule (the same as resuming)."""
+    where, tag_dir = find_checkpoint(path, step, way_out="choose another with --step N, or evaluate an exported .pth")
+    if tag_dir is None:
+        raise CheckpointError(f"{path}: no committed checkpoint in {where.ckpt_root} (a run saves one at its end, "
+                              "every train.ckpt_every steps and on preemption); evaluate an exported "
+                              ".pth instead, or let the run finish")
+    return where.run_dir, tag_dir
 
 
 def _schema_keys_only(saved: Any, schema: Any) -> Any:
@@ -162,23 +150,13 @@ def _schema_keys_only(saved: Any, schema: Any) -> Any:
 def load_run_config(run_dir: str, tag_dir: str) -> Dict[str, Any]:
     """The config the checkpoint was written with (its own copy, else the run's config.yaml)."""
     saved = saved_config(tag_dir)
-    path = os.path.join(run_dir, "config.yaml")
+    path = RunDir(run_dir).config
     if saved is None and os.path.isfile(path):
         saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     if saved is None:
         raise UserError(f"{run_dir}: no config.yaml (not a swinv2-train run directory?); evaluate "
                         "its exported .pth with the model.* keys instead")
     return _schema_keys_only(saved, OmegaConf.structured(TrainSchema))
-
-
-def load_checkpoint_weights(tag_dir: str) -> Dict[str, torch.Tensor]:
-    """fp32 master weights of a committed checkpoint; a file that differs from the sizes and
-    checksums in its marker ends in a UserError."""
-    bad = damaged_files(tag_dir)
-    if bad:
-        raise CheckpointError(f"checkpoint {tag_dir} cannot be read ({bad[0][0]}: {bad[0][1]}): damaged or "
-                              "partly copied; evaluate another step with --step N or an exported .pth")
-    return fp32_state_dict(tag_dir)
 
 
 def compose_config(overrides: List[str], base: Optional[Dict[str, Any]] = None):
@@ -207,7 +185,7 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
     except Exception as e:  # a text file, a pickle with code, a truncated file, ...
         raise CheckpointError(f"{path}: not a readable official-format state dict ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); give a .pth written by "
-                        "swinv2-train (model_official.pth) or an official Swin V2 release") from None
+                        f"swinv2-train ({EXPORT_FILE}) or an official Swin V2 release") from None
 
 
 # ----------------------------------------------------------------------------- model
@@ -368,10 +346,10 @@ def run_eval(args: EvalArgs) -> Dict[str, Any]:
                         "(runs/NAME) or an official-format .pth")
     user_keys = override_keys(args.overrides)
     if os.path.isdir(source):
-        run_dir, tag_dir = find_checkpoint(source, args.step)
+        run_dir, tag_dir = checkpoint_of(source, args.step)
         cfg = compose_config(args.overrides, base=load_run_config(run_dir, tag_dir))
-        state_dict = load_checkpoint_weights(tag_dir)
-        weights, step = tag_dir, int(os.path.basename(tag_dir).split("_")[1])
+        state_dict = fp32_state_dict(tag_dir)  # its files were checked against the marker just now
+        weights, step = tag_dir, step_of(tag_dir)
     else:
         if args.step is not None:
             raise UsageError(f"--step {args.step}: only for a run directory, {args.source} is a file")
@@ -399,14 +377,14 @@ def run_eval(args: EvalArgs) -> Dict[str, Any]:
                        device=device, dtype=dtype,
                        class_map=class_map.to(device) if class_map is not None else None)
     seconds = time.perf_counter() - start
-    if metrics["val/samples"] == 0:
+    if metrics[VAL_SAMPLES] == 0:
         raise UserError(f"data.val_shards={data_cfg.val_shards}: no readable samples (an image and "
                         "a .cls label per sample); check the shards")
     return {
         "source": source, "weights": weights, "step": step,
-        "top1": metrics["val/top1"], "top5": metrics["val/top5"], "loss": metrics["val/loss"],
-        "samples": int(metrics["val/samples"]), "seconds": seconds,
-        "images_per_s": metrics["val/samples"] / max(seconds, 1e-9),
+        "top1": metrics[VAL_TOP1], "top5": metrics[VAL_TOP5], "loss": metrics[VAL_LOSS],
+        "samples": int(metrics[VAL_SAMPLES]), "seconds": seconds,
+        "images_per_s": metrics[VAL_SAMPLES] / max(seconds, 1e-9),
         "model": {"variant": cfg.model.variant, "img_size": model.config.img_size,
                   "window_size": model.config.window_size, "num_classes": outputs,
                   "pretrained_window_sizes": list(model.config.pretrained_window_sizes),

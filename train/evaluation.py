@@ -12,6 +12,7 @@ from torch import nn
 from .data import build_eval_loader
 from .distributed import all_reduce_sum
 from .rng import isolated_rng
+from .rundir import VAL_LOSS, VAL_SAMPLES, VAL_TOP1, VAL_TOP5
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,5 +47,4 @@ def evaluate(model: nn.Module, data_cfg, *, img_size: int, batch_size: int, devi
     model.train(was_training)
     s = all_reduce_sum(sums)  # ranks may see different batch counts
     n = max(1.0, s[3])
-    return {"val/loss": s[0] / n, "val/top1": 100.0 * s[1] / n, "val/top5": 100.0 * s[2] / n,
-            "val/samples": s[3]}
+    return {VAL_LOSS: s[0] / n, VAL_TOP1: 100.0 * s[1] / n, VAL_TOP5: 100.0 * s[2] / n, VAL_SAMPLES: s[3]}

@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from . import distributed
 from .allocator import apply_cpu_malloc_policy
 from .amplitudes import plot_amplitudes
-from .checkpoint import check_resumable, export, read_marker, resolve_resume, set_aside_checkpoints
-from .ema import EXPORT_FILE as EMA_EXPORT_FILE
+from .checkpoint import check_resumable, export_checkpoint, read_marker, resolve_resume
 from .errors import ResumeMismatchError, UserError
 from .metrics import build_logger, read_jsonl
 from .preemption import PreemptionHandler
+from .rundir import EMA_EXPORT_FILE, VAL_LOSS, VAL_TOP1, VAL_TOP5, RunDir, ema_key, set_aside
 from .spec import RunSpec, resolve_spec
 from .tasks import task_class
 from .trainer import Trainer, build_trainer, progress_bar
@@ -55,12 +55,13 @@ def train(spec: RunSpec, env, preempt, t_start: float) -> Dict[str, Any]:
             plan.same_on_every_rank = True  # rank 0 reports it; the others stay quiet
         raise plan
     if plan["set_aside"] and env.rank == 0:
-        log.info("run.resume=never: moved the earlier checkpoints of %s to %s", spec.run_dir, plan["set_aside"])
+        log.info("run.resume=never: moved the earlier checkpoint folders of %s to %s", spec.run_dir,
+                 plan["set_aside"])
     if plan["completed"]:
         return _already_completed(spec, env, plan["step"])
     os.makedirs(spec.run_dir, exist_ok=True)
     if env.rank == 0:  # the resolved config, class count included (resume checks read it)
-        OmegaConf.save(OmegaConf.create(spec.config), os.path.join(spec.run_dir, "config.yaml"))
+        OmegaConf.save(OmegaConf.create(spec.config), RunDir(spec.run_dir).config)
     if env.device.type == "cpu":
         torch.set_num_threads(cpu_threads(spec.train.cpu_threads, spec.data.num_workers))
         apply_cpu_malloc_policy(spec.train.cpu_malloc, spec.model.img_size)  # before the model and engine allocate anything
@@ -95,18 +96,17 @@ def finish(trainer: Trainer, summary: Dict[str, Any], t_start: float) -> Dict[st
     summary.update(wall_time_s=time.time() - t_start, checkpoint=trainer.last_saved,
                    nonfinite_steps=trainer.nonfinite.total, **trainer.last_val)
     if rank == 0 and completed:
-        jsonl = os.path.join(spec.run_dir, "metrics.jsonl")
-        if os.path.exists(jsonl):
-            summary["amplitudes_png"] = plot_amplitudes(read_jsonl(jsonl), os.path.join(spec.run_dir, "amplitudes.png"),
+        run = RunDir(spec.run_dir)
+        if os.path.exists(run.metrics):
+            summary["amplitudes_png"] = plot_amplitudes(read_jsonl(run.metrics), run.amplitudes_png,
                                                         title=f"{spec.run.name}: activation RMS per block",
                                                         depths=list(spec.model.depths))
-        if spec.run.export_official and trainer.last_saved:
-            out = os.path.join(spec.run_dir, task_class(spec).export_file)  # SimMIM: model_simmim.pth
-            export(spec.run_dir, out, trainer.step)
-            summary["export"] = out
+        if spec.run.export_official and trainer.last_saved:  # the checkpoint just saved, of the last step
+            summary["export"] = run.file(task_class(spec).export_file)  # the task's format (SimMIM: its own)
+            export_checkpoint(trainer.last_saved, summary["export"])
             if trainer.ema is not None:  # the EMA of weights, in the same format
-                summary["export_ema"] = os.path.join(spec.run_dir, EMA_EXPORT_FILE)
-                export(spec.run_dir, summary["export_ema"], trainer.step, ema=True)
+                summary["export_ema"] = run.file(EMA_EXPORT_FILE)
+                export_checkpoint(trainer.last_saved, summary["export_ema"], ema=True)
     trainer.logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     summary["wandb_dir"] = getattr(trainer.logger, "wandb_dir", None)
     trainer.logger.close()
@@ -122,7 +122,7 @@ def plan_resume(spec: RunSpec, world_size: int):
     plan = {"resume_dir": None, "step": 0, "completed": False, "set_aside": None}
     try:
         if spec.run.resume == "never":
-            plan["set_aside"] = set_aside_checkpoints(spec.run_dir)
+            plan["set_aside"] = set_aside(spec.run_dir)
             return plan
         resume_dir = resolve_resume(spec.run.resume, spec.run_dir)
         if resume_dir is None:
@@ -191,18 +191,19 @@ def print_summary(s: Dict[str, Any]) -> None:
     rd = s["run_dir"]
     lines = [f"== swinv2-train {s['stopped']} at step {s['step']} "
              f"(train {s['train_time_s']:.1f} s, wall {s['wall_time_s']:.1f} s) =="]
-    if "val/top1" in s:
-        lines.append(f"final val top-1 {s['val/top1']:.2f}%  top-5 {s['val/top5']:.2f}%  loss {s['val/loss']:.4f}")
-    elif "val/loss" in s:  # e.g. SimMIM: the masked L1
-        lines.append(f"final val loss {s['val/loss']:.4f}")
-    if "val_ema/top1" in s:
-        lines.append(f"EMA weights top-1 {s['val_ema/top1']:.2f}%  top-5 {s['val_ema/top5']:.2f}%  "
-                     f"loss {s['val_ema/loss']:.4f}")
+    if VAL_TOP1 in s:
+        lines.append(f"final val top-1 {s[VAL_TOP1]:.2f}%  top-5 {s[VAL_TOP5]:.2f}%  loss {s[VAL_LOSS]:.4f}")
+    elif VAL_LOSS in s:  # e.g. SimMIM: the masked L1
+        lines.append(f"final val loss {s[VAL_LOSS]:.4f}")
+    if ema_key(VAL_TOP1) in s:
+        lines.append(f"EMA weights top-1 {s[ema_key(VAL_TOP1)]:.2f}%  top-5 {s[ema_key(VAL_TOP5)]:.2f}%  "
+                     f"loss {s[ema_key(VAL_LOSS)]:.4f}")
+    run = RunDir(rd)
     lines += [f"run dir     {rd}",
               f"checkpoint  {s['checkpoint']}  (resume: same command, run.resume=auto)",
-              f"metrics     {os.path.join(rd, 'metrics.jsonl')}"]
-    if os.path.isdir(os.path.join(rd, "tensorboard")):
-        lines.append(f"tensorboard tensorboard --logdir {os.path.join(rd, 'tensorboard')}")
+              f"metrics     {run.metrics}"]
+    if os.path.isdir(run.tensorboard):
+        lines.append(f"tensorboard tensorboard --logdir {run.tensorboard}")
     if s.get("wandb_dir"):
         lines.append(f"wandb       wandb sync {os.path.dirname(s['wandb_dir'].rstrip('/'))}")
     if s.get("amplitudes_png"):

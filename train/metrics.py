@@ -1,8 +1,8 @@
 """One logging interface for W&B, TensorBoard and metrics.jsonl; rank 0 logs, the rest no-op.
 
-W&B runs offline by default (no network); files go to RUN_DIR/wandb. The run id is kept in
-RUN_DIR/wandb_id (and in the checkpoint's client state), so a resumed run continues the same
-W&B run with resume="allow".
+W&B runs offline by default (no network); files go to the run dir's wandb/ (names:
+swinv2_train.rundir). The run id is kept in the run dir's wandb_id (and in the checkpoint's client
+state), so a resumed run continues the same W&B run with resume="allow".
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import os
 import secrets
 from typing import Any, Dict, Optional
 
-log = logging.getLogger(__name__)
+from .rundir import RunDir
 
-WANDB_ID_FILE = "wandb_id"
+log = logging.getLogger(__name__)
 
 
 class NullLogger:
@@ -47,11 +47,12 @@ def _scalar(v: Any) -> Optional[float]:
 class MetricLogger(NullLogger):
     def __init__(self, run_dir: str, cfg, wandb_id: Optional[str] = None, config: Optional[dict] = None):
         self.run_dir = run_dir
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if cfg.jsonl else None
+        run = RunDir(run_dir)
+        self._jsonl = open(run.metrics, "a") if cfg.jsonl else None
         self._tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self._tb = SummaryWriter(run.tensorboard)
         self._wandb = None
         self.wandb_id = None
         if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
@@ -60,7 +61,7 @@ class MetricLogger(NullLogger):
     def _init_wandb(self, wcfg, wandb_id: Optional[str], config: Optional[dict]) -> None:
         import wandb
 
-        id_file = os.path.join(self.run_dir, WANDB_ID_FILE)
+        id_file = RunDir(self.run_dir).wandb_id
         if wandb_id is None and os.path.exists(id_file):
             wandb_id = open(id_file).read().strip() or None
         self.wandb_id = wandb_id or secrets.token_hex(4)

@@ -31,11 +31,12 @@ from . import distributed
 from .amplitudes import amplitude_metrics
 from .checkpoint import CheckpointManager, set_rng_state
 from .data import TrainStream, saved_position
-from .ema import EMA_FILE, ModelEma, build_ema, evaluate_ema
+from .ema import ModelEma, build_ema, evaluate_ema
 from .errors import NonFiniteError
 from .metrics import NullLogger
 from .parallelize import parallelize
 from .rng import seed_rank_streams
+from .rundir import EMA_FILE, RunDir
 from .tasks import Task, build_task, reduced_train_metrics, task_class
 
 log = logging.getLogger("train")
@@ -137,7 +138,7 @@ class KeyTrace:
     reads every sample of an epoch exactly once."""
 
     def __init__(self, run_dir: str, rank: int):
-        self.path = os.path.join(run_dir, f"keys_rank{rank}.jsonl")
+        self.path = RunDir(run_dir).key_trace(rank)
         self.keys: List[str] = []
 
     def add(self, keys: List[str]) -> None:

@@ -12,6 +12,7 @@ import swinv2
 from swinv2.class_map import load_class_map
 from ..data import build_mixup
 from ..evaluation import DTYPES, evaluate  # the one evaluation path (also swinv2-eval)
+from ..rundir import EXPORT_FILE, VAL_LOSS, VAL_TOP1, VAL_TOP5
 
 MIXUP_STATE = "mixup"  # key of the mixup generator in rng_rank{r}.pt
 
@@ -27,7 +28,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 class ClassificationTask:
     name = "classification"
     backbone_prefix = ""                  # parameter names are the backbone's (swinv2.param_groups)
-    export_file = "model_official.pth"    # the run's export (official classification format)
+    export_file = EXPORT_FILE             # the run's export (official classification format)
 
     @staticmethod
     def build_model(spec, from_checkpoint: bool = False) -> torch.nn.Module:
@@ -68,7 +69,7 @@ class ClassificationTask:
                         class_map=self.class_map)
 
     def describe(self, m: Dict[str, float]) -> str:
-        return f"val top-1 {m['val/top1']:.2f} top-5 {m['val/top5']:.2f} loss {m['val/loss']:.4f}"
+        return f"val top-1 {m[VAL_TOP1]:.2f} top-5 {m[VAL_TOP5]:.2f} loss {m[VAL_LOSS]:.4f}"
 
     def rng_state(self) -> Dict[str, Any]:
         return {MIXUP_STATE: self.generator.get_state()}

@@ -19,12 +19,12 @@ import torch
 
 from swinv2.simmim import (DEFAULT_NORM_TARGET_WINDOW, SimMIM, load_simmim_state_dict, normalize_targets,
                            save_simmim_state_dict, upsample_mask)
-from ..checkpoint import tag_for
 from ..data import build_eval_loader
 from ..data.masking import MaskGenerator
 from ..data.pipeline import mix_seed
 from ..distributed import all_reduce_sum
 from ..rng import isolated_rng
+from ..rundir import SIMMIM_EXPORT_FILE, VAL_LOSS, VAL_SAMPLES, RunDir, val_key
 
 log = logging.getLogger("train")
 
@@ -79,7 +79,6 @@ def build_model(spec, settings: SimMIMSettings) -> SimMIM:
     return SimMIM(spec.model, norm_target_window=settings.norm_target_window)
 
 
-RECON_DIR = "reconstructions"  # in the run dir: step_<N>.png
 RECON_IMAGES = 4               # rows of a reconstruction grid
 
 
@@ -124,7 +123,7 @@ def check_config(task: Any, model_config: Any) -> None:
 class SimMIMTask:
     name = "simmim"
     backbone_prefix = "encoder."        # swinv2.param_groups: mask_token at id 0, decoder at id L+1
-    export_file = "model_simmim.pth"    # the official SimMIM state dict (encoder.*, decoder.0.*)
+    export_file = SIMMIM_EXPORT_FILE    # the official SimMIM state dict (encoder.*, decoder.0.*)
     labels = False                      # the data stream draws masks instead of reading .cls
     check_config = staticmethod(check_config)
 
@@ -188,7 +187,7 @@ class SimMIMTask:
 
     def after_step(self, step: int, model: torch.nn.Module, logger: Any) -> Optional[str]:
         """Every `task.recon_every` steps (rank 0): the reconstruction grid of the last training
-        batch's first images, to RUN_DIR/reconstructions/step_N.png and to the logger (TensorBoard,
+        batch's first images, to the run dir's reconstruction pictures (rundir) and to the logger (TensorBoard,
         W&B). Returns the PNG path when one was written."""
         every = self.settings.recon_every
         if not every or step % every or self.env.rank != 0 or self._last is None:
@@ -200,7 +199,7 @@ class SimMIMTask:
             recon = model.reconstruct(images.to(self.device), masks.to(self.device)).float().cpu()
         model.train(was_training)
         picture = recon_grid(images, masks, recon, self.spec.model.patch_size, self.settings.norm_target_window)
-        path = save_png(picture, os.path.join(self.spec.run_dir, RECON_DIR, f"{tag_for(step)}.png"))
+        path = save_png(picture, RunDir(self.spec.run_dir).reconstruction(step))
         log_image = getattr(logger, "log_image", None)
         if log_image is not None:
             log_image("simmim/reconstruction", picture, step)
@@ -228,11 +227,12 @@ class SimMIMTask:
         model.train(was_training)
         s = all_reduce_sum(sums)
         in_chans = self.spec.model.in_chans
-        return {"val/loss": s[0] / (s[1] + _EPS) / in_chans, "val/samples": s[2],
-                "val/mask_ratio": s[3] / max(1.0, s[2] * self.masks.token_grid ** 2)}
+        return {VAL_LOSS: s[0] / (s[1] + _EPS) / in_chans, VAL_SAMPLES: s[2],
+                val_key("mask_ratio"): s[3] / max(1.0, s[2] * self.masks.token_grid ** 2)}
 
     def describe(self, m: Dict[str, float]) -> str:
-        return f"val masked L1 {m['val/loss']:.4f} ({int(m['val/samples'])} images, mask ratio {m['val/mask_ratio']:.3f})"
+        return (f"val masked L1 {m[VAL_LOSS]:.4f} ({int(m[VAL_SAMPLES])} images, mask ratio "
+                f"{m[val_key('mask_ratio')]:.3f})")
 
     def rng_state(self) -> Dict[str, Any]:
         return {}  # masks come from the data stream (seeded per sample); the task draws nothing
