@@ -8,11 +8,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from swinv2_train.errors import NonFiniteError
+from swinv2_train.errors import NonFiniteError, ResumeMismatchError
 from swinv2_train.lifecycle import cpu_threads
 from swinv2_train.spec import resolve_spec
 from swinv2_train.tasks import TASKS, build_task
-from swinv2_train.trainer import KeyTrace, NonFinitePolicy, StepResult, Trainer, due, probe_due, rank_metrics, restore
+from swinv2_train.trainer import (Budget, Cadence, KeyTrace, NonFinitePolicy, StepResult, Trainer, rank_metrics,
+                                  restore)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,11 +58,40 @@ def test_fp16_loss_scaler_skips_are_not_nonfinite_steps():
         p.observe(2, result(bad_loss=True))
 
 
+def due_steps(cadence, total):
+    return [s for s in range(1, total + 1) if cadence.due(s, total)]
+
+
 def test_cadences():
-    assert [s for s in range(1, 13) if due(s, 4)] == [4, 8, 12] and not due(4, 0)
-    # probes of the step about to run (0-based): the first, every 4th, the last -> logged at 1, 4, 8
-    assert [s + 1 for s in range(8) if probe_due(s, 8, 4)] == [1, 4, 8]
-    assert not any(probe_due(s, 8, 0) for s in range(8))
+    assert due_steps(Cadence(4), 12) == [4, 8, 12] and not Cadence(0).due(4, 12)
+    # the trainer's probes: the first, every 4th, the last
+    assert due_steps(Cadence(4, first=True, last=True), 8) == [1, 4, 8]
+    assert due_steps(Cadence(0, first=True, last=True), 8) == []
+
+
+def test_cadence_first_and_last_come_on_top_of_every():
+    assert due_steps(Cadence(3), 8) == [3, 6]
+    assert due_steps(Cadence(3, last=True), 8) == [3, 6, 8]     # the log cadence: the last step too
+    assert due_steps(Cadence(3, first=True), 8) == [1, 3, 6]
+    assert due_steps(Cadence(1, first=True, last=True), 3) == [1, 2, 3]  # no step twice
+    assert due_steps(Cadence(10, last=True), 8) == [8]         # longer than the run: the last only
+
+
+def test_budget_decides_the_end_and_what_a_checkpoint_can_resume(tmp_path):
+    b = Budget.of(spec_of("train.max_steps=8", "train.stop_at_step=5"))
+    assert (b.total, b.key, b.value) == (8, "train.max_steps", 8)
+    assert [s for s in range(10) if b.reached(s)] == [8, 9] and [s for s in range(10) if b.stops_early(s)] == [5]
+    assert b.resumes(7, "run") and not b.resumes(8, "run")  # 8: the run is complete
+    with pytest.raises(ResumeMismatchError, match=r"step 9, beyond train.max_steps=8.*run.resume=never"):
+        b.resumes(9, "run")
+    assert "already completed its 8 steps (train.max_steps=8)" in b.completed_message("run", 8)
+    # train.epochs: the total is known once the stream gives the steps per epoch
+    epochs = spec_of("train.max_steps=null", "train.epochs=2")
+    unknown, known = Budget.of(epochs), Budget.of(epochs, steps_per_epoch=3)
+    assert unknown.total is None and not unknown.reached(10**6) and unknown.resumes(10**6, "run")
+    assert known.total == 6 and known.key == "train.epochs" and not known.resumes(6, "run")
+    with pytest.raises(ResumeMismatchError, match=r"beyond train.epochs=2.* \(6 steps\)"):
+        known.resumes(7, "run")
 
 
 def test_rank_metrics_reductions():
@@ -224,6 +254,14 @@ def make_trainer(*overrides, signal_at=None):
     spec = spec_of("train.batch_size=4", "train.grad_accum=2", "train.max_steps=8", "sched.warmup_steps=2", *overrides)
     return Trainer(spec=spec, env=Env(), engine=FakeEngine(), task=FakeTask(), stream=FakeStream(),
                    ckpt=FakeCheckpoints(), preempt=FakePreemption(signal_at), logger=Recorder())
+
+
+def test_trainer_is_built_whole():
+    """Nothing is attached to a Trainer from outside: what build_trainer knows goes in its fields."""
+    fields = set(Trainer.__dataclass_fields__)
+    assert {"info", "ema", "probe", "key_trace", "logger"} <= fields
+    tr = make_trainer()
+    assert tr.info == {} and tr.budget.total == tr.total == 8
 
 
 def test_fit_runs_the_budget_with_its_cadences():

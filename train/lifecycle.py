@@ -22,13 +22,12 @@ from . import distributed
 from .allocator import apply_cpu_malloc_policy
 from .amplitudes import plot_amplitudes
 from .checkpoint import check_resumable, export_checkpoint, read_marker, resolve_resume
-from .errors import ResumeMismatchError, UserError
+from .errors import UserError
 from .metrics import build_logger, read_jsonl
 from .preemption import PreemptionHandler
 from .rundir import EMA_EXPORT_FILE, VAL_LOSS, VAL_TOP1, VAL_TOP5, RunDir, ema_key, set_aside
 from .spec import RunSpec, resolve_spec
-from .tasks import task_class
-from .trainer import Trainer, build_trainer, progress_bar
+from .trainer import Budget, Trainer, build_trainer, progress_bar
 
 log = logging.getLogger("train")
 
@@ -58,7 +57,7 @@ def train(spec: RunSpec, env, preempt, t_start: float) -> Dict[str, Any]:
         log.info("run.resume=never: moved the earlier checkpoint folders of %s to %s", spec.run_dir,
                  plan["set_aside"])
     if plan["completed"]:
-        return _already_completed(spec, env, plan["step"])
+        return _already_completed(spec, env, Budget.of(spec), plan["step"])
     os.makedirs(spec.run_dir, exist_ok=True)
     if env.rank == 0:  # the resolved config, class count included (resume checks read it)
         OmegaConf.save(OmegaConf.create(spec.config), RunDir(spec.run_dir).config)
@@ -67,12 +66,9 @@ def train(spec: RunSpec, env, preempt, t_start: float) -> Dict[str, Any]:
         apply_cpu_malloc_policy(spec.train.cpu_malloc, spec.model.img_size)  # before the model and engine allocate anything
 
     trainer = build_trainer(spec, env, preempt, plan["resume_dir"])
-    if spec.schedule.max_steps is None and plan["resume_dir"] is not None and trainer.step >= trainer.total:
-        # train.epochs: the step budget is known only now (batches per epoch)
-        if trainer.step > trainer.total:
-            raise _beyond_budget_error(spec.run_dir, trainer.step, f"train.epochs={spec.train.epochs} "
-                                       f"({trainer.total} steps)")
-        return _already_completed(spec, env, trainer.step)
+    # train.epochs: the step budget is known only now (batches per epoch); train.max_steps: plan_resume decided
+    if plan["resume_dir"] is not None and not trainer.budget.resumes(trainer.step, spec.run_dir):
+        return _already_completed(spec, env, trainer.budget, trainer.step)
     trainer.logger = build_logger(env.rank, spec.run_dir, spec.logger, trainer.wandb_id, config=spec.config)
     _log_start(trainer)
     trainer.bar = progress_bar(spec, env, trainer.total, trainer.step)
@@ -102,7 +98,7 @@ def finish(trainer: Trainer, summary: Dict[str, Any], t_start: float) -> Dict[st
                                                         title=f"{spec.run.name}: activation RMS per block",
                                                         depths=list(spec.model.depths))
         if spec.run.export_official and trainer.last_saved:  # the checkpoint just saved, of the last step
-            summary["export"] = run.file(task_class(spec).export_file)  # the task's format (SimMIM: its own)
+            summary["export"] = run.file(trainer.task.export_file)  # the task's format (SimMIM: its own)
             export_checkpoint(trainer.last_saved, summary["export"])
             if trainer.ema is not None:  # the EMA of weights, in the same format
                 summary["export_ema"] = run.file(EMA_EXPORT_FILE)
@@ -129,18 +125,16 @@ def plan_resume(spec: RunSpec, world_size: int):
             return plan
         check_resumable(resume_dir, spec.config, world_size, spec.run_dir, spec.num_classes)
         step = int(read_marker(resume_dir).get("step", 0))
-        max_steps = spec.schedule.max_steps
-        if max_steps is not None and step > max_steps:
-            raise _beyond_budget_error(spec.run_dir, step, f"train.max_steps={max_steps}")
-        plan.update(resume_dir=resume_dir, step=step, completed=max_steps is not None and step == max_steps)
+        completed = not Budget.of(spec).resumes(step, spec.run_dir)  # train.epochs: decided after the build
+        plan.update(resume_dir=resume_dir, step=step, completed=completed)
     except Exception as e:  # returned, not raised: the other ranks wait for this answer
         return e
     return plan
 
 
-def _already_completed(spec: RunSpec, env, step: int) -> Dict[str, Any]:
+def _already_completed(spec: RunSpec, env, budget: Budget, step: int) -> Dict[str, Any]:
     if env.rank == 0:
-        print(already_completed_message(spec.run_dir, step, *spec.schedule.budget), flush=True)
+        print(budget.completed_message(spec.run_dir, step), flush=True)
     return {"step": step, "stopped": "already_completed", "run_dir": spec.run_dir}
 
 
@@ -153,17 +147,6 @@ def _log_start(trainer: Trainer) -> None:
              b.accum, env.world_size, trainer.total, trainer.steps_per_epoch, trainer.warmup, spec.schedule.lr,
              spec.optim.lr, spec.optim.lr_batch_ref, spec.task.name)
     log.info("optimizer: %s", trainer.info["optimizer"])
-
-
-def already_completed_message(run_dir: str, step: int, key: str, value: Any) -> str:
-    return (f"swinv2-train: {run_dir} already completed its {step} steps ({key}={value}); nothing to do. "
-            f"To train on, raise {key}; to start over use run.resume=never or another run.dir=...")
-
-
-def _beyond_budget_error(run_dir: str, step: int, budget: str) -> ResumeMismatchError:
-    return ResumeMismatchError(
-        f"{run_dir} holds a checkpoint at step {step}, beyond {budget}: it cannot be resumed to a shorter run. "
-        f"Raise the step budget to continue it, or start a new run with another run.dir=... or run.resume=never")
 
 
 def cpu_threads(requested: Optional[int], num_workers: int) -> int:

@@ -11,7 +11,6 @@ import torch
 
 import swinv2
 from .spec import RunSpec
-from .tasks import task_class
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +92,13 @@ def swap_fused_layernorm(model: torch.nn.Module) -> int:
     return n
 
 
-def build_optimizer(spec: RunSpec, model: torch.nn.Module, use_apex: bool) -> torch.optim.Optimizer:
-    # official wd exclusions; with optim.layer_decay < 1 one decay/no_decay pair per layer id
-    # the task says where the backbone's names start (SimMIM: "encoder."; mask_token -> id 0, decoder -> L+1)
-    prefix = task_class(spec).backbone_prefix
-    groups = swinv2.param_groups(model, spec.optim.weight_decay, spec.optim.layer_decay, backbone_prefix=prefix)
+def build_optimizer(spec: RunSpec, model: torch.nn.Module, use_apex: bool,
+                    backbone_prefix: str = "") -> torch.optim.Optimizer:
+    """AdamW over swinv2.param_groups: the official weight-decay exclusions and, with optim.layer_decay
+    < 1, one decay/no_decay pair per layer id. `backbone_prefix`: where the backbone's parameter
+    names start (the task's; SimMIM: "encoder.", its mask_token -> id 0, decoder -> L+1)."""
+    groups = swinv2.param_groups(model, spec.optim.weight_decay, spec.optim.layer_decay,
+                                 backbone_prefix=backbone_prefix)
     log.info("optimizer groups: %s", describe_layer_decay(groups, spec.optim.layer_decay))
     kw = dict(lr=spec.schedule.lr, betas=tuple(spec.optim.betas), eps=spec.optim.eps)
     if use_apex:
@@ -118,8 +119,9 @@ def describe_layer_decay(groups: list, layer_decay: float) -> str:
     return f"{len(groups)}, layer_decay {layer_decay:g}, layer id:lr_scale(tensors) {items}"
 
 
-def parallelize(spec: RunSpec, model: torch.nn.Module) -> Tuple[Any, Dict[str, Any]]:
+def parallelize(spec: RunSpec, model: torch.nn.Module, backbone_prefix: str = "") -> Tuple[Any, Dict[str, Any]]:
     """Checkpointing -> fused kernels -> DeepSpeed engine (ZeRO-1) -> optional compile.
+    `backbone_prefix`: the task's (build_optimizer).
 
     Returns (engine, info) where info records what was chosen, for the run log.
     """
@@ -132,7 +134,7 @@ def parallelize(spec: RunSpec, model: torch.nn.Module) -> Tuple[Any, Dict[str, A
         if ac.every > 0 else 0)
     use_apex = _use_apex(spec.optim.fused)
     info["fused_layernorm"] = swap_fused_layernorm(model) if use_apex else 0
-    optimizer = build_optimizer(spec, model, use_apex)
+    optimizer = build_optimizer(spec, model, use_apex, backbone_prefix)
     info["optimizer"] = ("apex FusedAdam (adam_w_mode) + FusedLayerNorm" if use_apex else
                          "torch.optim.AdamW (native; apex " + ("disabled by optim.fused=torch)" if _apex_available()
                                                                 else "not importable)"))

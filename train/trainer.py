@@ -6,10 +6,10 @@ put together by `build_trainer` and driven by `Trainer.fit`, a loop of small par
         result = train_step()                           # accum micro-batches -> one update
         nonfinite.observe(step, result)                 # skip / fail policy (raises NonFiniteError)
         ema.update() if the step was applied            # train.ema_decay (swinv2_train.ema)
-        log / evaluate / save when due
+        log / evaluate / save when due                  # Cadence; the end of the run is Budget's
 
-The policies (non-finite steps, cadences, metric reductions over ranks) are plain functions and
-small classes with unit tests (tests/test_trainer_units.py); they need no engine.
+The policies (non-finite steps, cadences, the step budget, metric reductions over ranks) are plain
+functions and small classes with unit tests (tests/test_trainer_units.py); they need no engine.
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ from .amplitudes import amplitude_metrics
 from .checkpoint import CheckpointManager, set_rng_state
 from .data import TrainStream, saved_position
 from .ema import ModelEma, build_ema, evaluate_ema
-from .errors import NonFiniteError
+from .errors import NonFiniteError, ResumeMismatchError
 from .metrics import NullLogger
 from .parallelize import parallelize
 from .rng import seed_rank_streams
 from .rundir import EMA_FILE, RunDir
-from .tasks import Task, build_task, reduced_train_metrics, task_class
+from .tasks import Task, reduced_train_metrics, task_class
 
 log = logging.getLogger("train")
 
@@ -86,15 +86,62 @@ class NonFinitePolicy:
         return True
 
 
-def due(step: int, every: int) -> bool:
-    """Every `every` steps (0: never)."""
-    return bool(every) and step % every == 0
+@dataclass(frozen=True)
+class Cadence:
+    """When something periodic is due (logging, evaluation, checkpoint saves, probes, ...): at every
+    `every`-th step, plus the first step with `first` and the last (`total`) with `last`;
+    `every` 0 switches it off, first and last included. Steps count from 1."""
+
+    every: int
+    first: bool = False
+    last: bool = False
+
+    def due(self, step: int, total: int) -> bool:
+        if self.every <= 0:
+            return False
+        return step % self.every == 0 or (self.first and step == 1) or (self.last and step == total)
 
 
-def probe_due(step: int, total: int, every: int) -> bool:
-    """Amplitude probes for the step about to run (0-based `step`): the first, every `every`-th
-    and the last."""
-    return every > 0 and (step == 0 or (step + 1) % every == 0 or step + 1 == total)
+@dataclass(frozen=True)
+class Budget:
+    """Where training ends, decided here only: `total` steps, set by `key`=`value` (train.max_steps,
+    known before anything is built, or train.epochs, known once the data stream says how many
+    steps an epoch has: `total` None until then); train.stop_at_step (`stop_at`) ends the run
+    earlier, through the preemption path (checkpoint, exit, resumable)."""
+
+    key: str
+    value: Any
+    total: Optional[int]
+    stop_at: Optional[int] = None
+
+    @classmethod
+    def of(cls, spec, steps_per_epoch: Optional[float] = None) -> "Budget":
+        s = spec.schedule
+        known = s.max_steps is not None or steps_per_epoch is not None
+        return cls(*s.budget, s.total_steps(steps_per_epoch) if known else None, spec.train.stop_at_step)
+
+    def reached(self, step: int) -> bool:
+        return self.total is not None and step >= self.total
+
+    def stops_early(self, step: int) -> bool:
+        return self.stop_at is not None and step == self.stop_at and not self.reached(step)
+
+    def resumes(self, step: int, run_dir: str) -> bool:
+        """Whether a checkpoint of `step` has training left to do (True while `total` is unknown);
+        a checkpoint beyond the budget is a ResumeMismatchError."""
+        if self.total is None or step < self.total:
+            return True
+        if step > self.total:
+            setting = f"{self.key}={self.value}" + (f" ({self.total} steps)" if self.key != "train.max_steps" else "")
+            raise ResumeMismatchError(
+                f"{run_dir} holds a checkpoint at step {step}, beyond {setting}: it cannot be resumed to a shorter "
+                "run. Raise the step budget to continue it, or start a new run with another run.dir=... or "
+                "run.resume=never")
+        return False
+
+    def completed_message(self, run_dir: str, step: int) -> str:
+        return (f"swinv2-train: {run_dir} already completed its {step} steps ({self.key}={self.value}); nothing to "
+                f"do. To train on, raise {self.key}; to start over use run.resume=never or another run.dir=...")
 
 
 def peak_memory_mb() -> float:
@@ -168,14 +215,24 @@ class Trainer:
     bar: Any = None
     key_trace: Optional[KeyTrace] = None
     ema: Optional[ModelEma] = None  # train.ema_decay (swinv2_train.ema)
+    info: Dict[str, Any] = field(default_factory=dict)  # what parallelize chose (optimizer, ...), for the run log
 
     def __post_init__(self):
         t = self.spec.train
         self.steps_per_epoch = self.stream.batches_per_epoch  # a stream batch is a global batch: one step
-        self.total = self.spec.schedule.total_steps(self.steps_per_epoch)
+        self.budget = Budget.of(self.spec, self.steps_per_epoch)
         self.warmup = self.spec.schedule.warmup(self.steps_per_epoch)
         self.nonfinite = NonFinitePolicy(t.nan_policy, t.max_consecutive_nonfinite, t.precision == "fp16")
         self.inject_nan = set(t.debug_inject_nan_steps)
+        self.log_cadence = Cadence(t.log_every, last=True)
+        # evaluation and checkpoint saves inside the budget; its end has its own (lifecycle.finish)
+        self.eval_cadence, self.ckpt_cadence = Cadence(t.eval_every), Cadence(t.ckpt_every)
+        self.probe_cadence = Cadence(t.probe_every, first=True, last=True)
+
+    @property
+    def total(self) -> int:
+        """The step budget (known: the data stream is open)."""
+        return self.budget.total
 
     # -- one optimizer step
     def train_step(self, probe=None) -> StepResult:
@@ -230,7 +287,7 @@ class Trainer:
         self.logger.log(m, self.step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{r.loss:.3f}", lr=f"{m['lr']:.2e}")
-        elif self.env.rank == 0 and (due(self.step, self.spec.train.log_every) or self.step == self.total):
+        elif self.env.rank == 0 and self.log_cadence.due(self.step, self.total):
             log.info("step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f img/s wait %.0f%%", self.step, self.total,
                      r.loss, m["lr"], r.grad_norm, m["train/images_per_s"], 100 * m["train/data_wait_frac"])
 
@@ -276,12 +333,13 @@ class Trainer:
         """Train to the step budget; 'completed' or 'preempted' (checkpoint saved, requeued)."""
         t = self.spec.train
         compiled_kinds: set = set()  # probed or not: the kinds of step compiled so far
-        while self.step < self.total:
+        while not self.budget.reached(self.step):
             if self.preempt.should_stop():  # collective, every step boundary
                 self.save()
                 self.preempt.requeue()
                 return "preempted"
-            probed = self.probe is not None and probe_due(self.step, self.total, t.probe_every)
+            # the probe's hooks go in before the step they measure (the one numbered step + 1)
+            probed = self.probe is not None and self.probe_cadence.due(self.step + 1, self.total)
             graphs = _compiled_graphs() if t.compile else 0
             r = self.train_step(self.probe if probed else None)
             if t.compile:
@@ -293,17 +351,18 @@ class Trainer:
             if self.key_trace is not None:
                 self.key_trace.write(self.step)
             nonfinite = self.nonfinite.observe(self.step, r)
-            if due(self.step, t.log_every) or nonfinite or probed or self.step == self.total:
+            if self.log_cadence.due(self.step, self.total) or nonfinite or probed:
                 self.log_step(r, probed)
             if self.bar is not None:
                 self.bar.update(1)
             if hasattr(self.task, "after_step"):  # e.g. SimMIM's reconstruction pictures (rank 0, no collective)
                 self.task.after_step(self.step, self.engine.module, self.logger)
-            if due(self.step, t.eval_every) and self.step < self.total:
+            inside = not self.budget.reached(self.step)
+            if inside and self.eval_cadence.due(self.step, self.total):
                 self.evaluate()
-            if due(self.step, t.ckpt_every) and self.step < self.total:
+            if inside and self.ckpt_cadence.due(self.step, self.total):
                 self.save()
-            if t.stop_at_step is not None and self.step == t.stop_at_step and self.step < self.total:
+            if self.budget.stops_early(self.step):
                 self.preempt.request_stop()  # same path as a preemption signal: save at the boundary, exit
         return "completed"
 
@@ -330,17 +389,10 @@ def restore(ckpt: CheckpointManager, engine, resume_dir: Optional[str]) -> Train
     return state
 
 
-def build_model(spec, from_checkpoint: bool) -> torch.nn.Module:
-    """The task's model (swinv2_train.tasks: the classifier, or SimMIM's encoder + decoder), with
-    `model.pretrained` loaded unless resuming."""
-    return task_class(spec).build_model(spec, from_checkpoint)
-
-
-def open_stream(spec, env, position: Optional[Dict[str, Any]] = None) -> TrainStream:
+def open_stream(spec, env, task: Task, position: Optional[Dict[str, Any]] = None) -> TrainStream:
     """This rank's training stream of `spec` (the elastic order, swinv2_train.data.stream), from a
     saved data position (None: the start). A task without labels (SimMIM) has the stream draw
     its masks per sample instead."""
-    task = task_class(spec)
     masks = None if getattr(task, "labels", True) else task.stream_masks(spec)
     return TrainStream(spec.data, img_size=spec.model.img_size, global_batch=spec.batch.global_batch,
                        grad_accum=spec.batch.accum, rank=env.rank, world_size=env.world_size,
@@ -348,23 +400,26 @@ def open_stream(spec, env, position: Optional[Dict[str, Any]] = None) -> TrainSt
 
 
 def build_trainer(spec, env, preempt, resume_dir: Optional[str]) -> Trainer:
-    """Model -> engine -> restored state -> per-rank random streams -> task -> batch stream."""
-    engine, info = parallelize(spec, build_model(spec, resume_dir is not None))
+    """Task class -> model -> engine -> restored state -> per-rank random streams -> task -> batch
+    stream. The task class answers the questions that depend on the objective (swinv2_train.tasks):
+    its model (with `model.pretrained` loaded unless resuming), where the backbone's parameter names
+    start (the optimizer's groups) and what the data stream draws."""
+    task_cls = task_class(spec)  # the one lookup of the run's task
+    model = task_cls.build_model(spec, resume_dir is not None)
+    engine, info = parallelize(spec, model, backbone_prefix=task_cls.backbone_prefix)
     ckpt = CheckpointManager(spec.run_dir, spec.train.keep_ckpts, env.rank, env.world_size)
     state = restore(ckpt, engine, resume_dir)
     ema = build_ema(spec, engine.module, resume_dir)  # after the restore: a fresh EMA starts at these weights
     seed_rank_streams(spec.run.seed, env.rank)
-    task = build_task(spec, env)
+    task = task_cls(spec, env)
     if state.rng is not None:
         set_rng_state(state.rng)
         task.set_rng_state(state.rng)
-    stream = open_stream(spec, env, state.data_position)
+    stream = open_stream(spec, env, task, state.data_position)
     probe = swinv2.probes.AmplitudeProbe(engine.module) if spec.train.probe_every > 0 else None
-    trainer = Trainer(spec=spec, env=env, engine=engine, task=task, stream=stream, ckpt=ckpt, preempt=preempt,
-                      step=state.step, wandb_id=state.wandb_id, probe=probe, ema=ema,
-                      key_trace=KeyTrace(spec.run_dir, env.rank) if os.environ.get(KEY_TRACE_ENV) == "1" else None)
-    trainer.info = info
-    return trainer
+    key_trace = KeyTrace(spec.run_dir, env.rank) if os.environ.get(KEY_TRACE_ENV) == "1" else None
+    return Trainer(spec=spec, env=env, engine=engine, task=task, stream=stream, ckpt=ckpt, preempt=preempt,
+                   step=state.step, wandb_id=state.wandb_id, probe=probe, ema=ema, key_trace=key_trace, info=info)
 
 
 def progress_bar(spec, env, total: int, initial: int):

@@ -28,6 +28,7 @@ from ..tasks.simmim import SimMIMTask
 
 class Task(Protocol):
     name: str
+    export_file: str  # the run's export (a swinv2_train.rundir name)
 
     def batch(self, images: torch.Tensor, targets: torch.Tensor) -> Any:
         """A loader batch -> what `loss` takes (on the device)."""
@@ -51,12 +52,14 @@ TASKS: Dict[str, Callable[..., Task]] = {"classification": ClassificationTask, "
 
 
 def task_class(spec) -> Any:
-    """The class of the run's task (its static answers: build_model, export_file, ...)."""
+    """The class of the run's task (its static answers: build_model, export_file, ...). The
+    trainer looks it up once (build_trainer) and hands its answers on."""
     return TASKS[spec.task.name]
 
 
 def build_task(spec, env) -> Task:
-    return TASKS[spec.task.name](spec, env)
+    """The run's task on this rank (a shorthand for tools and tests: the trainer has the class)."""
+    return task_class(spec)(spec, env)
 
 
 def reduced_train_metrics(task: Task) -> Dict[str, float]:
