@@ -3,7 +3,7 @@ from . import probes
 from .attention import WindowAttention
 from .kernels import KERNELS
 from .checkpointing import apply_activation_checkpointing, remove_activation_checkpointing
-from .config import ATTENTION_KERNELS, VARIANTS, SwinV2Config, WindowGeometry, window_geometry
+from .config import ATTENTION_KERNELS, PAPER_VARIANTS, VARIANTS, SwinV2Config, WindowGeometry, window_geometry
 from .flops import flops
 from .model import (BasicLayer, BlockRef, PatchEmbed, PatchMerging, SwinTransformerV2, SwinTransformerV2Block, create_model,
                     iter_blocks, param_groups)
@@ -15,7 +15,7 @@ from .weights import (CheckpointMismatchError, LoadReport, load_official_state_d
                       save_official_state_dict)
 
 __all__ = [
-    "VARIANTS", "ATTENTION_KERNELS", "KERNELS", "SwinV2Config", "WindowGeometry", "window_geometry", "BlockRef", "SwinTransformerV2", "SwinTransformerV2Block",
+    "VARIANTS", "PAPER_VARIANTS", "ATTENTION_KERNELS", "KERNELS", "SwinV2Config", "WindowGeometry", "window_geometry", "BlockRef", "SwinTransformerV2", "SwinTransformerV2Block",
     "BasicLayer", "PatchMerging", "PatchEmbed", "WindowAttention", "create_model", "iter_blocks", "param_groups",
     "layer_id", "no_weight_decay",
     "apply_activation_checkpointing", "remove_activation_checkpointing", "flops", "probes", "AmplitudeProbe",

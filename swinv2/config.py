@@ -17,7 +17,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
     "huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), extra_norm_every=6),
     "giant": dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), extra_norm_every=6),
+    # Not from the paper: the trainer's embedded default (a smoke run on a CPU in about a minute);
+    # the tiny layout at C=32 with one or two blocks per stage, head dim 32 as above.
+    "toy": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
 }
+PAPER_VARIANTS = ("tiny", "small", "base", "large", "huge", "giant")
+# The fields a variant sets: its architecture (a variant name means these sizes unless given too).
+VARIANT_FIELDS = tuple(sorted({k for sizes in VARIANTS.values() for k in sizes}))
 
 
 class WindowGeometry(NamedTuple):
@@ -175,6 +181,11 @@ class SwinV2Config:
             if geo.padded(res) % geo.window:
                 _bad("window_size", f"stage {i} resolution {res} is neither <= window {self.window_size} "
                      f"nor divisible by it (img_size={self.img_size}); pad_to_window pads it")
+
+
+# The model's defaults, for the modules that can also be built on their own (a block, an attention
+# layer): their signatures read these instead of restating the values.
+DEFAULTS = SwinV2Config()
 
 
 def _bad(field: str, msg: str) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import swinv2
-from swinv2 import (SwinTransformerV2, SwinV2Config, VARIANTS, apply_activation_checkpointing, create_model,
+from swinv2 import (PAPER_VARIANTS, SwinTransformerV2, SwinV2Config, VARIANTS, apply_activation_checkpointing, create_model,
                     iter_blocks, param_groups)
 from swinv2.attention import relative_coords_table, relative_position_index
 from swinv2.model import PatchMerging
@@ -333,13 +333,18 @@ def test_unknown_variant_and_override():
 
 
 def test_variant_table():
-    assert {k: (v["embed_dim"], v["depths"], v["num_heads"]) for k, v in VARIANTS.items()} == {
+    paper = {k: v for k, v in VARIANTS.items() if k in PAPER_VARIANTS}
+    assert {k: (v["embed_dim"], v["depths"], v["num_heads"]) for k, v in paper.items()} == {
         "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
         "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
         "huge": (352, (2, 2, 18, 2), (11, 22, 44, 88)), "giant": (512, (2, 2, 42, 4), (16, 32, 64, 128))}
     for name, v in VARIANTS.items():
         assert all(v["embed_dim"] * 2**i // h == 32 for i, h in enumerate(v["num_heads"])), name
     assert VARIANTS["huge"]["extra_norm_every"] == VARIANTS["giant"]["extra_norm_every"] == 6
+    # the one entry beyond the paper: the trainer's embedded default, 1.44M parameters at 10 classes
+    assert set(VARIANTS) - set(PAPER_VARIANTS) == {"toy"}
+    assert sum(p.numel() for p in create_model("toy", img_size=32, window_size=4, num_classes=10).parameters()) \
+        == pytest.approx(1.44e6, rel=0.01)
 
 
 # --------------------------------------------------------------------------------------------- optimiser groups

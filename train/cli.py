@@ -21,6 +21,7 @@ from typing import Iterator, List, NoReturn, Optional
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from swinv2.config import VARIANT_FIELDS
 from .config import ConfigError
 from .errors import UsageError, UserError
 
@@ -136,7 +137,17 @@ def prepare_overrides(args: List[str]) -> List[str]:
     for arg in overrides:
         check_override(arg)
     flags = [a for i, a in enumerate(args) if i not in positions]
-    return flags + overrides
+    return flags + with_variant_sizes(overrides)
+
+
+def with_variant_sizes(overrides: List[str]) -> List[str]:
+    """A model the user names (`model.variant=X` or `model=X`) is built with X's sizes from
+    swinv2's variant table: the sizes a recipe or the embedded default states for its own model
+    (model.embed_dim, depths, ...) are reset to null, unless the user types them too."""
+    typed = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if not typed & {"model.variant", "model"}:
+        return overrides
+    return overrides + [f"model.{k}=null" for k in VARIANT_FIELDS if f"model.{k}" not in typed]
 
 
 # ----------------------------------------------------------------------------- errors

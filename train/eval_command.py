@@ -353,12 +353,7 @@ def run_eval(args: EvalArgs) -> Dict[str, Any]:
     else:
         if args.step is not None:
             raise UsageError(f"--step {args.step}: only for a run directory, {args.source} is a file")
-        cfg = compose_config(args.overrides)
-        if user_keys & {"model.variant", "model"} and not user_keys & {"experiment"}:
-            # the default experiment's toy sizes are for the toy model; a named variant means its own
-            for key in ("embed_dim", "depths", "num_heads", "extra_norm_every"):
-                if f"model.{key}" not in user_keys:
-                    cfg.model[key] = None
+        cfg = compose_config(args.overrides)  # model.variant=X: X's sizes (cli.with_variant_sizes)
         state_dict = load_weights(source)
         weights, step = source, None
 
