@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ATTN_TYPES
+from .config import ATTN_TYPES, DEFAULTS
 from .kernels import KERNELS, split_heads, split_heads_cosine
 
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # tau >= 0.01 (paper); no lower clamp (official)
@@ -58,9 +58,10 @@ class WindowAttention(nn.Module):
     forward(x (B*nW, N, C), mask (nW, N, N) | RegionMask | None) -> (B*nW, N, C)
     """
 
-    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
+    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = DEFAULTS.qkv_bias,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, pretrained_window_size: int = 0,
-                 attn_type: str = "cosine", kernel: str = "reference", sequential_chunk: int = 32):
+                 attn_type: str = DEFAULTS.attn_type, kernel: str = DEFAULTS.attention,
+                 sequential_chunk: int = DEFAULTS.sequential_chunk):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"attention: unknown attention kernel {kernel!r}; valid: {', '.join(KERNELS)}")

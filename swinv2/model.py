@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import WindowAttention
-from .config import VARIANTS, SwinV2Config, WindowGeometry
+from .config import DEFAULTS, VARIANTS, SwinV2Config, WindowGeometry
 from .optim_groups import no_weight_decay, param_groups  # noqa: F401  (re-exported: the model's API)
 from .windows import (RegionMask, mask_from_regions, shifted_window_partition, shifted_window_reverse,
                       window_regions)
@@ -71,11 +71,13 @@ class SwinTransformerV2Block(nn.Module):
     :func:`swinv2.config.window_geometry`); `pad` tokens are added at the bottom/right of the map for
     attention (so the window tiles it), masked out of it and cropped after (official detection style)."""
 
-    def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: int = 8,
-                 shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, pretrained_window_size: int = 0,
-                 norm_style: str = "res_post", attn_type: str = "cosine", attention: str = "reference",
-                 sequential_chunk: int = 32, extra_norm: bool = False, pad: int = 0):
+    # A block on its own (tests, studies) takes the model's defaults: SwinV2Config's, stated there only.
+    def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int,
+                 window_size: int = DEFAULTS.window_size, shift_size: int = 0, mlp_ratio: float = DEFAULTS.mlp_ratio,
+                 qkv_bias: bool = DEFAULTS.qkv_bias, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 pretrained_window_size: int = 0, norm_style: str = DEFAULTS.norm_style,
+                 attn_type: str = DEFAULTS.attn_type, attention: str = DEFAULTS.attention,
+                 sequential_chunk: int = DEFAULTS.sequential_chunk, extra_norm: bool = False, pad: int = 0):
         super().__init__()
         self.dim, self.input_resolution, self.num_heads = dim, tuple(input_resolution), num_heads
         self.mlp_ratio, self.norm_style = mlp_ratio, norm_style
@@ -218,7 +220,7 @@ class PatchMerging(nn.Module):
 class PatchEmbed(nn.Module):
     """Conv(in_chans, C, p, stride p) + LayerNorm, with clear errors for wrong input geometry."""
 
-    def __init__(self, img_size: int = 256, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         self.img_size, self.patch_size, self.in_chans, self.embed_dim = img_size, patch_size, in_chans, embed_dim
         self.patches_resolution = (img_size // patch_size, img_size // patch_size)
@@ -246,10 +248,9 @@ class BasicLayer(nn.Module):
     the odd blocks get the shift."""
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int,
-                 geometry: WindowGeometry, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: Sequence[float] | float = 0.0, downsample: bool = False, pretrained_window_size: int = 0,
-                 norm_style: str = "res_post", attn_type: str = "cosine", attention: str = "reference",
-                 sequential_chunk: int = 32, extra_norm_every: int = 0):
+                 geometry: WindowGeometry, *, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
+                 drop_path: Sequence[float] | float, downsample: bool, pretrained_window_size: int,
+                 norm_style: str, attn_type: str, attention: str, sequential_chunk: int, extra_norm_every: int):
         super().__init__()
         self.dim, self.input_resolution, self.depth = dim, tuple(input_resolution), depth
         dp = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth

@@ -13,7 +13,8 @@ from omegaconf.errors import OmegaConfBaseException
 import swinv2_train.config as C
 from swinv2.config import SwinV2Config
 from swinv2_train.parallelize import build_ds_config
-from swinv2_train.spec import cosine_lr, resolve_spec
+from swinv2_train.config import cosine_lr
+from swinv2_train.spec import resolve_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -80,7 +81,8 @@ def test_recipes_pick_the_imagenet_data_presets():
 def test_default_validates_and_is_small():
     cfg = C.validate(_compose(), world_size=1)
     assert cfg.run.dir == "runs/default" and cfg.train.max_steps and cfg.data.train_shards is None
-    assert cfg.model.img_size == 32 and cfg.model.embed_dim == 32
+    assert cfg.model.variant == "toy" and cfg.model.img_size == 32
+    assert resolve_spec(cfg, world_size=1, resolve_data=False).model.embed_dim == 32
 
 
 def test_finetune_recipe_requires_pretrained():

@@ -324,18 +324,17 @@ def test_bf16_forward_backward():
 
 
 # ------------------------------------------------------------------------------------ the task
-def test_task_config_file_settings():
-    from pathlib import Path
-
-    from swinv2_train.tasks.simmim import SimMIMSettings
-    node = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "task" / "simmim.yaml")
-    assert node.name == "simmim"
-    assert SimMIMSettings.from_task(node) == SimMIMSettings(mask_patch_size=32, mask_ratio=0.6, norm_target_window=47,
-                                                            recon_every=1000)
-    off = OmegaConf.merge(node, {"norm_target": {"enable": False}, "mask_ratio": 0.75})
-    assert SimMIMSettings.from_task(off) == SimMIMSettings(32, 0.75, 0, 1000)
+def test_task_config_settings():
+    from swinv2_train.tasks.simmim import SimMIMConfig
+    node = OmegaConf.structured(SimMIMConfig)  # what task=simmim selects
+    settings = SimMIMConfig.of(node)
+    assert (settings.mask_patch_size, settings.mask_ratio, settings.norm_target_window, settings.recon_every) == \
+        (32, 0.6, 47, 1000)
+    off = SimMIMConfig.of(OmegaConf.merge(node, {"norm_target": {"enable": False}, "mask_ratio": 0.75}))
+    assert (off.mask_patch_size, off.mask_ratio, off.norm_target_window, off.recon_every) == (32, 0.75, 0, 1000)
+    assert SimMIMConfig.of({"mask_ratio": 0.5}).mask_ratio == 0.5  # a plain dict: the rest from the defaults
     with pytest.raises(ValueError, match="odd"):
-        SimMIMSettings.from_task(OmegaConf.merge(node, {"norm_target": {"window": 48}}))
+        SimMIMConfig.of(OmegaConf.merge(node, {"norm_target": {"window": 48}}))
 
 
 class _Env:

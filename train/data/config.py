@@ -55,7 +55,7 @@ class DataConfig:
     # (rank, worker); the order depends on C, never on ranks x workers. null: the first run's
     # ranks x workers, kept in the checkpoint and reused on resume (any ranks x workers dividing C).
     canonical_streams: Optional[int] = None
-    shuffle_buffer: int = 2000           # encoded samples per canonical stream (train); 0 disables
+    shuffle_buffer: int = 1000           # encoded samples per canonical stream (train); 0 disables
     shard_shuffle: bool = True
     resampled: bool = False              # draw shards with replacement (huge datasets)
     pin_memory: bool = False

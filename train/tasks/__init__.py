@@ -7,13 +7,14 @@ never branches on the task name: `build_model(spec, from_checkpoint)` (the model
 `model.pretrained` loaded unless resuming), `backbone_prefix` (where the backbone's parameter
 names start, for swinv2.param_groups), `export_file` (the run's export; swinv2_train.checkpoint
 picks the format from the weights' keys), `labels` (whether the data stream reads class labels; a
-task without them gives the stream its `stream_masks(spec)`), an optional
-`check_config(task_node, model_config)` (ValueError naming the key), and per instance optional
+task without them gives the stream its `stream_masks(spec)`), and per instance optional
 `train_metrics()` (merged into the log at log steps, mean over ranks) and
 `after_step(step, model, logger)` (e.g. SimMIM's reconstruction pictures).
 
-A new objective is a new module here, one entry in TASKS and a config group file
-configs/task/<name>.yaml (`task=<name>`); the trainer does not change.
+Its settings are a dataclass, the class's `Config` (defaults, and an optional `check(model_config)`
+raising ValueError naming the key); swinv2_train.config registers each under the `task` config
+group by its name, so `task=<name>` selects it. A new objective is a new module here and one entry
+in TASKS; the trainer and the config tree do not change.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from typing import Any, Callable, Dict, Protocol
 import torch
 
 from ..distributed import all_reduce_sum
-from ..tasks.classification import ClassificationTask
-from ..tasks.simmim import SimMIMTask
+from .classification import ClassificationTask
+from .simmim import SimMIMTask
 
 
 class Task(Protocol):

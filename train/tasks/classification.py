@@ -3,6 +3,7 @@ evaluated as loss / top-1 / top-5 on the validation shards (optionally through a
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 import torch
@@ -25,8 +26,18 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
+@dataclass
+class ClassificationConfig:
+    """`task=classification` (the default): images -> class logits, (soft) cross entropy with the
+    data group's mixup / cutmix / label smoothing; eval = top-1 / top-5 / loss. Its settings live
+    in the data group (augmentation) and the model (the head's classes: data.num_classes)."""
+
+    name: str = "classification"
+
+
 class ClassificationTask:
     name = "classification"
+    Config = ClassificationConfig         # its `task` node
     backbone_prefix = ""                  # parameter names are the backbone's (swinv2.param_groups)
     export_file = EXPORT_FILE             # the run's export (official classification format)
 

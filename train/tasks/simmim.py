@@ -3,19 +3,20 @@
 masked L1 of swinv2.simmim.SimMIM; evaluation is the same masked L1 on the validation images with
 fixed masks; the export is the official SimMIM state dict (``encoder.*``, ``decoder.0.*``).
 
-Config (configs/task/simmim.yaml): ``mask_patch_size`` (32), ``mask_ratio`` (0.6),
-``norm_target.enable`` / ``norm_target.window`` (on, 47), as the official SwinV2-B SimMIM config.
+Config: `SimMIMConfig` below (`task=simmim`), the official SwinV2-B SimMIM values by default.
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
-from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from swinv2.simmim import (DEFAULT_NORM_TARGET_WINDOW, SimMIM, load_simmim_state_dict, normalize_targets,
                            save_simmim_state_dict, upsample_mask)
@@ -32,37 +33,64 @@ EVAL_MASK_SEED = 0  # one fixed set of validation masks for every run: val losse
 _EPS = 1e-5  # as the loss: / (masked pixels + 1e-5)
 
 
-def _get(node: Any, key: str, default: Any) -> Any:
-    if node is None:
-        return default
-    value = node.get(key, default) if isinstance(node, Mapping) or hasattr(node, "get") else getattr(node, key, default)
-    return default if value is None else value
+@dataclass
+class NormTargetConfig:
+    enable: bool = True                       # targets: each pixel normalised by its window's mean / std
+    window: int = DEFAULT_NORM_TARGET_WINDOW  # odd, centred on the pixel (official NORM_TARGET.PATCH_SIZE)
 
 
-@dataclass(frozen=True)
-class SimMIMSettings:
-    mask_patch_size: int = 32
-    mask_ratio: float = 0.6
-    norm_target_window: int = DEFAULT_NORM_TARGET_WINDOW  # 0: targets are the images themselves
-    recon_every: int = 0  # reconstruction pictures every N steps (0: off)
+@dataclass
+class SimMIMConfig:
+    """`task=simmim` (registered under the `task` group by swinv2_train.config): SimMIM masked image
+    modelling (official models/simmim.py and simmim_pretrain__swinv2_base__img192_window12__800ep):
+    the head-less encoder + a learnable mask_token + the pixel decoder Conv2d(8C, 32*32*3, 1) ->
+    PixelShuffle(32); loss = L1 on masked pixels / (masked pixels x channels). Pair it with the
+    paper's light augmentation (data.augment=light); class labels are not needed. The defaults are
+    the official SwinV2-B SimMIM values."""
+
+    name: str = "simmim"
+    mask_patch_size: int = 32   # masks are drawn per cell of this many pixels (divides model.img_size)
+    mask_ratio: float = 0.6     # exactly ceil(ratio x cells) cells masked per image
+    norm_target: NormTargetConfig = field(default_factory=NormTargetConfig)
+    recon_every: int = 1000     # reconstruction grid (input | masked | reconstruction | target) every N
+                                # steps: RUN_DIR/reconstructions/*.png + TensorBoard; 0 off
 
     @classmethod
-    def from_task(cls, task: Any) -> "SimMIMSettings":
-        """From the `task` node (dataclass, dict or DictConfig) of configs/task/simmim.yaml."""
-        norm = _get(task, "norm_target", None)
-        enable = bool(_get(norm, "enable", True))
-        window = int(_get(norm, "window", DEFAULT_NORM_TARGET_WINDOW))
-        if enable and (window < 1 or window % 2 == 0):
+    def of(cls, task: Any) -> "SimMIMConfig":
+        """The typed settings of a `task` node (this dataclass, a dict or a DictConfig; keys left
+        out take the defaults above), checked."""
+        if not isinstance(task, cls):
+            merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(_plain(task)))
+            task = OmegaConf.to_object(merged)
+        return task.validate()
+
+    @property
+    def norm_target_window(self) -> int:
+        """The target normalisation window, 0 when off (targets are the images themselves)."""
+        return self.norm_target.window if self.norm_target.enable else 0
+
+    def validate(self) -> "SimMIMConfig":
+        window = self.norm_target.window
+        if self.norm_target.enable and (window < 1 or window % 2 == 0):
             raise ValueError(f"task.norm_target.window must be a positive odd number, got {window}")
-        recon_every = int(_get(task, "recon_every", 0))
-        if recon_every < 0:
-            raise ValueError(f"task.recon_every must be >= 0 (0: no reconstruction pictures), got {recon_every}")
-        return cls(mask_patch_size=int(_get(task, "mask_patch_size", 32)),
-                   mask_ratio=float(_get(task, "mask_ratio", 0.6)),
-                   norm_target_window=window if enable else 0, recon_every=recon_every)
+        if self.recon_every < 0:
+            raise ValueError(f"task.recon_every must be >= 0 (0: no reconstruction pictures), got {self.recon_every}")
+        return self
+
+    def check(self, model_config: Any) -> None:
+        """Raise ValueError naming the task key when the settings cannot work with this model
+        (called once while the run spec is built)."""
+        self.validate()
+        MaskGenerator(model_config.img_size, self.mask_patch_size, model_config.patch_size, self.mask_ratio)
 
 
-def mask_generator(spec, settings: SimMIMSettings) -> MaskGenerator:
+def _plain(task: Any) -> Any:
+    if OmegaConf.is_config(task):
+        return OmegaConf.to_container(task, resolve=True)
+    return dataclasses.asdict(task) if dataclasses.is_dataclass(task) else dict(task)
+
+
+def mask_generator(spec, settings: SimMIMConfig) -> MaskGenerator:
     """The generator the data stream and the evaluation use (one per run)."""
     return MaskGenerator(spec.model.img_size, settings.mask_patch_size, spec.model.patch_size, settings.mask_ratio)
 
@@ -73,7 +101,7 @@ def eval_masks(generator: MaskGenerator, rank: int, batch_index: int, size: int)
     return torch.stack([generator(rng) for rng in rngs])
 
 
-def build_model(spec, settings: SimMIMSettings) -> SimMIM:
+def build_model(spec, settings: SimMIMConfig) -> SimMIM:
     """The SimMIM model of a run (encoder from spec.model, head-less)."""
     torch.manual_seed(spec.run.seed)  # same init on every rank, as the classifier
     return SimMIM(spec.model, norm_target_window=settings.norm_target_window)
@@ -113,24 +141,17 @@ def save_png(picture: np.ndarray, path: str) -> str:
     return path
 
 
-def check_config(task: Any, model_config: Any) -> None:
-    """Raise ValueError naming the task key when the settings cannot work with this model
-    (called once while the run spec is built)."""
-    settings = SimMIMSettings.from_task(task)
-    MaskGenerator(model_config.img_size, settings.mask_patch_size, model_config.patch_size, settings.mask_ratio)
-
-
 class SimMIMTask:
     name = "simmim"
     backbone_prefix = "encoder."        # swinv2.param_groups: mask_token at id 0, decoder at id L+1
     export_file = SIMMIM_EXPORT_FILE    # the official SimMIM state dict (encoder.*, decoder.0.*)
     labels = False                      # the data stream draws masks instead of reading .cls
-    check_config = staticmethod(check_config)
+    Config = SimMIMConfig                # its `task` node
 
     def __init__(self, spec, env):
         self.spec, self.env = spec, env
         self.device = env.device
-        self.settings = SimMIMSettings.from_task(spec.task)
+        self.settings = SimMIMConfig.of(spec.task)
         self.masks = mask_generator(spec, self.settings)
         self._ratio_sum, self._ratio_batches = 0.0, 0
         self._last: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # a few images of the last batch
@@ -140,7 +161,7 @@ class SimMIMTask:
     def build_model(spec, from_checkpoint: bool = False) -> SimMIM:
         """The SimMIM model; `model.pretrained` (an official SimMIM file) continues pre-training,
         unless resuming (the checkpoint wins)."""
-        model = build_model(spec, SimMIMSettings.from_task(spec.task))
+        model = build_model(spec, SimMIMConfig.of(spec.task))
         if getattr(spec, "pretrained", None) and not from_checkpoint:
             dropped = SimMIMTask.load_pretrained(model, spec.pretrained)
             log.info("loaded SimMIM weights %s (window-dependent buffers rebuilt: %d)", spec.pretrained, len(dropped))
@@ -149,7 +170,7 @@ class SimMIMTask:
     @staticmethod
     def stream_masks(spec) -> MaskGenerator:
         """What the data stream draws per sample (plain ints: pickles to the workers)."""
-        return mask_generator(spec, SimMIMSettings.from_task(spec.task))
+        return mask_generator(spec, SimMIMConfig.of(spec.task))
 
     @staticmethod
     def load_pretrained(model: SimMIM, path: Any) -> list:
@@ -241,5 +262,5 @@ class SimMIMTask:
         pass
 
 
-__all__ = ["SimMIMTask", "SimMIMSettings", "mask_generator", "eval_masks", "build_model", "check_config",
+__all__ = ["SimMIMTask", "SimMIMConfig", "mask_generator", "eval_masks", "build_model",
            "recon_grid", "EVAL_MASK_SEED"]
