@@ -1,7 +1,7 @@
 """SwinV2 configuration: one dataclass plus the paper's variant table (T/S/B/L/H/G)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
 NORM_STYLES = ("res_post", "pre")
@@ -57,6 +57,10 @@ def window_geometry(resolution: int, window_size: int, pad_to_window: bool = Fal
     return WindowGeometry(window_size, window_size // 2, pad)
 
 
+# Fields that say how the model runs, not which weights it has: a checkpoint resumes under any value.
+RUNTIME = {"runtime": True}
+
+
 @dataclass
 class SwinV2Config:
     img_size: int = 256
@@ -69,15 +73,15 @@ class SwinV2Config:
     window_size: int = 8
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.1
+    drop_rate: float = field(default=0.0, metadata=RUNTIME)
+    attn_drop_rate: float = field(default=0.0, metadata=RUNTIME)
+    drop_path_rate: float = field(default=0.1, metadata=RUNTIME)
     pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)
     norm_style: str = "res_post"
     attn_type: str = "cosine"
     extra_norm_every: int = 0
-    attention: str = "reference"
-    sequential_chunk: int = 32  # windows per chunk for the "sequential" kernel
+    attention: str = field(default="reference", metadata=RUNTIME)
+    sequential_chunk: int = field(default=32, metadata=RUNTIME)  # windows per chunk for the "sequential" kernel
     # pad a stage map the window does not tile to a multiple of it (padded tokens masked out of
     # attention, cropped after): the paper's W32 at 1536^2 (stage 4 is 48x48). Off: official classifier.
     pad_to_window: bool = False
@@ -186,6 +190,9 @@ class SwinV2Config:
 # The model's defaults, for the modules that can also be built on their own (a block, an attention
 # layer): their signatures read these instead of restating the values.
 DEFAULTS = SwinV2Config()
+
+
+RUNTIME_FIELDS = tuple(f.name for f in fields(SwinV2Config) if f.metadata.get("runtime"))
 
 
 def _bad(field: str, msg: str) -> None:

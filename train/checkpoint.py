@@ -39,10 +39,6 @@ from .rundir import latest_committed  # noqa: F401  (callers of this module's ea
 
 log = logging.getLogger(__name__)
 
-# SwinV2Config fields that leave the weights and their shapes alone: free to change on resume
-FREE_MODEL_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate", "attention", "sequential_chunk")
-
-
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -266,14 +262,14 @@ def _shape_fields(cfg: Any, num_classes: int) -> Dict[str, Any]:
     their config keys (the class count is data.num_classes, resolved from the data source)."""
     from omegaconf import OmegaConf
 
-    from swinv2.config import SwinV2Config
+    from swinv2.config import RUNTIME_FIELDS, SwinV2Config
     from .config import model_kwargs
 
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     kw = model_kwargs(cfg.model, num_classes)
     effective = SwinV2Config.from_variant(kw.pop("variant"), **kw).to_dict()
     out = {("data.num_classes" if k == "num_classes" else f"model.{k}"): v
-           for k, v in effective.items() if k not in FREE_MODEL_FIELDS}
+           for k, v in effective.items() if k not in RUNTIME_FIELDS}  # free to change on resume
     out["train.precision"] = cfg.train.precision  # ZeRO's optimizer files differ per precision
     return out
 

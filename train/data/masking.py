@@ -1,8 +1,8 @@
 """SimMIM random masks, drawn in the data workers (official ``data/data_simmim_pt.py`` MaskGenerator).
 
-The image is cut into mask patches of ``mask_patch_size`` pixels (32 officially): a grid of
+The image is cut into mask patches of ``mask_patch_size`` pixels: a grid of
 ``input_size / mask_patch_size`` cells per side. Exactly ``ceil(cells * mask_ratio)`` distinct
-cells are masked (0.6 officially), chosen uniformly at random; the cell mask is then repeated
+cells are masked, chosen uniformly at random (the official values: SimMIMConfig's defaults); the cell mask is then repeated
 ``mask_patch_size / model_patch_size`` times along each axis, giving one 0/1 entry per patch token
 of the model ((input_size / model_patch_size)^2 entries).
 
@@ -36,8 +36,7 @@ class MaskGenerator:
     """``MaskGenerator(input_size, mask_patch_size, model_patch_size, mask_ratio)(rng)`` ->
     a (input_size / model_patch_size)^2 bool tensor, True = masked token."""
 
-    def __init__(self, input_size: int = 192, mask_patch_size: int = 32, model_patch_size: int = 4,
-                 mask_ratio: float = 0.6):
+    def __init__(self, input_size: int, mask_patch_size: int, model_patch_size: int, mask_ratio: float):
         _check_geometry(input_size, mask_patch_size, model_patch_size, mask_ratio)
         self.input_size, self.mask_patch_size = input_size, mask_patch_size
         self.model_patch_size, self.mask_ratio = model_patch_size, mask_ratio
