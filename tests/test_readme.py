@@ -214,3 +214,24 @@ def test_every_documented_command_runs_as_typed(tmp_path):
                            timeout=900)
         assert p.returncode == 0, f"{name} command failed: {cmd}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         assert "Traceback" not in p.stderr, f"{name}: {cmd}\n{p.stderr[-3000:]}"
+
+
+GPU_CHECK = ("PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --configs base256_w8 --batch 128 --steps 5 "
+             "--out $OUT/bench_gpu.json")  # the prepared device check (tests/test_perf_scripts.py runs it)
+
+
+def test_performance_page_is_current_tables_with_date_machine_and_command():
+    """docs/PERFORMANCE.md: each measured section gives its date, machine and command; the prepared
+    GPU check stays on the page; the history lives in the notes file it links."""
+    text = page("docs/PERFORMANCE.md")
+    assert GPU_CHECK in text.splitlines()
+    assert "](PERFORMANCE-notes.md)" in text and (ROOT / "docs" / "PERFORMANCE-notes.md").exists()
+    sections = re.split(r"\n(?=## )", text)
+    measured = [s for s in sections if re.match(r"## [1-5]\. ", s)]
+    assert len(measured) == 5, [s.splitlines()[0] for s in sections]
+    for s in measured:
+        title = s.splitlines()[0]
+        assert "\n| " in s, f"{title}: no table"
+        assert re.search(r"20\d\d-\d\d-\d\d", s), f"{title}: no date"
+        assert re.search(r"\b(AMD|Xeon)\b", s), f"{title}: no machine"
+        assert re.search(r"`python3? (scripts/|-m )", s), f"{title}: no command"
