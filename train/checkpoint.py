@@ -570,7 +570,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"no committed checkpoint in {locate(a.run_dir).ckpt_root}")
         return 1 if not results or any(damage for _, damage in results) else 0
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    tag_dir = export(a.run_dir, a.out, a.step, ema=a.ema)
+    try:
+        tag_dir = export(a.run_dir, a.out, a.step, ema=a.ema)
+    except CheckpointError as e:  # no committed, or a damaged checkpoint: one message, no traceback
+        from .cli import exit_code_for, report_user_error
+        report_user_error(p.prog, e)
+        return exit_code_for(e)
     print(f"exported {tag_dir} -> {a.out}")
     return 0
 
