@@ -245,7 +245,7 @@ def _json_safe(obj):
 def report(run_dir: str, out_dir: Optional[str] = None) -> Dict[str, Any]:
     """Write the plots and amplitude_summary.json for one run dir; returns {name: path} + summary."""
     run = load_run(run_dir)
-    out_dir = out_dir or os.path.join(run_dir, "amplitude_report")
+    out_dir = out_dir or RunDir(run_dir).amplitude_report
     os.makedirs(out_dir, exist_ok=True)
     recs, depths = run["records"], run["depths"]
     name = os.path.basename(os.path.normpath(run_dir))

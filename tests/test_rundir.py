@@ -20,7 +20,7 @@ def test_on_disk_names_are_those_of_earlier_runs():
     assert (run.config, run.metrics, run.tensorboard, run.wandb_id, run.amplitudes_png) == (
         "/r/config.yaml", "/r/metrics.jsonl", "/r/tensorboard", "/r/wandb_id", "/r/amplitudes.png")
     assert run.reconstruction(60) == "/r/reconstructions/step_00000060.png"
-    assert run.key_trace(3) == "/r/keys_rank3.jsonl"
+    assert run.key_trace(3) == "/r/keys_rank3.jsonl" and run.amplitude_report == "/r/amplitude_report"
     assert (R.MARKER, R.UNIVERSAL_DIR, R.EMA_FILE, R.rng_file(1), R.MODEL_STATES_FILE) == (
         "COMMITTED", "universal", "ema.pt", "rng_rank1.pt", "mp_rank_00_model_states.pt")
     assert (R.EXPORT_FILE, R.SIMMIM_EXPORT_FILE, R.EMA_EXPORT_FILE) == (

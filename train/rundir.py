@@ -8,6 +8,7 @@ are a format (runs written by earlier versions resume and evaluate), so never re
       metrics.jsonl               one JSON record per logged step (swinv2_train.metrics)
       tensorboard/  wandb/        the optional loggers' folders; wandb_id keeps the W&B run id
       amplitudes.png              activation amplitude per block (train.probe_every)
+      amplitude_report/           swinv2-amplitude-report's figures and summary (by default)
       reconstructions/step_N.png  SimMIM's reconstruction grids (task.recon_every)
       model_official.pth          the export: model_simmim.pth for SimMIM, model_ema_official.pth for the EMA
       keys_rank{r}.jsonl          DEBUG: the sample keys of every step (SWINV2_DEBUG_KEY_TRACE=1)
@@ -30,6 +31,7 @@ TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"              # made by wandb itself under dir=RUN_DIR
 WANDB_ID_FILE = "wandb_id"
 AMPLITUDES_PNG = "amplitudes.png"
+AMPLITUDE_REPORT_DIR = "amplitude_report"
 RECON_DIR = "reconstructions"
 EXPORT_FILE = "model_official.pth"          # the official classification format
 SIMMIM_EXPORT_FILE = "model_simmim.pth"     # the official SimMIM format (encoder.*, decoder.0.*)
@@ -148,6 +150,10 @@ class RunDir:
     @property
     def amplitudes_png(self) -> str:
         return self.file(AMPLITUDES_PNG)
+
+    @property
+    def amplitude_report(self) -> str:
+        return self.file(AMPLITUDE_REPORT_DIR)
 
     def reconstruction(self, step: int) -> str:
         return os.path.join(self.path, RECON_DIR, f"{tag_for(step)}.png")
