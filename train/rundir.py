@@ -42,7 +42,8 @@ CHECKPOINTS = "checkpoints"
 MARKER = "COMMITTED"             # written last: a checkpoint folder without it is an interrupted save
 UNIVERSAL_DIR = "universal"      # DeepSpeed's world-size independent copy inside a checkpoint
 EMA_FILE = "ema.pt"              # the EMA of weights inside a checkpoint (rank 0)
-SET_ASIDE = f"{CHECKPOINTS}.old-N"  # where run.resume=never moves the earlier ones (for messages)
+SET_ASIDE_SUFFIX = ".old-{n}"   # run.resume=never moves the earlier checkpoint root to CHECKPOINTS.old-1, -2, ...
+SET_ASIDE = CHECKPOINTS + SET_ASIDE_SUFFIX.format(n="N")  # (for messages)
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module weights + client state
 OPTIM_STATES_GLOB = "*zero_pp_rank_*_mp_rank_00_optim_states.pt"  # DeepSpeed's ZeRO partitions, one per rank
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -129,7 +130,7 @@ class RunDir:
 
     def set_aside_dir(self, n: int) -> str:
         """The n-th folder that run.resume=never moved earlier checkpoint folders to."""
-        return f"{self.ckpt_root}.old-{n}"
+        return self.ckpt_root + SET_ASIDE_SUFFIX.format(n=n)
 
     @property
     def config(self) -> str:
@@ -183,7 +184,7 @@ VAL = "val/"          # the task's validation metrics: val/loss, val/top1, ...
 VAL_EMA = "val_ema/"  # the same with the EMA of weights
 VAL_LOSS, VAL_TOP1, VAL_TOP5, VAL_SAMPLES = (f"{VAL}{k}" for k in ("loss", "top1", "top5", "samples"))
 AMPLITUDE_STATS = ("mean_abs", "rms", "max")
-AMPLITUDE_KEY_RE = re.compile(r"^amplitude/(\d+)/(mean_abs|rms|max)$")
+AMPLITUDE_KEY_RE = re.compile(rf"^amplitude/(\d+)/({'|'.join(AMPLITUDE_STATS)})$")
 LOGIT_SCALE_KEY_RE = re.compile(r"^logit_scale/(\d+)$")
 
 

@@ -132,7 +132,7 @@ class Budget:
         if self.total is None or step < self.total:
             return True
         if step > self.total:
-            setting = f"{self.key}={self.value}" + (f" ({self.total} steps)" if self.key != "train.max_steps" else "")
+            setting = f"{self.key}={self.value}" + (f" ({self.total} steps)" if self.value != self.total else "")
             raise ResumeMismatchError(
                 f"{run_dir} holds a checkpoint at step {step}, beyond {setting}: it cannot be resumed to a shorter "
                 "run. Raise the step budget to continue it, or start a new run with another run.dir=... or "
