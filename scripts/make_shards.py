@@ -1,234 +1,188 @@
-"""Write webdataset tar shards (timm ImageNet conventions) from an image folder or a list file.
+"""Write webdataset tar shards (timm ImageNet conventions) from an image folder, a list file, or
+the ImageNet release archives (a tar of per-class tars, gzipped or not), without extracting images.
 
-    swinv2-make-shards /data/imagenet/train /shards/in1k --split train --samples-per-shard 1000
-    swinv2-make-shards --list train.txt --root /data /shards/mine --split train --max-bytes 5e8
+    swinv2-make-shards /data/imagenet/train /shards/in1k --split train --workers 8
+    swinv2-make-shards train.txt /shards/mine --root /data --max-bytes 5e8      # 'path label' lines
+    swinv2-make-shards winter21_whole.tar.gz /shards/in21k --holdout 10 --workers 16
+    # on a cluster: prepare once, one part per SLURM array task, then merge
+    swinv2-make-shards winter21_whole.tar.gz /shards/in21k --holdout 10 --prepare
+    swinv2-make-shards winter21_whole.tar.gz /shards/in21k --holdout 10 --part $SLURM_ARRAY_TASK_ID/16
+    swinv2-make-shards /shards/in21k --merge
     swinv2-make-shards --info-only /shards/theirs    # _info.json for shards written elsewhere
 
-Each sample: `<key>.jpg` (JPEG bytes, re-encoded only if the source is not a JPEG), `<key>.cls`
-(ASCII integer label), `<key>.json` (source path, class name). Beside the shards:
-`classes.json` (index -> class name) and `_info.json` (splits -> name, num_samples, filenames,
-shard_lengths), which the loader reads for the epoch length.
+Each sample: `<key>.jpg` (the source JPEG's bytes; re-encoded only for CMYK and non-JPEG inputs),
+`<key>.cls` (ASCII integer label), `<key>.json` (source name, label, class name). Beside the
+shards: `classes.json` (index -> class name, e.g. synset ids), `_info.json` (splits -> name,
+num_samples, filenames, shard_lengths; and `make_shards`: what was kept, re-encoded, skipped) and
+`_skipped_<split>.tsv` (the skipped source files and why).
 
-Resumable: the sample->shard assignment is computed up front from the sorted (optionally
-seed-shuffled) input list, so it is the same on every run. Each shard is written to a hidden
-temp file and renamed when complete; a rerun skips shards whose final file exists and refuses
-to continue if the inputs or options changed (see `_make_shards_<split>.json`).
+Which image goes into which shard is planned once (shards_plan.py) and saved in OUT/_make_shards/;
+the same shards come out byte for byte whatever --workers and --part are, a rerun resumes (done
+shards are kept), and a rerun with a changed input or other options is refused.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
-import io
 import json
 import os
-import random
-import re
 import sys
 import tarfile
-from typing import List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Optional, Sequence
 
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def scan_folder(src: str) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """ImageFolder layout: src/<class_name>/<image>; classes sorted by name -> index."""
-    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
-    if not classes:
-        raise SystemExit(f"error: no class sub-directories in {src!r}")
-    items = []
-    for ci, c in enumerate(classes):
-        for dirpath, _, files in os.walk(os.path.join(src, c)):
-            for fn in files:
-                if fn.lower().endswith(IMG_EXTS):
-                    items.append((os.path.join(dirpath, fn), ci))
-    items.sort()
-    return items, classes
+from swinv2_tools import shards_plan as P
+from swinv2_tools.shards_sources import SourceError, is_archive, read_list, scan_archive, scan_folder
+from swinv2_tools.shards_write import mark_part_done, merge, parse_part, part_range, write_shards
 
 
-def read_list(path: str, root: Optional[str]) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """`path label` per line (label: integer); relative paths are relative to --root or to
-    the list file's directory."""
-    base = root or os.path.dirname(os.path.abspath(path))
-    items = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                p, lab = line.rsplit(None, 1)
-                label = int(lab)
-            except ValueError:
-                raise SystemExit(f"error: {path}:{n}: expected 'path label', got {line!r}")
-            if label < 0:
-                raise SystemExit(f"error: {path}:{n}: negative label {label}")
-            items.append((p if os.path.isabs(p) else os.path.join(base, p), label))
-    if not items:
-        raise SystemExit(f"error: list file {path!r} has no entries")
-    n_cls = max(lab for _, lab in items) + 1
-    return items, [str(i) for i in range(n_cls)]
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def plan_shards(items: Sequence[Tuple[str, int]], samples_per_shard: Optional[int],
-                max_bytes: Optional[float]) -> List[List[int]]:
-    """Indices of `items` per shard. With --max-bytes the split uses *source* file sizes so the
-    plan is known before encoding (shards are approximately max-bytes)."""
-    plan: List[List[int]] = []
-    cur: List[int] = []
-    size = 0
-    for i, (p, _) in enumerate(items):
-        s = os.path.getsize(p) + 1536 if max_bytes else 0  # + tar headers of 3 members
-        full = (samples_per_shard and len(cur) >= samples_per_shard) or (
-            max_bytes and cur and size + s > max_bytes)
-        if full:
-            plan.append(cur)
-            cur, size = [], 0
-        cur.append(i)
-        size += s
-    if cur:
-        plan.append(cur)
-    return plan
+# ----------------------------------------------------------------------------- the plan
+def plan_options(args) -> dict:
+    """The options a plan is made from (all part of its identity)."""
+    classes_sha = None
+    if args.classes:
+        P.read_classes_file(args.classes)  # a bad file is reported now, before any work
+        with open(args.classes, "rb") as f:
+            classes_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"split": args.split, "prefix": args.prefix or args.split, "seed": args.seed,
+            "shuffle": args.shuffle, "samples_per_shard": args.samples_per_shard,
+            "max_bytes": args.max_bytes, "holdout": args.holdout, "quality": args.quality,
+            "classes": classes_sha}
 
 
-def encode_jpeg(path: str, quality: int) -> bytes:
-    """Source bytes if already a JPEG (no generation loss), else re-encoded RGB JPEG."""
-    from PIL import Image
-
-    with open(path, "rb") as f:
-        data = f.read()
-    with Image.open(io.BytesIO(data)) as img:
-        if img.format == "JPEG" and img.mode in ("RGB", "L"):
-            img.verify()
-            return data
-        img.load()
-        rgb = img.convert("RGB")
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+def source_kind(args) -> str:
+    if args.list_file:
+        return "list"
+    if os.path.isdir(args.src):
+        return "folder"
+    if not os.path.exists(args.src):
+        raise SourceError(f"{args.src}: no such file or folder")
+    return "archive" if is_archive(args.src) else "list"
 
 
-def make_key(path: str, src: str, used: set) -> str:
-    rel = os.path.splitext(os.path.relpath(path, src))[0]
-    key = re.sub(r"[^A-Za-z0-9_-]", "_", rel)  # webdataset keys: no dots, no slashes
-    base, n = key, 1
-    while key in used:
-        key, n = f"{base}_{n}", n + 1
-    used.add(key)
-    return key
+def scan_source(args, kind: str):
+    sizes = args.max_bytes is not None  # a folder's file sizes are needed only to plan by bytes
+    if kind == "folder":
+        return scan_folder(args.src, with_sizes=sizes)
+    if kind == "list":
+        return read_list(args.list_file or args.src, args.root, with_sizes=sizes)
+    return scan_archive(args.src, prepared_dir(args), progress=say)
 
 
-def count_tar_samples(path: str) -> int:
-    with tarfile.open(path, "r:") as tf:
-        return len({m.name.split(".", 1)[0] for m in tf.getmembers() if m.isfile()})
+def prepared_dir(args) -> str:
+    return os.path.abspath(args.prepared or os.path.join(args.out, "_prepared"))
 
 
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def quick_fingerprint(args, kind: str):
+    """The source's fingerprint where it is cheap (an archive's size and mtime, a list's digest);
+    None for a folder, whose fingerprint needs a scan."""
+    if kind == "archive":
+        st = os.stat(args.src)
+        return {"archive": os.path.abspath(args.src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if kind == "list":
+        return read_list(args.list_file or args.src, args.root).fingerprint
+    return None
 
 
-def write_shards(items, classes, out: str, *, split: str, prefix: str,
-                 samples_per_shard: Optional[int], max_bytes: Optional[float], quality: int,
-                 src_root: str, overwrite: bool = False, progress: bool = True) -> dict:
-    import webdataset as wds
-    from tqdm import tqdm
-
-    os.makedirs(out, exist_ok=True)
-    plan = plan_shards(items, samples_per_shard, max_bytes)
-    names = [f"{prefix}-{k:06d}.tar" for k in range(len(plan))]
-    # identity of the run: a resume is only valid with the same inputs and plan
-    ident = hashlib.sha256(json.dumps(
-        [[items[i][0], items[i][1]] for sh in plan for i in sh] + [names, quality]
-    ).encode()).hexdigest()
-    state_path = os.path.join(out, f"_make_shards_{split}.json")
-    if os.path.exists(state_path) and not overwrite:
-        with open(state_path) as f:
-            old = json.load(f)
-        if old.get("ident") != ident:
-            raise SystemExit(f"error: {out!r} holds a different partial run of split {split!r} "
-                             f"(inputs or options changed); use --overwrite or a new directory")
-    if overwrite:
-        for n in names:
-            if os.path.exists(os.path.join(out, n)):
-                os.remove(os.path.join(out, n))
-    _atomic_json(state_path, {"ident": ident, "num_shards": len(plan)})
-    for fn in os.listdir(out):  # temp files of an interrupted run
-        if fn.startswith(".") and ".tmp-" in fn and fn[1:].startswith(prefix):
-            os.remove(os.path.join(out, fn))
-
-    used: set = set()
-    keys = [make_key(p, src_root, used) for p, _ in items]
-    lengths = [0] * len(plan)
-    todo = []
-    for k, name in enumerate(names):
-        final = os.path.join(out, name)
-        if os.path.exists(final):
-            lengths[k] = count_tar_samples(final)  # complete: it was renamed into place
-        else:
-            todo.append(k)
-    bar = tqdm(total=len(items), initial=sum(len(plan[k]) for k in range(len(plan)) if k not in todo),
-               unit="img", desc=f"shards {split}", disable=not progress)
-    skipped = 0
-    for k in todo:
-        final = os.path.join(out, names[k])
-        tmp = os.path.join(out, f".{names[k]}.tmp-{os.getpid()}")
-        handle = {}
-
-        def opener(fname, tmp=tmp):
-            handle["f"] = open(tmp, "wb")
-            return handle["f"]
-
-        def commit(fname, tmp=tmp, final=final):
-            f = handle.pop("f")
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            os.replace(tmp, final)  # the shard appears only when complete
-
-        pattern = os.path.join(out, f"{prefix}-%06d.tar")
-        writer = wds.ShardWriter(pattern, maxcount=len(plan[k]) + 1, maxsize=float("inf"),
-                                 start_shard=k, opener=opener, post=commit, verbose=0,
-                                 encoder=False, mtime=0)
-        n = 0
-        for i in plan[k]:
-            path, label = items[i]
-            try:
-                data = encode_jpeg(path, quality)
-            except Exception as e:  # unreadable source: leave it out, keep going
-                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
-                skipped += 1
-                bar.update(1)
-                continue
-            meta = {"filename": os.path.relpath(path, src_root), "label": label,
-                    "class_name": classes[label] if label < len(classes) else str(label)}
-            writer.write({"__key__": keys[i], "jpg": data, "cls": str(label).encode(),
-                          "json": json.dumps(meta).encode()})
-            n += 1
-            bar.update(1)
-        writer.close()
-        lengths[k] = n
-    bar.close()
-
-    with open(os.path.join(out, "classes.json"), "w") as f:
-        json.dump(classes, f)
-    info_path = os.path.join(out, "_info.json")
-    info = {"name": os.path.basename(os.path.abspath(out)), "num_classes": len(classes), "splits": {}}
-    if os.path.exists(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
-        info.setdefault("splits", {})
-    info["num_classes"] = len(classes)
-    info["splits"][split] = {"name": split, "num_samples": int(sum(lengths)),
-                             "filenames": names, "shard_lengths": lengths}
-    _atomic_json(info_path, info)
-    pat = os.path.join(out, f"{prefix}-{{000000..{len(plan) - 1:06d}}}.tar")
-    return {"pattern": pat, "num_shards": len(plan), "num_samples": int(sum(lengths)),
-            "written": len(todo), "skipped_existing": len(plan) - len(todo),
-            "unreadable_inputs": skipped}
+def check_plan(plan: P.Plan, options: dict, fingerprint: dict, out: str) -> P.Plan:
+    if P.identity_of(options, fingerprint) == plan.identity:
+        return plan
+    diffs = P.differences(plan, options, fingerprint)
+    raise SourceError(f"{out} holds split {options['split']!r} planned from other inputs or options "
+                      f"({'; '.join(diffs)}): a different partial run cannot be resumed; rerun with the same "
+                      f"ones, or add --overwrite to make this split again (or use a new OUT)")
 
 
+@contextmanager
+def locked(out: str):
+    """One process at a time prepares and plans OUT (SLURM array tasks start together). fcntl
+    record locks work across nodes on NFS and Lustre (mounted with flock/localflock off: lockd)."""
+    os.makedirs(P.state_dir(out), exist_ok=True)
+    fd = os.open(os.path.join(P.state_dir(out), "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            say(f"waiting for another process preparing {out} ...")
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def ensure_plan(args) -> P.Plan:
+    """The saved plan of this split, checked against the source and options; made (and the
+    source prepared) under OUT's lock where there is none yet."""
+    kind, options, out = source_kind(args), plan_options(args), args.out
+    if args.overwrite:
+        with locked(out):
+            discard_split(out, args.split)
+    fingerprint = quick_fingerprint(args, kind)
+    plan = P.load_plan(out, args.split)
+    if plan is not None:  # a folder is scanned for its fingerprint: outside the lock, in parallel
+        return check_plan(plan, options, fingerprint or scan_source(args, kind).fingerprint, out)
+    with locked(out):
+        plan = P.load_plan(out, args.split)  # another part may have made it while this one waited
+        if plan is not None:
+            return check_plan(plan, options, fingerprint or scan_source(args, kind).fingerprint, out)
+        check_holdout_split_free(out, args)
+        source = scan_source(args, kind)
+        pinned, pinned_from = pinned_classes(args, out)
+        classes = P.resolve_classes(source, pinned, pinned_from)
+        say(f"planning {len(source.samples)} images of {len(classes)} classes from {source.path}")
+        return P.build_plan(out, source, classes, options)
+
+
+def pinned_classes(args, out: str):
+    """--classes, else the classes.json that a run of another split left in OUT (so a validation
+    folder that lacks a class still gets the train labels), else None (the source's own order)."""
+    if args.classes:
+        return P.read_classes_file(args.classes), args.classes
+    existing, info = os.path.join(out, "classes.json"), os.path.join(out, "_info.json")
+    if not (os.path.exists(existing) and os.path.exists(info)):
+        return None, ""
+    with open(info) as f:
+        others = set(json.load(f).get("splits", {})) - {args.split, P.HOLDOUT_SPLIT if args.holdout else None}
+    if not others:
+        return None, ""
+    with open(existing) as f:
+        return json.load(f), f"{existing} (written with split {sorted(others)[0]!r})"
+
+
+def check_holdout_split_free(out: str, args) -> None:
+    if args.holdout and args.split == P.HOLDOUT_SPLIT:
+        raise SourceError(f"--holdout sets images aside as split {P.HOLDOUT_SPLIT!r}; give another --split")
+    for plan in P.all_plans(out):
+        taken = set(plan.header["splits"]) & ({args.split} | ({P.HOLDOUT_SPLIT} if args.holdout else set()))
+        if taken and plan.header["options"]["split"] != args.split:
+            raise SourceError(f"{out}: split {sorted(taken)[0]!r} is already planned by the run of split "
+                              f"{plan.header['options']['split']!r}; use another OUT")
+
+
+def discard_split(out: str, split: str) -> None:
+    """--overwrite: forget the split's plan, its shards, their records and its part markers."""
+    plan = P.load_plan(out, split)
+    if plan is None:
+        return
+    from swinv2_tools.shards_write import record_path
+    for name in plan.shard_names():
+        for path in (os.path.join(out, name), record_path(out, name)):
+            if os.path.exists(path):
+                os.remove(path)
+    parts = os.path.join(P.state_dir(out), "parts")
+    for fn in os.listdir(parts) if os.path.isdir(parts) else []:
+        if fn.startswith(f"{split}-"):
+            os.remove(os.path.join(parts, fn))
+    for path in P.plan_paths(out, split):
+        os.remove(path)
+
+
+# ----------------------------------------------------------------------------- --info-only
 def scan_tar(path: str) -> Tuple[int, int]:
     """(samples, largest label) of one shard; metadata members (names starting with '_') and
     samples without an integer .cls do not count towards the label."""
@@ -288,70 +242,127 @@ def write_info_only(out: str, overwrite: bool = False) -> dict:
             "splits": {k: v["num_samples"] for k, v in splits.items()}}
 
 
+# ----------------------------------------------------------------------------- the command
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="swinv2-make-shards",
-        description="Write webdataset tar shards (+ classes.json, _info.json) from an "
-                    "ImageFolder directory (class_name/*.jpg) or a list file ('path label').",
+        description="Write webdataset tar shards (+ classes.json, _info.json) from an ImageFolder "
+                    "(class_name/*.jpg), a list file ('path label' lines) or a tar of per-class tars "
+                    "(fall11_whole.tar, winter21_whole.tar.gz, ILSVRC2012_img_train.tar), read in place. "
+                    "On a cluster: --prepare once, --part i/n per array task, then OUT --merge.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("src", nargs="?", help="ImageFolder root (class_name/<images>); omit with --list")
-    ap.add_argument("out", help="output directory for the shards")
-    ap.add_argument("--list", dest="list_file", help="list file with 'path label' lines instead of src")
-    ap.add_argument("--root", help="base for relative paths in --list (default: the list file's dir)")
+    ap.add_argument("src", nargs="?", help="an ImageFolder, a list file, or a tar of per-class tars "
+                    "(.tar, .tar.gz, .tgz); omit with --merge, --info-only or --list")
+    ap.add_argument("out", help="output folder for the shards")
+    ap.add_argument("--list", dest="list_file", help="list file with 'path label' lines (the same as SRC)")
+    ap.add_argument("--root", help="base for relative paths in a list file (default: the list file's folder)")
     ap.add_argument("--split", default="train", help="split name recorded in _info.json "
                     "(the trainer looks up data.train_split=train and data.val_split=validation)")
-    ap.add_argument("--info-only", action="store_true",
-                    help="write only OUT/_info.json for the .tar shards already in OUT (split = "
-                         "the word before the shard number, e.g. train-000000.tar); no SRC")
+    ap.add_argument("--workers", type=int, default=1, help="processes writing shards")
+    steps = ap.add_mutually_exclusive_group()
+    steps.add_argument("--prepare", action="store_true", help="only prepare the source (index an "
+                       "uncompressed archive, extract a gzipped one's inner tars) and save the plan")
+    steps.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (I from 1), "
+                       "e.g. $SLURM_ARRAY_TASK_ID/16; prepares first, under a lock, where needed")
+    steps.add_argument("--merge", action="store_true", help="OUT only: write _info.json once every part is in")
+    steps.add_argument("--info-only", action="store_true",
+                       help="write only OUT/_info.json for the .tar shards already in OUT (split = the word "
+                            "before the shard number, e.g. train-000000.tar); no SRC")
+    ap.add_argument("--prepared", help="where a gzipped archive's inner tars and an archive's index go "
+                    "(default: OUT/_prepared)")
+    ap.add_argument("--classes", help="the label order: one class (synset) per line, or a JSON list; "
+                    "a source class not in it is an error (default: the source's classes, sorted)")
+    ap.add_argument("--holdout", type=int, default=0, help="set K images per class aside as split "
+                    "'validation' (chosen by key), for a release that ships none")
     ap.add_argument("--prefix", default=None, help="shard file prefix (default: the split name)")
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--samples-per-shard", type=int, default=None,
-                   help="samples per shard (default 1000 unless --max-bytes)")
-    g.add_argument("--max-bytes", type=float, default=None,
-                   help="approximate shard size in bytes (planned from source file sizes)")
-    ap.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded non-JPEG inputs")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, default=None,
+                      help="samples per shard (default 1000 unless --max-bytes)")
+    size.add_argument("--max-bytes", type=float, default=None,
+                      help="approximate shard size in bytes (planned from source file sizes)")
+    ap.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded (CMYK, non-JPEG) inputs")
     ap.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
-                    help="write samples in a seeded random order (readers only shuffle within a buffer)")
+                    help="one seeded global shuffle, so every shard mixes classes (readers only shuffle "
+                         "within a buffer)")
     ap.add_argument("--seed", type=int, default=0, help="seed of --shuffle")
     ap.add_argument("--overwrite", action="store_true",
-                    help="rewrite all shards of this split (with --info-only: an existing _info.json)")
+                    help="make this split again from scratch (with --info-only: rewrite _info.json)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return ap
 
 
+def check_args(args) -> None:
+    if args.merge or args.info_only:
+        if args.src is not None or args.list_file is not None:
+            flag = "--merge" if args.merge else "--info-only"
+            raise SourceError(f"{flag} takes only OUT (the shard folder), e.g. swinv2-make-shards {args.out} {flag}")
+        return
+    if (args.src is None) == (args.list_file is None):
+        raise SourceError("give exactly one source: SRC (a folder, list file or archive) or --list FILE")
+    if args.samples_per_shard is None and args.max_bytes is None:
+        args.samples_per_shard = 1000
+    bad = [(args.samples_per_shard is not None and args.samples_per_shard < 1, "--samples-per-shard must be >= 1"),
+           (args.max_bytes is not None and args.max_bytes <= 0, "--max-bytes must be > 0"),
+           (not 1 <= args.quality <= 100, "--quality must be in 1..100"),
+           (args.workers < 1, "--workers must be >= 1"), (args.holdout < 0, "--holdout must be >= 0"),
+           (args.overwrite and args.part, "--overwrite with --part would let each part delete the others' "
+                                          "shards; run --overwrite --prepare once, then the parts")]
+    for failed, msg in bad:
+        if failed:
+            raise SourceError(msg)
+
+
+def run(args) -> dict:
+    if args.info_only:
+        return write_info_only(args.out, overwrite=args.overwrite)
+    if args.merge:
+        summary = merge(args.out)
+        report(args.out, summary)
+        return summary
+    plan = ensure_plan(args)
+    names = plan.shard_names()
+    if args.prepare:
+        say(f"prepared and planned: {plan.header['num_samples']} images -> {len(names)} shards in {args.out}; "
+            f"next: the parts (--part i/n), then swinv2-make-shards {args.out} --merge")
+        return {"planned_shards": len(names), "planned_samples": plan.header["num_samples"]}
+    if args.part:
+        part, parts = parse_part(args.part)
+        shards = part_range(part, parts, len(names))
+        done = write_shards(args.out, plan, shards, args.workers, progress=not args.no_progress)
+        mark_part_done(args.out, plan, part, parts, shards)
+        say(f"part {part}/{parts} done: shards {shards.start}..{shards.stop - 1} ({done['written']} written, "
+            f"{done['kept']} kept); when every part is in: swinv2-make-shards {args.out} --merge")
+        return {"part": f"{part}/{parts}", **done}
+    done = write_shards(args.out, plan, range(len(names)), args.workers, progress=not args.no_progress)
+    summary = merge(args.out, [plan])
+    report(args.out, summary)
+    split = plan.header["splits"][args.split]
+    pattern = os.path.join(args.out, f"{plan.header['options']['prefix']}-{{000000..{len(split['filenames']) - 1:06d}}}.tar")
+    return {"pattern": pattern, "num_shards": len(names), "num_samples": sum(s["samples"] for s in summary.values()),
+            "written": done["written"], "skipped_existing": done["kept"],
+            "skipped_images": sum(s["planned"] - s["samples"] for s in summary.values())}
+
+
+def report(out: str, summary: dict) -> None:
+    """The summary a user reads: per split, what was kept, re-encoded and skipped, and where the
+    skipped files are listed."""
+    for split, s in summary.items():
+        counts = ", ".join(f"{k} {v}" for k, v in s["counts"].items() if v)
+        say(f"{split}: {s['samples']} samples ({counts}); skipped files listed in "
+            f"{os.path.join(out, s['skipped_list'])}")
+        empty = s["classes_without_images"]
+        if empty:
+            say(f"{split}: {len(empty)} classes of the class list have no images ({', '.join(empty[:5])}"
+                f"{', ...' if len(empty) > 5 else ''}; all in {os.path.join(out, '_info.json')}, make_shards)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.info_only:
-        if args.src is not None or args.list_file is not None:
-            raise SystemExit("error: --info-only takes only OUT (the shard directory)")
-        print(json.dumps(write_info_only(args.out, overwrite=args.overwrite)))
-        return 0
-    if (args.src is None) == (args.list_file is None):
-        raise SystemExit("error: give exactly one of SRC (ImageFolder) or --list")
-    if args.samples_per_shard is not None and args.samples_per_shard < 1:
-        raise SystemExit("error: --samples-per-shard must be >= 1")
-    if args.max_bytes is not None and args.max_bytes <= 0:
-        raise SystemExit("error: --max-bytes must be > 0")
-    if not 1 <= args.quality <= 100:
-        raise SystemExit("error: --quality must be in 1..100")
-    if args.list_file:
-        items, classes = read_list(args.list_file, args.root)
-        src_root = args.root or os.path.dirname(os.path.abspath(args.list_file))
-    else:
-        if not os.path.isdir(args.src):
-            raise SystemExit(f"error: {args.src!r} is not a directory")
-        items, classes = scan_folder(args.src)
-        src_root = args.src
-    if not items:
-        raise SystemExit("error: no input images found")
-    if args.shuffle:
-        random.Random(args.seed).shuffle(items)
-    sps = args.samples_per_shard or (None if args.max_bytes else 1000)
-    res = write_shards(items, classes, args.out, split=args.split,
-                       prefix=args.prefix or args.split, samples_per_shard=sps,
-                       max_bytes=args.max_bytes, quality=args.quality, src_root=src_root,
-                       overwrite=args.overwrite, progress=not args.no_progress)
-    print(json.dumps(res))
+    try:
+        check_args(args)
+        print(json.dumps(run(args)))
+    except SourceError as e:
+        raise SystemExit(f"error: {e}") from None
     return 0
 
 
