@@ -50,7 +50,9 @@ class DataConfig:
     class_map: Optional[str] = None      # 22K->1K map file (json list/dict or text), eval only
     synthetic_dir: Optional[str] = None  # cache dir for the generated default dataset
     # --- streaming ------------------------------------------------------------------------
-    num_workers: int = 2
+    # data workers per rank; "auto": the largest power of two leaving a core of this rank's share
+    # of its CPU affinity to the main process (feed.auto_workers; resolved when the config is built)
+    num_workers: Any = 2
     # Train order (stream.py): C streams, each owning shards i with i % C == its index, dealt to
     # (rank, worker); the order depends on C, never on ranks x workers. null: the first run's
     # ranks x workers, kept in the checkpoint and reused on resume (any ranks x workers dividing C).
@@ -61,10 +63,18 @@ class DataConfig:
     pin_memory: bool = False
     prefetch_factor: int = 2
     timeout_s: float = 0.0               # DataLoader per-batch timeout (0 = wait forever), workers only
+    # Remote shards (http(s)://, pipe:; remote.py): a failed try is retried from where it stopped,
+    # at most io_retries times per shard; io_timeout_s is the longest wait without a byte. A
+    # stalled shard thus costs at most io_timeout_s x (io_retries + 1), then it is skipped.
+    io_retries: int = 3
+    io_timeout_s: float = 30.0
     jpeg_draft: bool = True              # PIL draft-mode decode of large JPEGs
     # --- bad input ------------------------------------------------------------------------
     max_bad_fraction: float = 0.05       # raise if more bad samples than this in a window ...
     bad_window: int = 1000               # ... of this many samples (per worker, sliding)
+    # Stop when more than this share of the shards a worker reads in an epoch fail (unreadable
+    # or cut short, after the retries); the message names them. 1.0: never stop for this.
+    max_failed_shards: float = 0.05
     # --- augmentation (None = from the preset) ---------------------------------------------
     augment: str = "imagenet"            # imagenet | light | none
     rrc_scale_min: Optional[float] = None
@@ -83,6 +93,12 @@ class DataConfig:
     crop_pct: float = 224.0 / 256.0
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    def __post_init__(self):
+        if self.num_workers == "auto":  # saved configs keep "auto": each start follows its own cores
+            from .feed import auto_workers
+
+            self.num_workers = auto_workers()
 
     # ------------------------------------------------------------------------------------
     def resolved(self) -> "DataConfig":
@@ -106,8 +122,8 @@ class DataConfig:
         for k in ("train_split", "val_split"):
             if not isinstance(getattr(self, k), str) or not getattr(self, k).strip():
                 bad(k, "must be a split name, e.g. train or validation")
-        if self.num_workers < 0:
-            bad("num_workers", "must be >= 0")
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 0:
+            bad("num_workers", "must be an integer >= 0 or auto (this rank's cores minus one, a power of two)")
         if self.canonical_streams is not None and (not isinstance(self.canonical_streams, int)
                                                    or self.canonical_streams < 1):
             bad("canonical_streams", "must be a positive integer or null (null: ranks x workers "
@@ -116,6 +132,12 @@ class DataConfig:
             bad("shuffle_buffer", "must be >= 0")
         if self.timeout_s < 0:
             bad("timeout_s", "must be >= 0")
+        if not isinstance(self.io_retries, int) or self.io_retries < 0:
+            bad("io_retries", "must be an integer >= 0 (tries after the first, per shard)")
+        if not self.io_timeout_s > 0:
+            bad("io_timeout_s", "must be > 0 (seconds without a byte before a try fails)")
+        if not 0.0 <= self.max_failed_shards <= 1.0:
+            bad("max_failed_shards", "must be in [0, 1] (1: never stop for failed shards)")
         if self.prefetch_factor < 1:
             bad("prefetch_factor", "must be >= 1")
         for k in ("train_samples", "val_samples"):

@@ -1,8 +1,10 @@
 """Shard lists and a fault-tolerant tar reader.
 
-We read tars ourselves (tarfile in stream mode over `webdataset.gopen`, so local paths, `pipe:`
-and http(s) work as in webdataset) instead of using `wds.tarfile_samples`, because every failure
-must be *counted by reason* and a truncated archive must cost only the rest of that shard.
+We read tars ourselves (tarfile in stream mode) instead of using `wds.tarfile_samples`, because
+every failure must be *counted by reason* and a truncated archive must cost only the rest of that
+shard. Local files are opened directly; http(s) and `pipe:` shards go through `remote.py`, our own
+opener with bounded retries (`data.io_retries`) and a stall limit (`data.io_timeout_s`) instead of
+webdataset's curl (`--retry 30`, no time limit); any other scheme goes to `webdataset.gopen`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import webdataset as wds
 from webdataset.shardlists import expand_urls
 
 from ..errors import UserError
+from . import remote
+from .remote import ShardIO
 
 # Reasons used in bad-sample counts (public: loader.bad_samples() keys).
 CORRUPT_IMAGE = "corrupt_image"
@@ -29,6 +33,9 @@ TRUNCATED_TAR = "truncated_tar"      # per shard: rest of the shard lost
 UNREADABLE_SHARD = "unreadable_shard"  # per shard: could not be opened / not a tar
 # Per-shard events are not samples: they do not enter the bad-fraction window.
 SHARD_REASONS = (TRUNCATED_TAR, UNREADABLE_SHARD)
+# I/O events, counted in the same Counter but not bad input: reported as data/io/<name>.
+IO_RETRIES = remote.IO_RETRIES     # a remote read tried again (after a drop, a stall, a 5xx)
+IO_EVENTS = (IO_RETRIES,)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -36,6 +43,10 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 def is_local(url: str) -> bool:
     scheme = urlparse(url).scheme
     return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+def is_http(url: str) -> bool:
+    return urlparse(str(url)).scheme in ("http", "https")
 
 
 class ShardPatternError(UserError, FileNotFoundError):
@@ -68,28 +79,34 @@ def _local_path(url: str) -> str:
     return urlparse(url).path if url.startswith("file:") else url
 
 
-def info_path(pattern: str) -> Optional[str]:
-    """`_info.json` beside the shards (timm convention), for local shards only."""
+def info_path(pattern: str, io: Optional[ShardIO] = None) -> Optional[str]:
+    """`_info.json` beside the shards (timm convention): a local file, or over http(s) when the
+    server has it (one GET, with the shards' retries); None for other schemes or when absent."""
     first = expand_urls(str(pattern))[0]
+    if is_http(first):
+        url = first.rsplit("/", 1)[0] + "/_info.json"
+        return url if remote.url_exists(url, io or ShardIO.default()) else None
     if not is_local(first):
         return None
     p = os.path.join(os.path.dirname(_local_path(first)), "_info.json")
     return p if os.path.exists(p) else None
 
 
-def info_num_samples(pattern: str, split: str, urls: List[str]) -> Optional[int]:
+def info_num_samples(pattern: str, split: str, urls: List[str], io: Optional[ShardIO] = None
+                     ) -> Optional[int]:
     """Samples of `urls` per `_info.json` (sum of shard_lengths of the listed files)."""
-    lengths = info_shard_lengths(pattern, split, urls)
+    lengths = info_shard_lengths(pattern, split, urls, io)
     return None if lengths is None else sum(lengths)
 
 
-def info_shard_lengths(pattern: str, split: str, urls: List[str]) -> Optional[List[int]]:
+def info_shard_lengths(pattern: str, split: str, urls: List[str], io: Optional[ShardIO] = None
+                       ) -> Optional[List[int]]:
     """Samples of each of `urls` per `_info.json` (its shard_lengths), or None if not listed."""
-    p = info_path(pattern)
+    p = info_path(pattern, io)
     if p is None:
         return None
-    splits = read_info(p)["splits"]
-    names = [os.path.basename(_local_path(u)) for u in urls]
+    splits = read_info(p, io)["splits"]
+    names = [_basename(u) for u in urls]
     named = [splits[n] for n in split_names(split) if n in splits]
     for sp in named + list(splits.values()):
         files = sp.get("filenames") or []
@@ -124,10 +141,18 @@ def shard_split_name(filename: str) -> Optional[str]:
     return word or None
 
 
-def read_info(path: str) -> dict:
-    """`_info.json` with `splits` as a {name: split} dict (a list of split dicts is accepted)."""
-    with open(path) as f:
-        info = json.load(f)
+def _basename(url: str) -> str:
+    return urlparse(url).path.rsplit("/", 1)[-1] if is_http(url) else os.path.basename(_local_path(url))
+
+
+def read_info(path: str, io: Optional[ShardIO] = None) -> dict:
+    """`_info.json` (a path or an http(s) URL) with `splits` as a {name: split} dict (a list of
+    split dicts is accepted)."""
+    if is_http(path):
+        info = json.loads(remote.read_url(path, io or ShardIO.default()))
+    else:
+        with open(path) as f:
+            info = json.load(f)
     splits = info.get("splits") or {}
     if isinstance(splits, list):
         splits = {sp.get("name"): sp for sp in splits}
@@ -135,11 +160,11 @@ def read_info(path: str) -> dict:
     return info
 
 
-def count_samples(urls: List[str]) -> int:
+def count_samples(urls: List[str], io: Optional[ShardIO] = None) -> int:
     """Count samples by reading the shards (slow path when no `_info.json`)."""
     n = 0
     for url in urls:
-        for _ in iter_shard(url, Counter()):
+        for _ in iter_shard(url, Counter(), io):
             n += 1
     return n
 
@@ -165,15 +190,26 @@ def split_name(name: str) -> Tuple[str, str]:
     return (os.path.join(d, stem) if d else stem), ext.lower()
 
 
-def iter_shard(url: str, counts: Counter) -> Iterator[Dict[str, bytes]]:
+def open_shard(url: str, io: ShardIO, counts: Counter):
+    """A readable binary stream of one shard: local file, remote (http(s), pipe:) with retries,
+    or webdataset's opener for other schemes. Raises OSError when it cannot be opened."""
+    if is_local(url):
+        return open(_local_path(url), "rb")
+    if remote.handles(url):
+        return remote.open_remote(url, io, counts)
+    return wds.gopen(url, "rb")
+
+
+def iter_shard(url: str, counts: Counter, io: Optional[ShardIO] = None) -> Iterator[Dict[str, bytes]]:
     """Yield encoded samples {"__key__", "__url__", ext: bytes} of one shard.
 
-    Unopenable shard -> counts[unreadable_shard] += 1, nothing yielded. Truncated archive ->
-    samples before the damage are yielded, the partial sample is dropped,
-    counts[truncated_tar] += 1. Never raises for data problems.
+    Unopenable shard (after `io`'s retries for a remote one) -> counts[unreadable_shard] += 1,
+    nothing yielded. Truncated archive, or a download cut short for good -> samples before the
+    damage are yielded, the partial sample is dropped, counts[truncated_tar] += 1. Retries made
+    are counted as counts[io_retries]. Never raises for data problems.
     """
     try:
-        stream = wds.gopen(url, "rb")
+        stream = open_shard(url, io or ShardIO.default(), counts)
     except Exception:
         counts[UNREADABLE_SHARD] += 1
         return

@@ -36,8 +36,10 @@ import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import UserError
+from . import remote
 from . import shards as S
 from .config import DataConfig, as_data_config
+from .remote import ShardIO
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,11 @@ def check_sources(cfg: Any, splits: Tuple[str, ...] = SPLITS) -> DataConfig:
     if cfg.root is not None and all(_pattern(cfg, w) is not None for w in splits):
         return cfg  # explicit patterns win for every split asked for: root is not used
     if cfg.root is not None:
+        if S.is_http(cfg.root):
+            return cfg  # read (its _info.json) when resolved
         if not S.is_local(cfg.root):
-            _fail("root", f"{cfg.root!r} must be a local directory (use data.train_shards / "
-                  f"data.val_shards for pipe: or http shards)")
+            _fail("root", f"{cfg.root!r} must be a local directory or an http(s) URL of one (use "
+                  f"data.train_shards / data.val_shards for pipe: or other shard URLs)")
         if not os.path.isdir(cfg.root):
             _fail("root", f"{cfg.root!r} is not a directory; give the directory holding the "
                   f"shards (and _info.json), e.g. the output directory of swinv2-make-shards")
@@ -91,13 +95,14 @@ def resolve_sources(cfg: Any, splits: Tuple[str, ...] = SPLITS) -> DataConfig:
     if cfg.root is None and all(_pattern(cfg, w) is None for w in SPLITS):
         return _synthetic(cfg)
     uses_root = cfg.root is not None and any(_pattern(cfg, w) is None for w in splits)
-    info = _RootInfo(cfg.root) if uses_root else None
+    io = ShardIO.of(cfg)
+    info = _RootInfo(cfg.root, io) if uses_root else None
     # the class count first: a missing one fails before any slow counting pass
-    stated = [c for c in (_split_classes(cfg, w, info) for w in splits) if c is not None]
+    stated = [c for c in (_split_classes(cfg, w, info, io) for w in splits) if c is not None]
     changes: Dict[str, Any] = {"num_classes": _num_classes(cfg, stated, info)}
     counted: List[str] = []
     for which in splits:
-        pattern, samples, was_counted = _resolve_split(cfg, which, info)
+        pattern, samples, was_counted = _resolve_split(cfg, which, info, io)
         changes[f"{which}_shards"], changes[f"{which}_samples"] = pattern, samples
         if was_counted:
             counted.append(f"{samples} {which}")
@@ -116,16 +121,16 @@ def _pattern(cfg: DataConfig, which: str) -> Optional[str]:
     return getattr(cfg, f"{which}_shards")
 
 
-def _split_classes(cfg: DataConfig, which: str, info: Optional["_RootInfo"]
+def _split_classes(cfg: DataConfig, which: str, info: Optional["_RootInfo"], io: ShardIO
                    ) -> Optional[Tuple[int, str]]:
     """(num_classes, the _info.json that states it) for the source of one split, or None."""
     pattern = _pattern(cfg, which)
     if pattern is not None:
-        return _stated_classes(S.info_path(pattern))
+        return _stated_classes(S.info_path(pattern, io), io)
     return info.classes if info is not None else None
 
 
-def _resolve_split(cfg: DataConfig, which: str, info: Optional["_RootInfo"]
+def _resolve_split(cfg: DataConfig, which: str, info: Optional["_RootInfo"], io: ShardIO
                    ) -> Tuple[str, int, bool]:
     """(pattern, samples, whether the samples were counted by reading the shards)."""
     explicit = getattr(cfg, f"{which}_samples")
@@ -136,21 +141,21 @@ def _resolve_split(cfg: DataConfig, which: str, info: Optional["_RootInfo"]
             log.info("data.%s_shards is set: it is used instead of data.root for the %s split",
                      which, which)
         urls = S.expand_shards(pattern)
-        samples = explicit or S.info_num_samples(pattern, split, urls)
+        samples = explicit or S.info_num_samples(pattern, split, urls, io)
         counted = not samples
-        samples = samples or _count(urls, f"data.{which}_shards", pattern)
+        samples = samples or _count(urls, f"data.{which}_shards", pattern, io)
         return pattern, int(samples), counted
     assert info is not None
     files, listed = info.split_files(split, f"{which}_split")
     pattern = compact_pattern(info.root, files)
     samples = explicit or listed
     counted = not samples
-    samples = samples or _count(S.expand_shards(pattern), "data.root", info.root)
+    samples = samples or _count(S.expand_shards(pattern), "data.root", info.root, io)
     return pattern, int(samples), counted
 
 
-def _count(urls: List[str], key: str, where: str) -> int:
-    n = S.count_samples(urls)
+def _count(urls: List[str], key: str, where: str, io: ShardIO) -> int:
+    n = S.count_samples(urls, io)
     if n == 0:  # a data problem (unreadable shards), like an empty stream in the loader
         from .pipeline import DataPipelineError  # local: pipeline imports this module
 
@@ -159,10 +164,10 @@ def _count(urls: List[str], key: str, where: str) -> int:
     return n
 
 
-def _stated_classes(info_file: Optional[str]) -> Optional[Tuple[int, str]]:
+def _stated_classes(info_file: Optional[str], io: ShardIO) -> Optional[Tuple[int, str]]:
     if info_file is None:
         return None
-    n = S.read_info(info_file).get("num_classes")
+    n = S.read_info(info_file, io).get("num_classes")
     return (int(n), info_file) if n is not None else None
 
 
@@ -196,14 +201,19 @@ def _synthetic(cfg: DataConfig) -> DataConfig:
 
 # ----------------------------------------------------------------------------- data.root
 class _RootInfo:
-    """A shard directory: its `_info.json` (None when absent) and its `*.tar` files."""
+    """A shard directory, local or over http(s): its `_info.json` (None when absent; required
+    over http, where no directory can be listed) and its `*.tar` files."""
 
-    def __init__(self, root: str):
-        self.root = os.path.abspath(os.path.expanduser(root))
-        path = os.path.join(self.root, "_info.json")
-        self.info_file = path if os.path.exists(path) else None
-        self.info = S.read_info(path) if self.info_file else None
-        self.classes = _stated_classes(self.info_file)
+    def __init__(self, root: str, io: ShardIO):
+        if S.is_http(root):
+            self.root = root.rstrip("/")
+            self.info_file = _http_info(self.root, io)
+        else:
+            self.root = os.path.abspath(os.path.expanduser(root))
+            path = os.path.join(self.root, "_info.json")
+            self.info_file = path if os.path.exists(path) else None
+        self.info = S.read_info(self.info_file, io) if self.info_file else None
+        self.classes = _stated_classes(self.info_file, io)
 
     def split_files(self, split: str, key: str) -> Tuple[List[str], Optional[int]]:
         """(shard file names of `split`, its sample count or None when it must be counted)."""
@@ -239,6 +249,23 @@ class _RootInfo:
                   f"so a shard's split is the word before its number, e.g. {split}-000000.tar); "
                   f"splits present: {', '.join(present)}")
         return files
+
+
+def _http_info(root: str, io: ShardIO) -> str:
+    """URL of the `_info.json` of an http(s) shard directory; an error naming data.root when the
+    server does not have it or cannot be reached (after the retries)."""
+    url = f"{root}/_info.json"
+    try:
+        found = remote.url_exists(url, io)
+    except remote.RemoteReadError as e:
+        _fail("root", f"{e}; check that the server is up and the URL right "
+              f"(data.io_retries / data.io_timeout_s set how long it is tried)")
+    if not found:
+        _fail("root", f"{url} does not exist: an http(s) data.root needs the _info.json that "
+              f"swinv2-make-shards writes beside the shards (an http directory cannot be listed); "
+              f"copy it there (or write it with `swinv2-make-shards --info-only DIR` where the "
+              f"shards are), or give data.train_shards / data.val_shards patterns")
+    return url
 
 
 def compact_pattern(root: str, files: List[str]) -> str:
