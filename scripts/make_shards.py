@@ -310,6 +310,8 @@ def check_args(args) -> None:
     for failed, msg in bad:
         if failed:
             raise SourceError(msg)
+    if args.part:
+        parse_part(args.part)  # a wrong --part is reported before any work
 
 
 def run(args) -> dict:

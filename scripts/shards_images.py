@@ -35,6 +35,11 @@ def reencoded_kind(fmt: str, mode: str) -> str:
     return {"PNG": "reencoded_png", "GIF": "reencoded_gif", "WEBP": "reencoded_webp"}.get(fmt, "reencoded_other")
 
 
+def failure_kind(error: Exception) -> str:
+    """Pillow says "image file is truncated" / "Truncated File Read" when the bytes run out."""
+    return "truncated" if isinstance(error, EOFError) or "truncated" in str(error).lower() else "undecodable"
+
+
 def judge_image(data: bytes, quality: int) -> Verdict:
     """The verdict on one file's bytes. Never raises for bad bytes: a bad file is a skip."""
     from PIL import Image, UnidentifiedImageError
@@ -45,16 +50,15 @@ def judge_image(data: bytes, quality: int) -> Verdict:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         return Verdict("undecodable", None, "not an image format Pillow can identify")
-    except Exception as e:  # a header Pillow cannot parse
-        return Verdict("undecodable", None, f"{type(e).__name__}: {e}")
+    except Exception as e:  # a header Pillow cannot parse, or one cut short
+        return Verdict(failure_kind(e), None, f"{type(e).__name__}: {e}")
     with img, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. palette transparency: converted to RGB all the same
         fmt, mode = img.format, img.mode
         try:
             img.load()  # a full decode: the only way to see a cut-off scan
         except Exception as e:
-            kind = "truncated" if "truncated" in str(e) or isinstance(e, EOFError) else "undecodable"
-            return Verdict(kind, None, f"{type(e).__name__}: {e}")
+            return Verdict(failure_kind(e), None, f"{type(e).__name__}: {e}")
         if fmt == "JPEG" and mode in ("RGB", "L"):
             return Verdict(KEPT, data)
         rgb = img.convert("RGB")
