@@ -206,7 +206,7 @@ def report_user_error(prog: str, exc: UserError, rank: int = 0, kind: str = "err
 
 
 def exit_with_message(prog: str, exc: UserError, rank: int = 0) -> NoReturn:
-    log_traceback_to_files(exc)  # the terminal gets the message only (README: "When it stops")
+    log_traceback_to_files(exc)  # the terminal gets the message only (docs/configuration.md: "When it stops")
     kind = "config error" if isinstance(exc, ConfigError) else "error"
     report_user_error(prog, exc, rank, kind)
     sys.exit(exit_code_for(exc))
