@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from typing import Optional, Sequence
 
 from swinv2_tools import shards_plan as P
-from swinv2_tools.shards_sources import SourceError, is_archive, read_list, scan_archive, scan_folder
+from swinv2_tools.shards_sources import SourceError, atomic_json, is_archive, read_list, scan_archive, scan_folder
 from swinv2_tools.shards_write import mark_part_done, merge, parse_part, part_range, write_shards
 
 
@@ -236,7 +236,7 @@ def write_info_only(out: str, overwrite: bool = False) -> dict:
         num_classes = top + 1
         print(f"note: no classes.json: num_classes={num_classes} (largest label + 1); edit "
               f"{info_path} if the dataset has more classes", file=sys.stderr)
-    _atomic_json(info_path, {"name": os.path.basename(os.path.abspath(out)),
+    atomic_json(info_path, {"name": os.path.basename(os.path.abspath(out)),
                              "num_classes": num_classes, "splits": splits})
     return {"info": info_path, "num_classes": num_classes,
             "splits": {k: v["num_samples"] for k, v in splits.items()}}

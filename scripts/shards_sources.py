@@ -16,6 +16,7 @@ which archive (path, size, mtime) it is complete.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -114,14 +115,12 @@ def read_list(path: str, root: Optional[str], with_sizes: bool = False) -> Sourc
         raise SourceError(f"list file {path} has no entries")
     n_cls = max(int(s.cls) for s in samples) + 1
     with open(path, "rb") as f:
-        import hashlib
         digest = hashlib.sha256(f.read()).hexdigest()
     return Source("list", path, base, samples, {"list_sha256": digest, "root": base},
                   [str(i) for i in range(n_cls)])
 
 
 def _sha256_lines(lines) -> str:
-    import hashlib
     h = hashlib.sha256()
     for line in lines:
         h.update(line.encode("utf-8", "surrogateescape") + b"\n")
@@ -247,7 +246,7 @@ def prepare_archive(src: str, prepared: str, progress=print) -> Tuple[str, List[
         raise SourceError(f"{src}: no per-class <synset>.tar members holding images; expected a tar of "
                           f"per-class tars (fall11_whole.tar, winter21_whole.tar.gz, ILSVRC2012_img_train.tar)")
     _write_index(os.path.join(prepared, INDEX), rows)
-    _atomic_json(done_path, {"fingerprint": fingerprint, "base": base, "images": len(rows)})
+    atomic_json(done_path, {"fingerprint": fingerprint, "base": base, "images": len(rows)})
     return base, rows
 
 
@@ -271,7 +270,7 @@ def _read_index(path: str) -> List[Tuple[str, str, int, int]]:
         return [tuple(json.loads(line)) for line in f]
 
 
-def _atomic_json(path: str, obj) -> None:
+def atomic_json(path: str, obj) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)

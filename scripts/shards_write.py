@@ -18,22 +18,15 @@ import tarfile
 from collections import Counter
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from swinv2_tools.shards_images import KINDS, SKIP_KINDS, judge_image
+from swinv2_tools.shards_images import KINDS, SKIP_KINDS, Verdict, judge_image
 from swinv2_tools.shards_plan import Plan, Row, all_plans, state_dir
-from swinv2_tools.shards_sources import ByteReader, SourceError
+from swinv2_tools.shards_sources import ByteReader, SourceError, atomic_json
 
 SKIPPED_LIST = "_skipped_{split}.tsv"  # beside the shards: split, kind, source file, reason
 
 
 def record_path(out: str, shard: str) -> str:
     return os.path.join(state_dir(out), "done", f"{shard}.json")
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def read_record(out: str, plan: Plan, shard: str) -> Optional[dict]:
@@ -85,12 +78,11 @@ class ShardWriter:
         record = {"identity": self.identity, "bytes": os.path.getsize(tmp),
                   "samples": len(rows) - sum(counts[k] for k in SKIP_KINDS),
                   "counts": dict(sorted(counts.items())), "skipped": skipped}
-        _atomic_json(record_path(self.out, shard), record)
+        atomic_json(record_path(self.out, shard), record)
         os.replace(tmp, os.path.join(self.out, shard))  # the shard appears only when complete
         return record
 
-    def _judge(self, row: Row):
-        from swinv2_tools.shards_images import Verdict
+    def _judge(self, row: Row) -> Verdict:
         try:
             data = self.reader.read(row.file, row.offset, row.size)
         except OSError as e:
@@ -190,7 +182,7 @@ def part_marker(out: str, plan: Plan, part: int, parts: int) -> str:
 def mark_part_done(out: str, plan: Plan, part: int, parts: int, shards: range) -> None:
     path = part_marker(out, plan, part, parts)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _atomic_json(path, {"identity": plan.identity, "part": part, "parts": parts,
+    atomic_json(path, {"identity": plan.identity, "part": part, "parts": parts,
                         "shards": [shards.start, shards.stop]})
 
 
@@ -249,20 +241,15 @@ def merge(out: str, plans: Optional[List[Plan]] = None) -> dict:
     summary = info.setdefault("make_shards", {})
     for plan in plans:
         recs = records[plan.identity]
-        for split, name, sp in _splits(plan):
+        for split, sp in plan.header["splits"].items():
             lengths = [recs[n]["samples"] for n in sp["filenames"]]
             info["splits"][split] = {"name": split, "num_samples": sum(lengths), "filenames": sp["filenames"],
                                      "shard_lengths": lengths}
             summary[split] = _split_summary(out, plan, split, [recs[n] for n in sp["filenames"]])
     with open(os.path.join(out, "classes.json"), "w") as f:
         json.dump(classes, f)
-    _atomic_json(info_path, info)
+    atomic_json(info_path, info)
     return {split: summary[split] for plan in plans for split in plan.header["splits"]}
-
-
-def _splits(plan: Plan):
-    for split, sp in plan.header["splits"].items():
-        yield split, sp["name"], sp
 
 
 def _one_class_list(out: str, plans: List[Plan]) -> List[str]:
