@@ -45,7 +45,7 @@ def test_two_ranks_two_workers_cover_every_sample_once(data8):
     for rank in (0, 1):
         stream, batches = run_train(cfg, gbs=8, rank=rank, ws=2)
         assert stream.batches_per_epoch == n // 8 == len(batches)
-        assert all(x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 for x, _ in batches)
+        assert all(x.shape == (4, 3, 16, 16) and x.dtype == torch.uint8 for x, _ in batches)  # 1 byte a pixel
         assert all(y.dtype == torch.int64 for _, y in batches)
         ys = torch.cat([y for _, y in batches]).tolist()
         per_rank.append(ys)

@@ -26,6 +26,11 @@ def denorm(x):
     return x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
 
 
+def unit(out):
+    """A worker transform's (uint8 pixels, erase box) -> pixels in [0, 1]."""
+    return out[0].float() / 255
+
+
 @pytest.fixture
 def photo():
     rng = np.random.default_rng(0)
@@ -35,12 +40,14 @@ def photo():
 def test_train_transform_shape_range_determinism(photo):
     tf = build_transform(DataConfig(augment="imagenet").resolved(), 32, train=True)
     data = encode(photo)
-    a, b = tf(data, random.Random(5)), tf(data, random.Random(5))
-    assert a.shape == (3, 32, 32) and a.dtype == torch.float32
-    assert torch.equal(a, b)
-    assert not torch.equal(a, tf(data, random.Random(6)))
-    # values: a normalised [0,1] image, or N(0,1) noise where erased
-    assert a.abs().max() < 8
+    (a, ea), (b, eb) = tf(data, random.Random(5)), tf(data, random.Random(5))
+    assert a.shape == (3, 32, 32) and a.dtype == torch.uint8  # workers hand over 1 byte a pixel
+    assert torch.equal(a, b) and ea == eb and len(ea) == 5
+    assert not torch.equal(a, tf(data, random.Random(6))[0])
+    ref = build_transform(DataConfig(augment="imagenet").resolved(), 32, train=True, reference=True)
+    x = ref(data, random.Random(5))
+    # the reference: a normalised [0,1] image, or N(0,1) noise where erased
+    assert x.dtype == torch.float32 and x.abs().max() < 8
 
 
 def test_hflip_really_flips(photo):
@@ -48,8 +55,8 @@ def test_hflip_really_flips(photo):
     kw = dict(scale=(0.3, 1.0), rand_augment="", reprob=0.0)
     flipped = TrainTransform(32, hflip=1.0, **kw)(data, random.Random(1))
     plain = TrainTransform(32, hflip=0.0, **kw)(data, random.Random(1))
-    assert torch.allclose(flipped, plain.flip(-1))
-    assert not torch.allclose(flipped, plain)
+    assert torch.equal(flipped[0], plain[0].flip(-1))
+    assert not torch.equal(flipped[0], plain[0])
 
 
 def test_rrc_area_and_ratio_within_bounds():
@@ -70,7 +77,7 @@ def test_rrc_crop_content_matches_box():
     # crop of a horizontal gradient at scale 1 must span the full gradient
     arr = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3))
     tf = TrainTransform(64, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
-    x = denorm(tf(encode(arr), random.Random(0)))
+    x = unit(tf(encode(arr), random.Random(0)))
     assert x[0, :, 0].mean() < 0.05 and x[0, :, -1].mean() > 0.95
 
 
@@ -84,13 +91,13 @@ def test_jpeg_draft_close_to_full_decode():
         kw = dict(scale=(0.5, 1.0)) if train else {}
         a = cls(64, draft=True, **kw)(data, random.Random(3))
         b = cls(64, draft=False, **kw)(data, random.Random(3))
-        assert (denorm(a) - denorm(b)).abs().mean() < 0.02
+        assert (unit(a) - unit(b)).abs().mean() < 0.02
 
 
 def test_eval_crop_vs_resize(photo):
     data = encode(photo)
-    assert EvalTransform(32)(data).shape == (3, 32, 32)
-    assert EvalTransform(384)(data).shape == (3, 384, 384)
+    assert EvalTransform(32)(data)[0].shape == (3, 32, 32)
+    assert EvalTransform(384)(data)[0].shape == (3, 384, 384)
     # test_crop=None: crop below 384 (resize short side to int(S/0.875) then centre crop)
     e = EvalTransform(224)
     assert e.crop and e.resize == 256
@@ -98,8 +105,8 @@ def test_eval_crop_vs_resize(photo):
     # centre crop keeps the centre: a bright border is cut away, a no-crop resize keeps it
     arr = np.zeros((256, 256, 3), np.uint8)
     arr[:, :4] = 255  # 4/256 of the width: inside the 2/36 that the 32/36 centre crop drops
-    cropped = denorm(EvalTransform(32, test_crop=True)(encode(arr)))
-    resized = denorm(EvalTransform(32, test_crop=False)(encode(arr)))
+    cropped = unit(EvalTransform(32, test_crop=True)(encode(arr)))
+    resized = unit(EvalTransform(32, test_crop=False)(encode(arr)))
     assert cropped[:, :, 0].mean() < 0.05 and resized[:, :, 0].mean() > 0.3  # 4/256 of 32 px: half a column
 
 

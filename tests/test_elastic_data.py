@@ -143,13 +143,14 @@ def test_resampled_draws_independent_of_ranks_workers_and_resize(tmp_path):
 
 
 def test_short_stream_rereads_its_shards(tmp_path, caplog):
-    # no _info.json: 30 counted samples spread as 10 per stream; stream 2's one shard holds 6
+    # no _info.json and a stated data.train_samples (a count that can be wrong): 30 samples
+    # spread as 10 per stream; stream 2's one shard holds 6
     for sh, n in enumerate((12, 12, 6)):
         write_tar(os.path.join(tmp_path, f"train-{sh}.tar"),
                   [{"__key__": f"s{sh * 100 + i:05d}", "jpg": jpeg_bytes(i),
                     "cls": str(sh * 100 + i).encode()} for i in range(n)])
     cfg = lambda w: cfg_for(os.path.join(tmp_path, "train-{0..2}.tar"), canonical_streams=3,  # noqa
-                            num_workers=w)
+                            num_workers=w, train_samples=30)
     with caplog.at_level("WARNING"):
         ref, _ = run(cfg(0), 1, 5, batch=6)
     assert "canonical stream 2" in caplog.text and "re-reading its shards" in caplog.text
@@ -169,7 +170,7 @@ def test_bad_samples_counted_and_skipped_over_epochs(data_bad):
     assert not any(k.startswith("bad") for k in keys)
     assert st.bad_samples() == {"corrupt_image": 4}  # 2 per epoch
     assert st.position() == {"epoch": 2, "batch": 0, "canonical_streams": 2, "global_batch": B,
-                             "offsets": {0: 0, 1: 0}}
+                             "offsets": {0: 0, 1: 0}, "failed_shards": {}}
     st.close()
 
 

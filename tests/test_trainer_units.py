@@ -191,6 +191,9 @@ class FakeStream:
     def bad_samples(self):
         return {"corrupt_image": self.n // 4}
 
+    def io_events(self):
+        return {}
+
 
 class FakeCheckpoints:
     def __init__(self):

@@ -152,15 +152,18 @@ def peak_memory_mb() -> float:
 
 def rank_metrics(r: StepResult, global_batch: int, bad_samples: Dict[str, int],
                  max_over_ranks: Callable = distributed.all_reduce_max_list,
-                 sum_over_ranks: Callable = distributed.sum_counts) -> Dict[str, float]:
+                 sum_over_ranks: Callable = distributed.sum_counts,
+                 io_events: Optional[Dict[str, int]] = None) -> Dict[str, float]:
     """The per-rank measurements, reduced over ranks (collective; see docs/DESIGN.md):
     images/s = global batch / the slowest rank's step time; data wait = the largest fraction on
     any rank (the slowest loader holds every rank at the next collective); peak memory = max;
-    bad-sample counts = sum."""
+    bad-sample counts (data/bad/*) and remote-read events (data/io/*, e.g. retries) = sum."""
     step_time, wait_frac, peak = max_over_ranks([r.time, r.wait / max(r.time, 1e-9), peak_memory_mb()])
     out = {"train/images_per_s": global_batch / max(step_time, 1e-9), "train/data_wait_frac": wait_frac,
            "train/peak_mem_mb": peak}
-    out.update({f"data/bad/{k}": v for k, v in sum_over_ranks(bad_samples).items()})
+    counts = {**bad_samples, **{f"io/{k}": v for k, v in (io_events or {}).items()}}  # one collective
+    out.update({f"data/{k}" if k.startswith("io/") else f"data/bad/{k}": v
+                for k, v in sum_over_ranks(counts).items()})
     return out
 
 
@@ -280,7 +283,8 @@ class Trainer:
              "train/skipped_steps": self.engine.skipped_steps, "train/nonfinite_steps": self.nonfinite.total,
              "train/step_applied": float(r.applied), "train/samples_seen": self.step * b.global_batch,
              "train/epoch": self.step / self.steps_per_epoch,
-             **rank_metrics(r, b.global_batch, self.stream.bad_samples()), **reduced_train_metrics(self.task)}
+             **rank_metrics(r, b.global_batch, self.stream.bad_samples(), io_events=self.stream.io_events()),
+             **reduced_train_metrics(self.task)}
         if probed:
             m.update(amplitude_metrics(self.probe.stats(), swinv2.probes.logit_scales(self.engine.module)))
             self.probe.clear()

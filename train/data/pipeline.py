@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import UserError
 from . import shards as S
 from .config import DataConfig, as_data_config
+from .feed import build_feed, default_device
 from .sources import resolve_sources
 from .transforms import CorruptImageError, build_transform
 
@@ -208,11 +209,15 @@ def _read(urls: Sequence[str], counts: Counter, modulus: int, remainder: int) ->
 
 # ----------------------------------------------------------------------------- loader
 class StreamingLoader:
-    """Iterable of (images, targets) of the eval stream; wraps a torch DataLoader(batch_size=None)."""
+    """Iterable of (images, targets) of the eval stream; wraps a torch DataLoader(batch_size=None).
+    Workers hand over uint8 images; with a `feed` (feed.DeviceFeed) they come out normalised
+    on `device` (None: the current CUDA device, else the CPU)."""
 
-    def __init__(self, dataset, *, num_workers, pin_memory, prefetch_factor, pattern, timeout_s=0.0):
+    def __init__(self, dataset, *, num_workers, pin_memory, prefetch_factor, pattern, timeout_s=0.0,
+                 feed=None, device=None):
         self.dataset = dataset
         self.pattern = pattern
+        self.feed, self.device = feed, device
         self._counts: Dict[int, Dict[str, int]] = {}
         self._seen: Dict[int, int] = {}
         kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
@@ -233,7 +238,7 @@ class StreamingLoader:
                 if targets.numel() == 0:  # count-only message from a worker at its end
                     continue
                 n += 1
-                yield images, targets
+                yield (images if self.feed is None else self.feed(images, self.device)), targets
         finally:
             # Stop workers now: a worker error's traceback keeps the iterator alive, and
             # workers forked later would inherit it (and try to reap it at exit).
@@ -277,7 +282,7 @@ class _EvalStream(IterableDataset):
         out: list = []
 
         def emit():
-            images = torch.stack([x for x, _ in out])
+            images = torch.stack([x for (x, _), _ in out])  # uint8; the eval transform erases nothing
             targets = torch.tensor([y for _, y in out], dtype=torch.int64)
             return images, targets, {"worker": d, "counts": dict(tracker.counts), "seen": tracker.seen}
 
@@ -297,11 +302,12 @@ class _EvalStream(IterableDataset):
 
 
 def build_eval_loader(cfg, *, img_size: int, batch_size: int, rank: int, world_size: int,
-                      labels: bool = True) -> StreamingLoader:
+                      labels: bool = True, device=None) -> StreamingLoader:
     """Eval loader of one rank: every sample exactly once across ranks, in fixed shard order,
     partial last batches (per worker), nothing dropped except counted bad samples. Ranks may
     yield different numbers of batches: reduce metrics once at the end. `labels=False`: `.cls`
-    is not read (unlabeled val shards; targets are NO_LABEL)."""
+    is not read (unlabeled val shards; targets are NO_LABEL). Images come out normalised on
+    `device` (None: the current CUDA device, else the CPU); the workers hand over uint8."""
     cfg = as_data_config(cfg).resolved()
     if world_size < 1 or not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"bad rank/world_size/batch_size: {rank}/{world_size}/{batch_size}")
@@ -312,7 +318,8 @@ def build_eval_loader(cfg, *, img_size: int, batch_size: int, rank: int, world_s
         _EvalStream(urls, cfg, build_transform(cfg, img_size, train=False), pattern=pattern,
                     rank=rank, world_size=world_size, num_workers=cfg.num_workers,
                     batch_size=batch_size, labels=labels),
-        num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
-        prefetch_factor=cfg.prefetch_factor, pattern=pattern, timeout_s=cfg.timeout_s)
+        num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        prefetch_factor=cfg.prefetch_factor, pattern=pattern, timeout_s=cfg.timeout_s,
+        feed=build_feed(cfg), device=device or default_device())
     loader.num_samples = cfg.val_samples
     return loader

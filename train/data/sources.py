@@ -29,11 +29,16 @@ dotted key to change.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import io as io_module
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
+
+from PIL import Image
 
 from ..errors import UserError
 from . import remote
@@ -87,10 +92,36 @@ def check_sources(cfg: Any, splits: Tuple[str, ...] = SPLITS) -> DataConfig:
 
 
 # ----------------------------------------------------------------------------- resolution
-def resolve_sources(cfg: Any, splits: Tuple[str, ...] = SPLITS) -> DataConfig:
+@dataclasses.dataclass
+class TrainCounts:
+    """The train split's usable samples per shard, where they must be counted (no _info.json,
+    no data.train_samples): the epoch length is what can be used, not the keys in the tars.
+
+    `lengths` given (a resumed run's, from its data position) are used as they are, so a run
+    keeps its epoch; else `resolve_sources` counts them, decoding every sample once, and fills
+    `lengths` for the caller to keep. `labels`: a sample needs a valid label to count (not for
+    SimMIM). `keys_only`: count keys, as before usable counting, for a run begun with such a
+    version (its position has no lengths): its epoch stays what it was."""
+
+    lengths: Optional[List[int]] = None
+    labels: bool = True
+    keys_only: bool = False
+
+    @classmethod
+    def of_position(cls, position: Optional[Dict[str, Any]], labels: bool) -> "TrainCounts":
+        if position is None:
+            return cls(labels=labels)
+        if "shard_lengths" in position:
+            return cls([int(n) for n in position["shard_lengths"]], labels)
+        return cls(labels=labels, keys_only=True)
+
+
+def resolve_sources(cfg: Any, splits: Tuple[str, ...] = SPLITS,
+                    train_counts: Optional[TrainCounts] = None) -> DataConfig:
     """Copy of `cfg` (DataConfig, dict or OmegaConf node) with shards, sample counts and
     num_classes filled for `splits` (default both; the loaders ask for the one they read).
-    See the module docstring for the rules."""
+    See the module docstring for the rules; `train_counts` (the train stream's): count the usable
+    train samples per shard where counting is needed (see TrainCounts)."""
     cfg = check_sources(cfg, splits)
     if cfg.root is None and all(_pattern(cfg, w) is None for w in SPLITS):
         return _synthetic(cfg)
@@ -102,7 +133,9 @@ def resolve_sources(cfg: Any, splits: Tuple[str, ...] = SPLITS) -> DataConfig:
     changes: Dict[str, Any] = {"num_classes": _num_classes(cfg, stated, info)}
     counted: List[str] = []
     for which in splits:
-        pattern, samples, was_counted = _resolve_split(cfg, which, info, io)
+        counter = _SampleCounter(io, changes["num_classes"], cfg.num_workers,
+                                 train_counts if which == "train" else None)
+        pattern, samples, was_counted = _resolve_split(cfg, which, info, counter)
         changes[f"{which}_shards"], changes[f"{which}_samples"] = pattern, samples
         if was_counted:
             counted.append(f"{samples} {which}")
@@ -130,7 +163,7 @@ def _split_classes(cfg: DataConfig, which: str, info: Optional["_RootInfo"], io:
     return info.classes if info is not None else None
 
 
-def _resolve_split(cfg: DataConfig, which: str, info: Optional["_RootInfo"], io: ShardIO
+def _resolve_split(cfg: DataConfig, which: str, info: Optional["_RootInfo"], counter: "_SampleCounter"
                    ) -> Tuple[str, int, bool]:
     """(pattern, samples, whether the samples were counted by reading the shards)."""
     explicit = getattr(cfg, f"{which}_samples")
@@ -141,27 +174,87 @@ def _resolve_split(cfg: DataConfig, which: str, info: Optional["_RootInfo"], io:
             log.info("data.%s_shards is set: it is used instead of data.root for the %s split",
                      which, which)
         urls = S.expand_shards(pattern)
-        samples = explicit or S.info_num_samples(pattern, split, urls, io)
+        samples = explicit or S.info_num_samples(pattern, split, urls, counter.io)
         counted = not samples
-        samples = samples or _count(urls, f"data.{which}_shards", pattern, io)
+        samples = samples or counter.count(urls, f"data.{which}_shards", pattern)
         return pattern, int(samples), counted
     assert info is not None
     files, listed = info.split_files(split, f"{which}_split")
     pattern = compact_pattern(info.root, files)
     samples = explicit or listed
     counted = not samples
-    samples = samples or _count(S.expand_shards(pattern), "data.root", info.root, io)
+    samples = samples or counter.count(S.expand_shards(pattern), "data.root", info.root)
     return pattern, int(samples), counted
 
 
-def _count(urls: List[str], key: str, where: str, io: ShardIO) -> int:
-    n = S.count_samples(urls, io)
-    if n == 0:  # a data problem (unreadable shards), like an empty stream in the loader
-        from .pipeline import DataPipelineError  # local: pipeline imports this module
+class _SampleCounter:
+    """Counts a split's samples by reading its shards: keys, or for the train stream (with a
+    TrainCounts) the usable samples per shard, decoded in `threads` threads (PIL releases the
+    GIL while it decodes)."""
 
-        raise DataPipelineError(f"{key}: {where!r} contains no samples (no readable shard "
-                                f"with a sample in it)")
-    return n
+    def __init__(self, io: ShardIO, num_classes: int, threads: int, train: Optional[TrainCounts]):
+        self.io, self.num_classes, self.threads, self.train = io, num_classes, max(1, threads), train
+
+    def count(self, urls: List[str], key: str, where: str) -> int:
+        if self.train is None or self.train.keys_only:
+            n = S.count_samples(urls, self.io)
+        else:
+            n = sum(self._usable_lengths(urls, where))
+        if n == 0:  # a data problem (unreadable shards), like an empty stream in the loader
+            from .pipeline import DataPipelineError  # local: pipeline imports this module
+
+            raise DataPipelineError(f"{key}: {where!r} contains no samples (no readable shard "
+                                    f"with a usable sample in it)")
+        return n
+
+    def _usable_lengths(self, urls: List[str], where: str) -> List[int]:
+        saved = self.train.lengths
+        if saved is not None and len(saved) == len(urls):
+            return saved
+        if saved is not None:
+            log.warning("the data position counts %d shards, %s has %d: counting them again",
+                        len(saved), where, len(urls))
+        usable = _usable_check(self.num_classes, self.train.labels)
+        with ThreadPoolExecutor(self.threads) as pool:
+            found = list(pool.map(lambda url: _count_shard(url, usable, self.io), urls))
+        self.train.lengths = [good for good, _ in found]
+        keys = sum(n for _, n in found)
+        log.info("%s: %d usable train samples of %d in %d shards, counted once by decoding each "
+                    "(kept in the checkpoints' data position)", where, sum(self.train.lengths),
+                    keys, len(urls))
+        return self.train.lengths
+
+
+def _count_shard(url: str, usable, io: ShardIO) -> Tuple[int, int]:
+    """(usable samples, all samples) of one shard."""
+    good = n = 0
+    for sample in S.iter_shard(url, collections.Counter(), io):
+        n += 1
+        good += usable(sample)
+    return good, n
+
+
+def _usable_check(num_classes: int, labels: bool):
+    """sample -> whether the train stream can use it: an image that decodes (the checks of the
+    decoder; JPEGs decoded at 1/8 scale, which still reads all their data) and, with `labels`,
+    a label in range."""
+    from .pipeline import image_bytes, parse_label  # local: pipeline imports this module
+
+    def usable(sample) -> bool:
+        if labels and parse_label(sample, num_classes, None)[1] is not None:
+            return False
+        data = image_bytes(sample)
+        if data is None:
+            return False
+        try:
+            img = Image.open(io_module.BytesIO(data))
+            img.draft("RGB", (1, 1))
+            img.load()
+            return img.size[0] >= 1 and img.size[1] >= 1
+        except Exception:  # what the decoder counts as a corrupt image
+            return False
+
+    return usable
 
 
 def _stated_classes(info_file: Optional[str], io: ShardIO) -> Optional[Tuple[int, str]]:

@@ -18,13 +18,21 @@ The idea is MosaicML Streaming's canonical partitions, done for tar shards (our 
   process assembles the share in stream order, so nothing depends on W. R x W must divide C
   (else a `DataGeometryError` naming `data.canonical_streams` and the counts that fit), which
   gives every worker the same number of streams and DataLoader's round robin stays in step.
-* Epoch length: the number of full global batches every stream can supply, from the shard
-  lengths in `_info.json` (else the resolved sample count spread over the shards). What a stream
-  holds beyond that is dropped for the epoch (like drop_last; the shuffle makes it a different
-  set each epoch). A stream that runs short (bad samples, an overestimated count) reads its
-  shards again in a new seeded order (a warning says so).
+* Epoch length: the number of full global batches every stream can supply, from the usable
+  samples per shard: `_info.json`'s shard lengths, or (without it) counted once by decoding every
+  sample (`sources.TrainCounts`) and kept in the data position, so the run keeps that epoch. What
+  a stream holds beyond that is dropped for the epoch (like drop_last; the shuffle makes it a
+  different set each epoch). A stream that still runs short (a count that overestimates, shards
+  that failed) reads its shards again in a new seeded order (a warning says so); that pass skips
+  the bad samples the first one met without decoding or counting them again.
+* Failed shards (unreadable, or cut short, after `data.io_retries`): skipped and counted; each
+  stream records them by read ordinal (the j-th shard it opened this epoch -> samples it gave)
+  in the position, and a resumed stream gives a recorded shard's samples only up to that point,
+  even if the shard reads whole again, so the skip lands where the first run was. More than
+  `data.max_failed_shards` of the shards a worker reads failing stops the run
+  (`ShardFailureBudget`).
 * Position (saved in checkpoints): epoch, global batch index and, per stream, how many encoded
-  samples its chunks so far consumed. It is world-independent: resuming at batch b on any
+  samples its chunks so far consumed (and its failed shards; the measured shard lengths). It is world-independent: resuming at batch b on any
   (R', W') has each stream skip that many encoded samples (read, not decoded) and go on; with the
   offsets the skip is exact even past bad samples. A resize mid-epoch therefore reads every
   sample of the epoch exactly once.
@@ -49,14 +57,17 @@ from torch.utils.data import DataLoader, IterableDataset
 from . import shards as S
 from .config import DataConfig, as_data_config
 from .masking import MaskGenerator, sample_mask_rng
-from .pipeline import (BadSampleTracker, DataGeometryError, DataPipelineError, _Decoder, _read,
+from .pipeline import (BadSampleTracker, DataGeometryError, DataPipelineError, _Decoder,
                        _shuffled, _worker_id, _worker_init, mix_seed)
-from .sources import resolve_sources
+from .remote import ShardIO
+from .sources import TrainCounts, resolve_sources
 from .transforms import build_transform
 
 log = logging.getLogger(__name__)
 
-Position = Dict[str, Any]  # {"epoch", "batch", "canonical_streams", "global_batch", "offsets"}
+Position = Dict[str, Any]  # {"epoch", "batch", "canonical_streams", "global_batch", "offsets",
+#                              "failed_shards" (since http streaming), "shard_lengths" (measured only)}
+FailedShards = Dict[int, int]  # one stream's failed shards: read ordinal -> samples read before
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -138,8 +149,10 @@ class StreamPlan:
         return list(self.urls[stream::self.streams])
 
 
-def plan_streams(cfg: DataConfig, global_batch: int, streams: int) -> StreamPlan:
-    """Layout for a resolved DataConfig (train shards and train_samples filled in)."""
+def plan_streams(cfg: DataConfig, global_batch: int, streams: int,
+                 lengths: Optional[Sequence[int]] = None) -> StreamPlan:
+    """Layout for a resolved DataConfig (train shards and train_samples filled in); `lengths`:
+    the usable samples per shard when they were counted (else _info.json's are used)."""
     pattern = cfg.train_shards
     urls = S.expand_shards(pattern)
     if not cfg.resampled and len(urls) < streams:
@@ -152,7 +165,7 @@ def plan_streams(cfg: DataConfig, global_batch: int, streams: int) -> StreamPlan
     if cfg.resampled:
         smallest = cfg.train_samples // streams  # every stream draws without end
     else:
-        smallest = min(stream_sizes(cfg, urls, streams))
+        smallest = min(stream_sizes(cfg, urls, streams, lengths))
     batches = smallest // chunk
     if batches < 1:
         raise DataGeometryError(
@@ -162,26 +175,105 @@ def plan_streams(cfg: DataConfig, global_batch: int, streams: int) -> StreamPlan
     return StreamPlan(tuple(urls), pattern, streams, chunk, batches, cfg.resampled)
 
 
-def stream_sizes(cfg: DataConfig, urls: Sequence[str], streams: int) -> List[int]:
-    """Samples per stream: exact from _info.json shard lengths when they add up to the epoch,
-    else the epoch's samples spread over the shards (an estimate: a short stream re-reads)."""
-    lengths = S.info_shard_lengths(cfg.train_shards, cfg.train_split, list(urls))
+def stream_sizes(cfg: DataConfig, urls: Sequence[str], streams: int,
+                 lengths: Optional[Sequence[int]] = None) -> List[int]:
+    """Samples per stream: exact from the counted or _info.json shard lengths when they add up to
+    the epoch, else the epoch's samples spread over the shards (an estimate: a short stream
+    re-reads)."""
+    if lengths is None:
+        lengths = S.info_shard_lengths(cfg.train_shards, cfg.train_split, list(urls), ShardIO.of(cfg))
     if lengths is None or sum(lengths) != cfg.train_samples:
         lengths = [cfg.train_samples / len(urls)] * len(urls)
     return [int(sum(lengths[s::streams])) for s in range(streams)]
 
 
 # ----------------------------------------------------------------------------- one stream
+MIN_SHARDS_JUDGED = 20  # a worker with fewer shards is judged as if it had this many
+
+
+class ShardFailureBudget:
+    """One worker's failed shards this epoch; more than `data.max_failed_shards` of the shards
+    it reads (at least MIN_SHARDS_JUDGED) stops the run with one message naming them."""
+
+    def __init__(self, cfg: DataConfig, planned: int, where: str):
+        self.cfg, self.planned, self.where = cfg, planned, where
+        self.tried = 0
+        self.failed: List[Tuple[str, int]] = []  # (url, samples it gave before failing)
+
+    def opened(self) -> None:
+        self.tried += 1
+
+    def fail(self, url: str, samples: int) -> None:
+        self.failed.append((url, samples))
+        judged = max(self.tried, self.planned, MIN_SHARDS_JUDGED)
+        if len(self.failed) > self.cfg.max_failed_shards * judged:
+            raise DataPipelineError(self._message(judged))
+
+    def _message(self, judged: int) -> str:
+        shown = [f"{u} ({'unreadable' if n == 0 else f'cut short after {n} samples'})"
+                 for u, n in self.failed[:20]]
+        more = f" and {len(self.failed) - 20} more" if len(self.failed) > 20 else ""
+        return (f"{len(self.failed)} of the {judged} shards {self.where} reads this epoch failed "
+                f"(remote ones after data.io_retries={self.cfg.io_retries} retries each), more "
+                f"than data.max_failed_shards={self.cfg.max_failed_shards}: {', '.join(shown)}{more}. "
+                f"Check that the server is up and the shard URLs are right (data.train_shards / "
+                f"data.root); for a slow source raise data.io_retries or data.io_timeout_s; to "
+                f"train on what can be read, raise data.max_failed_shards (1.0: never stop)")
+
+
+class _StreamShards:
+    """The shards one stream opens in an epoch, with its record of the failed ones (see
+    FailedShards). A shard the record names gives at most the recorded samples (0: not opened),
+    whether or not it reads whole now: a resumed run replays the first run's batches. A shard
+    that fails is counted once per epoch (not again when a short stream re-reads it)."""
+
+    def __init__(self, recorded: FailedShards, io: ShardIO, budget: ShardFailureBudget):
+        self.record: FailedShards = dict(recorded)
+        self.io, self.budget = io, budget
+        self.opened = 0
+        self.failed_urls: set = set()
+
+    def read(self, urls: Sequence[str], counts: Counter) -> Iterator[dict]:
+        for url in urls:
+            yield from self.read_one(url, counts)
+
+    def read_one(self, url: str, counts: Counter) -> Iterator[dict]:
+        j, self.opened = self.opened, self.opened + 1
+        self.budget.opened()
+        recorded = self.record.get(j)
+        events: Counter = Counter()
+        n = 0
+        if recorded != 0:
+            for sample in S.iter_shard(url, events, self.io):
+                if n == recorded:
+                    break  # where it was cut before
+                n += 1
+                yield sample
+        failed_now = any(events[r] for r in S.SHARD_REASONS)
+        if failed_now:
+            self.record[j] = n
+        elif recorded is None:
+            counts.update(events)  # read whole: the retries that got it through
+            return
+        first_failure = url not in self.failed_urls  # not a short stream's re-read of it
+        self.failed_urls.add(url)
+        io_only = {k: v for k, v in events.items() if k in S.IO_EVENTS}
+        counts.update(events if failed_now and first_failure else io_only)
+        self.budget.fail(url, n)
+
+
 def stream_samples(plan: StreamPlan, cfg: DataConfig, stream: int, seed: int, epoch: int,
-                   counts: Counter) -> Iterator[dict]:
+                   counts: Counter, shards: Optional[_StreamShards] = None) -> Iterator[dict]:
     """Encoded samples of canonical stream `stream`, without end: a pure function of
-    (data, seed, epoch, stream)."""
+    (data, seed, epoch, stream) and the shards that failed (`shards` reads them)."""
+    if shards is None:
+        shards = _StreamShards({}, ShardIO.of(cfg), ShardFailureBudget(cfg, 0, f"stream {stream}"))
     if plan.resampled:
-        return _resampled(plan, cfg, stream, seed, epoch, counts)
-    return _passes(plan, cfg, stream, seed, epoch, counts)
+        return _resampled(plan, cfg, stream, seed, epoch, counts, shards)
+    return _passes(plan, cfg, stream, seed, epoch, counts, shards)
 
 
-def _passes(plan, cfg, stream, seed, epoch, counts) -> Iterator[dict]:
+def _passes(plan, cfg, stream, seed, epoch, counts, reader: _StreamShards) -> Iterator[dict]:
     # pass 0 is the epoch; later passes only fill a stream that ran short
     own = plan.shards_of(stream)
     p = 0
@@ -191,8 +283,10 @@ def _passes(plan, cfg, stream, seed, epoch, counts) -> Iterator[dict]:
             random.Random(mix_seed("shards", seed, epoch, stream, p)).shuffle(shards)
         rng = random.Random(mix_seed("buf", seed, epoch, stream, p))
         got = False
-        for s in _shuffled(_read(shards, counts, 1, 0), cfg.shuffle_buffer, rng):
+        for s in _shuffled(reader.read(shards, counts), cfg.shuffle_buffer, rng):
             got = True
+            if p:
+                s["__repass__"] = True  # its bad samples were met (and counted) in pass 0
             yield s
         if not got:
             raise DataPipelineError(
@@ -206,7 +300,7 @@ def _passes(plan, cfg, stream, seed, epoch, counts) -> Iterator[dict]:
         p += 1
 
 
-def _resampled(plan, cfg, stream, seed, epoch, counts) -> Iterator[dict]:
+def _resampled(plan, cfg, stream, seed, epoch, counts, reader: _StreamShards) -> Iterator[dict]:
     rng = random.Random(mix_seed("resampled", seed, epoch, stream))
     limit = min(max(3 * len(plan.urls), 10), 1000)
 
@@ -214,7 +308,7 @@ def _resampled(plan, cfg, stream, seed, epoch, counts) -> Iterator[dict]:
         empty = 0
         while True:
             got = False
-            for s in S.iter_shard(rng.choice(plan.urls), counts):
+            for s in reader.read_one(rng.choice(plan.urls), counts):
                 got = True
                 yield s
             empty = 0 if got else empty + 1
@@ -230,8 +324,10 @@ def _resampled(plan, cfg, stream, seed, epoch, counts) -> Iterator[dict]:
 class _StreamReader:
     """One stream's samples as chunks of good decoded samples; `consumed` counts encoded ones."""
 
-    def __init__(self, samples: Iterator[dict], stream: int, skip: int):
-        self.samples, self.stream, self.consumed = samples, stream, 0
+    def __init__(self, samples: Iterator[dict], stream: int, skip: int,
+                 shards: Optional[_StreamShards] = None):
+        self.samples, self.stream, self.consumed, self.shards = samples, stream, 0, shards
+        self.bad_keys: set = set()  # this epoch's bad samples: a re-read skips them uncounted
         for _ in range(skip):  # resume: read, do not decode
             next(self.samples)
             self.consumed += 1
@@ -244,13 +340,21 @@ class _StreamReader:
         while len(got) < n:
             sample = next(self.samples)
             index, self.consumed = self.consumed, self.consumed + 1
+            if sample.get("__repass__") and sample["__key__"] in self.bad_keys:
+                continue  # met and counted in the epoch's first pass
             decoded = decode(sample, (self.stream, index))
-            if decoded is not None:
+            if decoded is None:
+                self.bad_keys.add(sample["__key__"])
+            else:
                 x, y = decoded
                 got.append((x, y if mask_of is None else mask_of(self.stream, index), sample["__key__"]))
         targets = (torch.tensor([y for _, y, _ in got], dtype=torch.int64) if mask_of is None
                    else torch.stack([y for _, y, _ in got]))
         return torch.stack([x for x, _, _ in got]), targets, [k for _, _, k in got]
+
+    def read_state(self) -> Tuple[int, FailedShards]:
+        """What the position keeps of this stream: encoded samples read, failed shards."""
+        return self.consumed, dict(self.shards.record) if self.shards is not None else {}
 
 
 class _ChunkSource(IterableDataset):
@@ -259,10 +363,21 @@ class _ChunkSource(IterableDataset):
 
     def __init__(self, plan: StreamPlan, cfg: DataConfig, transform, *, streams: List[int],
                  workers: int, seed: int, epoch: int, start_batch: int, offsets: Dict[int, int],
-                 masks: Optional[MaskGenerator] = None):
+                 masks: Optional[MaskGenerator] = None,
+                 failed: Optional[Dict[int, FailedShards]] = None):
         self.plan, self.cfg, self.transform, self.streams = plan, cfg, transform, streams
         self.W, self.seed, self.epoch = workers, seed, epoch
         self.start_batch, self.offsets, self.masks = start_batch, offsets, masks
+        self.failed = failed or {}
+
+    def _budget(self, worker: int, mine: List[int]) -> ShardFailureBudget:
+        planned = 0 if self.plan.resampled else sum(len(self.plan.shards_of(s)) for s in mine)
+        return ShardFailureBudget(self.cfg, planned, f"data worker {worker} (streams {mine})")
+
+    def _reader(self, stream: int, counts: Counter, budget: ShardFailureBudget) -> _StreamReader:
+        shards = _StreamShards(self.failed.get(stream, {}), ShardIO.of(self.cfg), budget)
+        samples = stream_samples(self.plan, self.cfg, stream, self.seed, self.epoch, counts, shards)
+        return _StreamReader(samples, stream, self.offsets[stream], shards)
 
     def _mask_of(self, stream: int, index: int) -> torch.Tensor:
         return self.masks(sample_mask_rng(self.seed, self.epoch, stream, index))
@@ -277,13 +392,11 @@ class _ChunkSource(IterableDataset):
         decode = _Decoder(self.cfg, self.transform, tracker, ("aug", self.seed, self.epoch),
                           labels=self.masks is None)
         mask_of = self._mask_of if self.masks is not None else None
-        readers = [_StreamReader(stream_samples(self.plan, self.cfg, s, self.seed, self.epoch,
-                                                tracker.counts), s, self.offsets[s])
-                   for s in mine]
+        readers = [self._reader(s, tracker.counts, self._budget(w, mine)) for s in mine]
         for b in range(self.start_batch, self.plan.batches_per_epoch):
             for r in readers:
                 images, targets, keys = r.chunk(self.plan.chunk, decode, mask_of)
-                yield b, r.stream, images, targets, keys, r.consumed, (w, dict(tracker.counts))
+                yield b, r.stream, images, targets, keys, r.read_state(), (w, dict(tracker.counts))
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -298,7 +411,9 @@ class TrainStream:
     def __init__(self, data_cfg: Any, *, img_size: int, global_batch: int, grad_accum: int,
                  rank: int, world_size: int, seed: int, position: Optional[Position] = None,
                  masks: Optional[MaskGenerator] = None):
-        cfg = resolve_sources(as_data_config(data_cfg).resolved(), ("train",))
+        pos = position or {}
+        counted = TrainCounts.of_position(position, labels=masks is None)
+        cfg = resolve_sources(as_data_config(data_cfg).resolved(), ("train",), counted)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad rank/world_size: {rank}/{world_size}")
         W = max(1, cfg.num_workers)
@@ -307,7 +422,8 @@ class TrainStream:
         _check_saved_batch(position, global_batch)
         self.cfg, self.seed, self.workers, self.masks = cfg, seed, W, masks
         self.global_batch, self.grad_accum = global_batch, grad_accum
-        self.plan = plan_streams(cfg, global_batch, C)
+        self.shard_lengths = counted.lengths  # counted here (or by the first run): kept with the run
+        self.plan = plan_streams(cfg, global_batch, C, self.shard_lengths)
         self.streams = rank_streams(C, rank, world_size)
         self.transform = build_transform(cfg, img_size, train=True)
         self.last_keys: List[str] = []  # sample keys of the micro-batch last returned
@@ -315,13 +431,15 @@ class TrainStream:
         self._counts: Dict[int, Dict[str, int]] = {}  # this epoch's, by worker
         self._micro: deque = deque()
         self._it = None
-        pos = position or {}
         batch = pos.get("batch", 0)
         # int keys: a position that went through JSON comes back with string keys
         offsets = {int(s): int(n) for s, n in (pos.get("offsets") or {}).items()}
         # a stream without an offset: as if it met no bad sample so far
+        failed = {int(s): {int(j): int(n) for j, n in rec.items()}  # absent before http streaming
+                  for s, rec in (pos.get("failed_shards") or {}).items()}
         self._start(pos.get("epoch", 0), batch,
-                    {s: offsets.get(s, batch * self.plan.chunk) for s in self.streams})
+                    {s: offsets.get(s, batch * self.plan.chunk) for s in self.streams},
+                    {s: failed.get(s, {}) for s in self.streams})
 
     # -- what the trainer reads
     @property
@@ -346,8 +464,9 @@ class TrainStream:
         if self._micro:
             raise RuntimeError("position() in the middle of a global batch: save at step boundaries")
         if self.batch >= self.plan.batches_per_epoch:
-            return self._position(self.epoch + 1, 0, {s: 0 for s in self.streams})
-        return self._position(self.epoch, self.batch, dict(self.offsets))
+            return self._position(self.epoch + 1, 0, {s: 0 for s in self.streams}, {})
+        return self._position(self.epoch, self.batch, dict(self.offsets),
+                              {s: dict(r) for s, r in self.failed.items() if r})
 
     def global_position(self) -> Position:
         """The position of all ranks (a collective when distributed: call it on every rank)."""
@@ -359,8 +478,15 @@ class TrainStream:
         return merge_positions(parts)
 
     def bad_samples(self) -> Dict[str, int]:
-        """Bad-sample counts by reason on this rank, over the chunks handed out so far."""
-        return dict(self._counts_done + self._epoch_counts())
+        """Bad-sample counts by reason on this rank, over the chunks handed out so far (failed
+        shards included: unreadable_shard, truncated_tar)."""
+        counts = self._counts_done + self._epoch_counts()
+        return {k: v for k, v in counts.items() if k not in S.IO_EVENTS}
+
+    def io_events(self) -> Dict[str, int]:
+        """Remote-read events on this rank so far: {"retries": n} (logged as data/io/retries)."""
+        counts = self._counts_done + self._epoch_counts()
+        return {k[len("io_"):]: v for k, v in counts.items() if k in S.IO_EVENTS}
 
     def _epoch_counts(self) -> Counter:
         total: Counter = Counter()
@@ -377,21 +503,29 @@ class TrainStream:
             self._it = None
 
     # -- internals
-    def _position(self, epoch: int, batch: int, offsets: Dict[int, int]) -> Position:
-        return {"epoch": epoch, "batch": batch, "canonical_streams": self.plan.streams,
-                "global_batch": self.global_batch, "offsets": offsets}
+    def _position(self, epoch: int, batch: int, offsets: Dict[int, int],
+                  failed: Dict[int, FailedShards]) -> Position:
+        pos = {"epoch": epoch, "batch": batch, "canonical_streams": self.plan.streams,
+               "global_batch": self.global_batch, "offsets": offsets, "failed_shards": failed}
+        if self.shard_lengths is not None:
+            pos["shard_lengths"] = list(self.shard_lengths)
+        return pos
 
-    def _start(self, epoch: int, batch: int, offsets: Dict[int, int]) -> None:
+    def _start(self, epoch: int, batch: int, offsets: Dict[int, int],
+               failed: Optional[Dict[int, FailedShards]] = None) -> None:
+        failed = failed or {s: {} for s in self.streams}
         if batch >= self.plan.batches_per_epoch:  # saved at an epoch's end
             epoch, batch, offsets = epoch + 1, 0, {s: 0 for s in self.streams}
+            failed = {s: {} for s in self.streams}
         self.close()
         self._counts_done.update(self._epoch_counts())  # the epoch that ends, if any
         self._counts = {}
-        self.epoch, self.batch, self.offsets = epoch, batch, offsets
+        self.epoch, self.batch, self.offsets, self.failed = epoch, batch, offsets, failed
         self._pending: Dict[Tuple[int, int], tuple] = {}
         source = _ChunkSource(self.plan, self.cfg, self.transform, streams=self.streams,
                               workers=self.workers, seed=self.seed, epoch=epoch,
-                              start_batch=batch, offsets=offsets, masks=self.masks)
+                              start_batch=batch, offsets=offsets, masks=self.masks,
+                              failed=failed)
         kw = dict(batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
                   worker_init_fn=_worker_init,
                   generator=torch.Generator())  # its own seed source: the global RNG is untouched
@@ -411,7 +545,7 @@ class TrainStream:
             self._counts[worker] = counts
         chunks = [self._pending.pop((self.batch, s)) for s in self.streams]
         for s, (_, _, _, consumed) in zip(self.streams, chunks):
-            self.offsets[s] = consumed
+            self.offsets[s], self.failed[s] = consumed  # (samples read, failed shards)
         self.batch += 1
         images = torch.cat([c[0] for c in chunks])
         targets = torch.cat([c[1] for c in chunks])
@@ -436,9 +570,11 @@ def merge_positions(parts: Sequence[Position]) -> Position:
         if (p["epoch"], p["batch"]) != (first["epoch"], first["batch"]):
             raise RuntimeError(f"ranks disagree on the data position: {[(q['epoch'], q['batch']) for q in parts]}")
     offsets: Dict[int, int] = {}
+    failed: Dict[int, FailedShards] = {}
     for p in parts:
         offsets.update(p["offsets"])
-    return {**first, "offsets": offsets}
+        failed.update(p.get("failed_shards") or {})
+    return {**first, "offsets": offsets, "failed_shards": failed}
 
 
 def saved_position(client: Dict[str, Any], warn: bool = True) -> Optional[Dict[str, Any]]:

@@ -3,16 +3,28 @@
 Every random transform takes an explicit `random.Random` so a sample's augmentation is a pure
 function of its seed (derived from (seed, epoch, key)), independent of worker assignment.
 Semantics follow timm's `create_transform` as used by the official Swin V2 `build_transform`.
+
+The data workers run `TrainTransform` / `EvalTransform`: bytes -> (uint8 (3,S,S) pixels, erase box).
+Workers hand over 1 byte a pixel; normalisation and random erasing run on the device
+(`feed.DeviceFeed`), with the erase box drawn here from the sample's own generator, in the same
+order as before, so the same seed gives the same tensors. The crop-resize is torch's antialiased
+bicubic resize of the uint8 crop (2x faster than Pillow's here, PIL's kernel; pixels within a few
+levels of Pillow's, tests/test_data_transforms.py). `ReferenceTrainTransform` and
+`ReferenceEvalTransform` are the readable transforms they replace (Pillow resize, float32
+normalised output, erasing in the worker): the tests and scripts/bench_loader.py hold the fast ones
+to them.
 """
 from __future__ import annotations
 
 import io
 import math
 import random
+import warnings
 from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 _INTERP = {
@@ -242,13 +254,16 @@ def to_tensor_normalized(img: Image.Image, mean, std) -> torch.Tensor:
     return x.sub_(m).div_(s)
 
 
-def random_erase(x: torch.Tensor, prob: float, rng: random.Random,
-                 min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3
-                 ) -> torch.Tensor:
-    """timm RandomErasing, mode 'pixel', one box: N(0,1) noise per pixel on the normalised image."""
+Erase = Tuple[int, int, int, int, int]   # (top, left, height, width, noise seed); height 0: none
+NO_ERASE: Erase = (0, 0, 0, 0, 0)
+
+
+def erase_box(prob: float, rng: random.Random, h: int, w: int, min_area: float = 0.02,
+              max_area: float = 1 / 3, min_aspect: float = 0.3) -> Erase:
+    """timm RandomErasing's random draws (mode 'pixel', one box) for an h x w image: the box and
+    the seed of its N(0,1) noise, or NO_ERASE. Draws exactly what `random_erase` draws."""
     if prob <= 0 or rng.random() > prob:
-        return x
-    c, h, w = x.shape
+        return NO_ERASE
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     for _ in range(10):
         target = rng.uniform(min_area, max_area) * h * w
@@ -258,9 +273,25 @@ def random_erase(x: torch.Tensor, prob: float, rng: random.Random,
         if ew < w and eh < h:
             top = rng.randint(0, h - eh)
             left = rng.randint(0, w - ew)
-            g = torch.Generator().manual_seed(rng.getrandbits(63))
-            x[:, top:top + eh, left:left + ew] = torch.randn((c, eh, ew), generator=g)
-            break
+            return top, left, eh, ew, rng.getrandbits(63)
+    return NO_ERASE
+
+
+def erase_noise(box: Erase, channels: int = 3) -> torch.Tensor:
+    """The box's noise: float32 N(0,1) from a CPU generator seeded with the box's seed."""
+    g = torch.Generator().manual_seed(box[4])
+    return torch.randn((channels, box[2], box[3]), generator=g)
+
+
+def random_erase(x: torch.Tensor, prob: float, rng: random.Random,
+                 min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3
+                 ) -> torch.Tensor:
+    """timm RandomErasing, mode 'pixel', one box: N(0,1) noise per pixel on the normalised image."""
+    c, h, w = x.shape
+    box = erase_box(prob, rng, h, w, min_area, max_area, min_aspect)
+    if box[2] > 0:
+        top, left, eh, ew, _ = box
+        x[:, top:top + eh, left:left + ew] = erase_noise(box, c)
     return x
 
 
@@ -270,9 +301,10 @@ def use_test_crop(test_crop: Optional[bool], img_size: int) -> bool:
     return img_size < 384 if test_crop is None else bool(test_crop)
 
 
-class EvalTransform:
-    """bytes -> normalised (3,S,S): resize short side to S/crop_pct + centre crop, or a direct
-    S x S resize when not cropping (official TEST.CROP=False)."""
+class ReferenceEvalTransform:
+    """The readable eval transform (Pillow resize, float output): bytes -> normalised (3,S,S):
+    resize short side to S/crop_pct + centre crop, or a direct S x S resize when not cropping
+    (official TEST.CROP=False)."""
 
     def __init__(self, img_size: int, *, interpolation="bicubic", test_crop=None,
                  crop_pct=224 / 256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
@@ -283,7 +315,7 @@ class EvalTransform:
         self.interp = pil_interp(interpolation)
         self.mean, self.std, self.draft = list(mean), list(std), draft
 
-    def __call__(self, data: bytes, rng: Optional[random.Random] = None) -> torch.Tensor:
+    def decode(self, data: bytes) -> Image.Image:
         img = open_image(data)
         w, h = img.size
         if self.draft:
@@ -293,17 +325,21 @@ class EvalTransform:
                 f = min(w / self.size, h / self.size)
             if f >= 2:
                 _draft(img, math.ceil(w / f), math.ceil(h / f))
-        img = finish_decode(img)
+        return finish_decode(img)
+
+    def geometry(self, img: Image.Image) -> Image.Image:
         if self.crop:
-            img = center_crop(resize_short(img, self.resize, self.interp), self.size)
-        else:
-            img = img.resize((self.size, self.size), self.interp)
-        return to_tensor_normalized(img, self.mean, self.std)
+            return center_crop(resize_short(img, self.resize, self.interp), self.size)
+        return img.resize((self.size, self.size), self.interp)
+
+    def __call__(self, data: bytes, rng: Optional[random.Random] = None) -> torch.Tensor:
+        return to_tensor_normalized(self.geometry(self.decode(data)), self.mean, self.std)
 
 
-class TrainTransform:
-    """bytes -> normalised (3,S,S): RRC (+draft) -> flip -> RandAugment | colour jitter ->
-    normalise -> random erasing. Pure function of (bytes, rng)."""
+class ReferenceTrainTransform:
+    """The readable train transform (Pillow resize, float output, erasing here): bytes ->
+    normalised (3,S,S): RRC (+draft) -> flip -> RandAugment | colour jitter -> normalise ->
+    random erasing. Pure function of (bytes, rng)."""
 
     def __init__(self, img_size: int, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
                  rand_augment: str = "", color_jitter: float = 0.0,
@@ -323,7 +359,10 @@ class TrainTransform:
     def crop_box(self, width: int, height: int, rng: random.Random):
         return rrc_params(width, height, self.scale, self.ratio, rng)
 
-    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
+    def decode_crop(self, data: bytes, rng: random.Random):
+        """Decode (draft-decoded when the crop allows) and draw the crop box: (image, (top, left,
+        h, w)) in the decoded image's pixels, or (the resized crop, None) when draft decoding made
+        the box fractional (Pillow resizes it, as the reference)."""
         img = open_image(data)
         W, H = img.size
         top, left, h, w = self.crop_box(W, H, rng)
@@ -332,25 +371,120 @@ class TrainTransform:
             if f >= 2:
                 _draft(img, math.ceil(W / f), math.ceil(H / f))
         img = finish_decode(img)
+        if img.size == (W, H):
+            return img, (top, left, h, w)
         sx, sy = img.size[0] / W, img.size[1] / H
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        img = img.resize((self.size, self.size), self.interp, box=box)
-        if self.hflip > 0 and rng.random() < self.hflip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return img.resize((self.size, self.size), self.interp, box=box), None
+
+    def colour(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        """RandAugment, else colour jitter (timm), on the resized, flipped crop."""
         if self.ra is not None:
             img = self.ra(img, rng)
         if self.cj > 0:
             img = color_jitter(img, self.cj, rng)
-        x = to_tensor_normalized(img, self.mean, self.std)
+        return img
+
+    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        img, box = self.decode_crop(data, rng)
+        if box is not None:
+            top, left, h, w = box
+            img = img.resize((self.size, self.size), self.interp, box=(left, top, left + w, top + h))
+        if self.hflip > 0 and rng.random() < self.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = to_tensor_normalized(self.colour(img, rng), self.mean, self.std)
         return random_erase(x, self.reprob, rng)
 
 
-def build_transform(cfg, img_size: int, train: bool) -> Callable:
-    """Transform for a (resolved) DataConfig. augment='none' trains with the eval transform."""
+# ----------------------------------------------------------------------------- fast path
+def _pixels(img: Image.Image) -> torch.Tensor:
+    """(H, W, 3) uint8 view of a decoded RGB image (one copy, Pillow's); never written to."""
+    with warnings.catch_warnings():  # the array is read-only; nothing writes through this view
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(img))
+
+
+def resize_u8(hwc: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Antialiased bicubic resize (Pillow's kernel, a = -0.5) of an (h, w, 3) uint8 view ->
+    (3, out_h, out_w) uint8 with channels-last strides (a permute of (out_h, out_w, 3))."""
+    x = hwc.permute(2, 0, 1).unsqueeze(0)
+    if x.shape[-2:] == (out_h, out_w):
+        return x[0]
+    return F.interpolate(x, size=(out_h, out_w), mode="bicubic", antialias=True, align_corners=False)[0]
+
+
+def to_pil(chw: torch.Tensor) -> Image.Image:
+    return Image.fromarray(chw.permute(1, 2, 0).numpy())
+
+
+def to_chw(img: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8 view (HWC memory): the batch's torch.stack makes the one CHW copy."""
+    return _pixels(img).permute(2, 0, 1)
+
+
+class EvalTransform(ReferenceEvalTransform):
+    """bytes -> (uint8 (3,S,S), NO_ERASE): the reference's resize and centre crop on uint8
+    pixels (torch's bicubic resize with `resize="torch"`, Pillow's with "pil"). The pixels may be
+    a strided view: the batch's torch.stack makes them contiguous (one copy instead of two)."""
+
+    def __init__(self, img_size: int, *, resize: str = "torch", **kw):
+        super().__init__(img_size, **kw)
+        self.fast = resize == "torch" and self.interp == Image.BICUBIC
+
+    def __call__(self, data: bytes, rng: Optional[random.Random] = None):
+        img = self.decode(data)
+        if not self.fast:
+            return to_chw(self.geometry(img)), NO_ERASE
+        w, h = img.size
+        if self.crop:
+            nw, nh = (self.resize, int(self.resize * h / w)) if w <= h else (int(self.resize * w / h), self.resize)
+            x = resize_u8(_pixels(img), nh, nw)
+            top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))
+            x = x[:, top:top + self.size, left:left + self.size]
+        else:
+            x = resize_u8(_pixels(img), self.size, self.size)
+        return x, NO_ERASE
+
+
+class TrainTransform(ReferenceTrainTransform):
+    """bytes -> (uint8 (3,S,S), erase box): the reference's crop box, flip, RandAugment and colour
+    jitter, then the erase box drawn from the same generator; normalisation and the erasing itself
+    are `feed.DeviceFeed`'s. The crop is resized by torch (`resize="torch"`) unless the image was
+    draft-decoded (a fractional box: Pillow's resize, as the reference) or with `resize="pil"`."""
+
+    def __init__(self, img_size: int, *, resize: str = "torch", **kw):
+        super().__init__(img_size, **kw)
+        self.fast = resize == "torch" and self.interp == Image.BICUBIC
+
+    def __call__(self, data: bytes, rng: random.Random):
+        img, box = self.decode_crop(data, rng)
+        flip = self.hflip > 0 and rng.random() < self.hflip
+        if self.fast and box is not None:
+            top, left, h, w = box
+            x = resize_u8(_pixels(img)[top:top + h, left:left + w], self.size, self.size)
+            if self.ra is None and self.cj <= 0:  # crop + flip only: no PIL round trip
+                return (x.flip(-1) if flip else x), erase_box(self.reprob, rng, self.size, self.size)
+            img = to_pil(x)
+        elif box is not None:
+            top, left, h, w = box
+            img = img.resize((self.size, self.size), self.interp, box=(left, top, left + w, top + h))
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = self.colour(img, rng)
+        return to_chw(img), erase_box(self.reprob, rng, self.size, self.size)
+
+
+def build_transform(cfg, img_size: int, train: bool, reference: bool = False) -> Callable:
+    """Transform for a (resolved) DataConfig. augment='none' trains with the eval transform.
+    The workers' transforms give (uint8 pixels, erase box); `reference=True` gives the readable
+    ones they replace (normalised float32, erasing applied), which the tests and the loader
+    benchmark compare with."""
     common = dict(interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, draft=cfg.jpeg_draft)
+    evaluate, train_ = ((ReferenceEvalTransform, ReferenceTrainTransform) if reference
+                        else (EvalTransform, TrainTransform))
     if not train or cfg.augment == "none":
-        return EvalTransform(img_size, test_crop=cfg.test_crop, crop_pct=cfg.crop_pct, **common)
-    return TrainTransform(
+        return evaluate(img_size, test_crop=cfg.test_crop, crop_pct=cfg.crop_pct, **common)
+    return train_(
         img_size, scale=(cfg.rrc_scale_min, 1.0), ratio=tuple(cfg.rrc_ratio), hflip=cfg.hflip,
         rand_augment=cfg.rand_augment or "", color_jitter=cfg.color_jitter,
         force_color_jitter=cfg.force_color_jitter, reprob=cfg.reprob, **common)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import swinv2
 from swinv2.class_map import load_class_map
 from ..data import build_mixup
+from ..data.feed import build_feed
 from ..evaluation import DTYPES, evaluate  # the one evaluation path (also swinv2-eval)
 from ..rundir import EXPORT_FILE, VAL_LOSS, VAL_TOP1, VAL_TOP5
 
@@ -58,6 +59,7 @@ class ClassificationTask:
         self.spec, self.env = spec, env
         self.device, self.dtype = env.device, DTYPES[spec.train.precision]
         self.mixup = build_mixup(spec.data, spec.num_classes)
+        self.feed = build_feed(spec.data)  # uint8 -> normalised + random erasing, on the device
         self.generator = torch.Generator().manual_seed(spec.run.seed * 7919 + env.rank)
         self.class_map = None
         if spec.train.eval_class_map:  # a 22K head scored on 1K labels: logits[:, map]
@@ -65,7 +67,9 @@ class ClassificationTask:
                                           dtype=torch.int64, device=self.device)
 
     def batch(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x, y = images.to(self.device), targets.to(self.device)
+        """uint8 images (their erase boxes attached by the stream) -> the normalised, erased,
+        mixed batch on the device; the copies are non_blocking (pinned when data.pin_memory)."""
+        x, y = self.feed(images, self.device), targets.to(self.device, non_blocking=True)
         if self.mixup is not None:
             x, y = self.mixup(x, y, self.generator)
         return x, y

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from swinv2.simmim import (DEFAULT_NORM_TARGET_WINDOW, SimMIM, load_simmim_state_dict, normalize_targets,
                            save_simmim_state_dict, upsample_mask)
 from ..data import build_eval_loader
+from ..data.feed import build_feed
 from ..data.masking import MaskGenerator
 from ..data.pipeline import mix_seed
 from ..distributed import all_reduce_sum
@@ -153,6 +154,7 @@ class SimMIMTask:
         self.device = env.device
         self.settings = SimMIMConfig.of(spec.task)
         self.masks = mask_generator(spec, self.settings)
+        self.feed = build_feed(spec.data)  # uint8 -> normalised (+ erasing if configured), on the device
         self._ratio_sum, self._ratio_batches = 0.0, 0
         self._last: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # a few images of the last batch
 
@@ -188,10 +190,11 @@ class SimMIMTask:
         if masks.ndim != 3 or tuple(masks.shape) != (images.shape[0], h, h):
             raise ValueError(f"task=simmim needs one (B, {h}, {h}) mask per batch from the data stream; got "
                              f"{tuple(masks.shape)} (a stream that yields class labels does not draw masks)")
-        self._ratio_sum += masks.float().mean().item()
+        self._ratio_sum += masks.float().mean().item()  # host masks: no device sync
         self._ratio_batches += 1
-        self._last = (images[:RECON_IMAGES], masks[:RECON_IMAGES])
-        return images.to(self.device), masks.to(self.device)
+        x = self.feed(images, self.device)
+        self._last = (x[:RECON_IMAGES], masks[:RECON_IMAGES])  # device images: copied back only when drawn
+        return x, masks.to(self.device, non_blocking=True)
 
     def loss(self, model: torch.nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, mask = batch
@@ -219,7 +222,7 @@ class SimMIMTask:
         with isolated_rng(), torch.no_grad():
             recon = model.reconstruct(images.to(self.device), masks.to(self.device)).float().cpu()
         model.train(was_training)
-        picture = recon_grid(images, masks, recon, self.spec.model.patch_size, self.settings.norm_target_window)
+        picture = recon_grid(images.float().cpu(), masks, recon, self.spec.model.patch_size, self.settings.norm_target_window)
         path = save_png(picture, RunDir(self.spec.run_dir).reconstruction(step))
         log_image = getattr(logger, "log_image", None)
         if log_image is not None:
@@ -235,7 +238,7 @@ class SimMIMTask:
         with isolated_rng(), torch.no_grad():
             loader = build_eval_loader(self.spec.data, img_size=self.spec.model.img_size,
                                        batch_size=self.spec.batch.eval_batch, rank=self.env.rank,
-                                       world_size=self.env.world_size, labels=False)
+                                       world_size=self.env.world_size, labels=False, device=self.device)
             for i, (images, _) in enumerate(loader):
                 if images.numel() == 0:
                     continue
