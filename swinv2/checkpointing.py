@@ -11,7 +11,7 @@ norm) two checkpoint regions, so the backward holds one half's recomputed activa
 (peak working set roughly halved, at the cost of saving the block's middle residual stream).
 Same operations in the same order, so outputs and RNG use (drop path) are identical.
 
-``"selective"`` checkpoints the whole block but with torch's selective-checkpoint contexts: the
+``"selective"`` recomputes the whole block but with torch's selective-checkpoint contexts: the
 outputs of the matrix products (aten mm/addmm/bmm/baddbmm and the fused attention ops
 ``_scaled_dot_product_*``, including those inside the kernels' autograd Functions) are kept from the
 forward; everything else (LayerNorm, GELU, softmax, the cosine-attention normalisation, copies and

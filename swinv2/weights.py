@@ -1,4 +1,4 @@
-"""Loading and saving checkpoints in the official SwinV2 format.
+"""Loading and saving weights in the official SwinV2 format.
 
 The official format (microsoft/Swin-Transformer ``models/swin_transformer_v2.py``) is a dict
 ``{"model": state_dict, ...}`` whose keys are the module names our model also uses
@@ -61,7 +61,7 @@ _WRAPPER_COMPONENTS = frozenset(
     {"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
 )
 
-#: Parameters that only exist in SimMIM pre-training checkpoints (besides ``decoder.*``).
+#: Parameters that only exist in SimMIM pre-training weight files (besides ``decoder.*``).
 _SIMMIM_ONLY = ("mask_token",)
 
 _HEAD_KEYS = ("head.weight", "head.bias")
@@ -135,7 +135,7 @@ def unwrap_checkpoint(obj: Any) -> Mapping[str, Any]:
     """Step 1: the state dict inside an official / DeepSpeed / plain checkpoint object (or a path to one)."""
     if isinstance(obj, (str, os.PathLike)):
         # weights_only: a released official file is {"model": tensors}.  Full training
-        # checkpoints also pickle a yacs config; load those yourself and pass checkpoint["model"].
+        # files also pickle a yacs config; load those yourself and pass checkpoint["model"].
         obj = torch.load(obj, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping):
         raise TypeError(f"expected a state dict (Mapping) or a path, got {type(obj).__name__}")

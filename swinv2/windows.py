@@ -5,7 +5,7 @@ from functools import lru_cache
 
 import torch
 
-MASK_VALUE = -100.0  # official value (not -inf): released checkpoints were trained with it
+MASK_VALUE = -100.0  # official value (not -inf): the released weights were trained with it
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:

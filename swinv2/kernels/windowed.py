@@ -112,7 +112,7 @@ def _window_groups(mask, n_windows: int) -> list[tuple[Optional[torch.Tensor], b
 
 def _cache_groups(mask: torch.Tensor, groups: list) -> None:
     # A weak reference: the cache neither keeps masks alive nor adds attributes to the buffer
-    # (state dicts and checkpoints are unchanged); the entry goes when the mask does.
+    # (state dicts and saved weights are unchanged); the entry goes when the mask does.
     key = id(mask)
     try:
         _GROUP_CACHE[key] = (weakref.ref(mask, lambda _r, key=key: _GROUP_CACHE.pop(key, None)), mask._version, groups)
