@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_helpers import jpeg_bytes, write_tar
@@ -125,6 +126,33 @@ def documented_commands():
 def test_readme_shows_each_user_command():
     seen = {c.split()[0] for c in our_commands(readme())} - {"sbatch"}
     assert seen == set(OUR_COMMANDS) | {"deepspeed"}, seen
+
+
+def test_a_readme_example_that_names_a_model_builds_it_with_the_stated_size(tmp_path):
+    """The README's `model=X` example trains the model it names, of the parameter count its comment
+    states (with the 1K head of its ImageNet-1K shards), not the embedded default's toy."""
+    import dataclasses
+
+    import swinv2
+    from hydra import compose, initialize_config_dir
+    from swinv2_train.cli import prepare_overrides
+    from swinv2_train.spec import resolve_spec
+
+    picks = [line for line in readme().splitlines()
+             if line.startswith("swinv2-train") and re.search(r"\smodel(\.variant)?=", line)]
+    assert picks, "the README shows no example that names a model"
+    for cmd in picks:
+        args, _, comment = cmd.partition(" #")
+        args = args.replace(" /d/", f" {tmp_path}/d/").replace("=/d/", f"={tmp_path}/d/")
+        for root in re.findall(r"data\.root=(\S+)", args):
+            os.makedirs(root, exist_ok=True)  # checked to exist; not read (resolve_data=False)
+        stated = float(re.search(r"([\d.]+)M parameters", comment).group(1))
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=prepare_overrides(shlex.split(args)[1:]))
+        model = dataclasses.replace(resolve_spec(cfg, world_size=1, resolve_data=False).model, num_classes=CLASSES)
+        with torch.device("meta"):
+            built = sum(p.numel() for p in swinv2.SwinTransformerV2(model).parameters())
+        assert round(built / 1e6, 1) == stated, (cmd, built)
 
 
 @pytest.mark.parametrize("name", DOC_PAGES[1:])
