@@ -6,6 +6,12 @@
     swinv2-submit ntasks=2 gpus_per_node=0 -- train.max_steps=20          # CPU test cluster
     swinv2-submit nodes=1-2 gpus_per_node=8 -- experiment=...   # 2 nodes, or 1 if a node is lost
 
+Cores: each task asks for its share of a node's cores (``--cpus-per-task`` = cores per node /
+tasks per node), the cores per node from ``cores_per_node=N`` or else from ``sinfo`` (the smallest
+node of ``partition``); ``cpus_per_task=N`` sets it, ``cpus_per_task=none`` leaves it to SLURM
+(usually one core per task, shared by the rank and all its data workers). The script exports
+``SRUN_CPUS_PER_TASK``, since srun does not take it from the allocation (SLURM >= 22.05).
+
 ``nodes=MIN-MAX`` is passed to sbatch as is: the job gets as many nodes as are free (up to MAX),
 and after a node failure the requeued job may start on fewer (resuming at another world size).
 
@@ -43,7 +49,8 @@ DEFAULTS: dict[str, Optional[str]] = {
     "gpus_per_node": "8",        # 0 on CPU-only clusters
     "ntasks_per_node": None,     # default: gpus_per_node (srun) or 1 (torchrun)
     "ntasks": None,              # total tasks instead of per node (CPU clusters)
-    "cpus_per_task": None,
+    "cpus_per_task": None,       # default: cores per node / tasks per node; "none": SLURM's default
+    "cores_per_node": None,      # default: the smallest node of the partition, from sinfo
     "mem": None,
     "time": None,
     "partition": None,
@@ -55,7 +62,8 @@ DEFAULTS: dict[str, Optional[str]] = {
     "signal_s": "300",           # USR1 this many seconds before the time limit
     "exclusive": None,           # true -> --exclusive
 }
-OPTION = {k: "--" + k.replace("_", "-") for k in DEFAULTS}
+NOT_SBATCH = ("launcher", "cores_per_node")
+OPTION = {k: "--" + k.replace("_", "-") for k in DEFAULTS if k not in NOT_SBATCH}
 OPTION.update(job_name="--job-name", gpus_per_node="--gpus-per-node")
 
 
@@ -86,7 +94,51 @@ def parse(argv: list[str]) -> tuple[dict[str, str], dict[str, str], list[str], b
     return settings, passthrough, overrides, dry_run
 
 
-def directives(settings: dict[str, str], passthrough: dict[str, str]) -> list[str]:
+def sinfo_cores(partition: Optional[str]) -> tuple[Optional[int], str]:
+    """The smallest CPU count of the partition's nodes (sinfo -N %c), and where it came from or
+    why there is none."""
+    cmd = ["sinfo", "-h", "-N", "-o", "%c"] + (["-p", partition] if partition else [])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"sinfo failed: {e}"
+    counts = [int(w.rstrip("+")) for w in r.stdout.split() if w.rstrip("+").isdigit()]
+    if r.returncode != 0 or not counts:
+        why = (r.stderr.strip().splitlines() or ["no nodes listed"])[-1]
+        return None, f"sinfo gave no CPU count ({why})"
+    return min(counts), f"sinfo: smallest node of {partition or 'the default partition'}"
+
+
+def tasks_per_node(s: dict[str, str]) -> Optional[int]:
+    if "ntasks_per_node" in s:
+        return int(s["ntasks_per_node"])
+    if "ntasks" in s and s["nodes"].isdigit():
+        return -(-int(s["ntasks"]) // int(s["nodes"]))
+    return 1 if "-" in s["nodes"] else None  # a node range: one task per node (see directives)
+
+
+NO_SHARE = "# cpus_per_task: not set"
+
+
+def cpu_share(s: dict[str, str], cores_of=None) -> list[str]:
+    """Set s["cpus_per_task"] to each task's share of a node's cores, unless it is set; returns
+    comment lines saying where the number came from (or why none was set)."""
+    if "cpus_per_task" in s:
+        if s["cpus_per_task"].lower() == "none":
+            del s["cpus_per_task"]
+        return []
+    if "cores_per_node" in s:
+        cores, source = int(s["cores_per_node"]), "cores_per_node"
+    else:
+        cores, source = (cores_of or sinfo_cores)(s.get("partition"))
+    tasks = tasks_per_node(s)
+    if cores is None or not tasks:
+        return [f"{NO_SHARE} ({source})"]
+    s["cpus_per_task"] = str(max(1, cores // tasks))
+    return [f"# cpus_per_task: {cores} cores per node ({source}) / {tasks} tasks per node"]
+
+
+def directives(settings: dict[str, str], passthrough: dict[str, str], cores_of=None) -> list[str]:
     s = {k: v for k, v in DEFAULTS.items() if v is not None}
     s.update(settings)
     launcher = s.pop("launcher")
@@ -106,6 +158,8 @@ def directives(settings: dict[str, str], passthrough: dict[str, str]) -> list[st
     if launcher == "torchrun" and "ntasks" in s:
         raise SystemExit("swinv2-submit: launcher=torchrun runs one task per node; "
                          "use nodes=/gpus_per_node= instead of ntasks=")
+    notes = cpu_share(s, cores_of)
+    s.pop("cores_per_node", None)
     lines = [f"#SBATCH --signal=USR1@{int(s.pop('signal_s'))}", "#SBATCH --requeue"]
     if str(s.pop("exclusive", "")).lower() in ("1", "true", "yes"):
         lines.append("#SBATCH --exclusive")
@@ -113,7 +167,7 @@ def directives(settings: dict[str, str], passthrough: dict[str, str]) -> list[st
         lines.append(f"#SBATCH {OPTION[key]}={value}")
     for key, value in passthrough.items():
         lines.append(f"#SBATCH --{key}" + (f"={value}" if value != "" else ""))
-    return lines
+    return lines + notes
 
 
 DEFAULT_ENTRY = "-m swinv2_train.main"  # the installed trainer: works from any submit directory
@@ -150,13 +204,15 @@ def pinned_environment(env: dict[str, str], submit_dir: str) -> list[str]:
 
 
 def render(settings: dict[str, str], passthrough: dict[str, str], overrides: list[str],
-           env: Optional[dict[str, str]] = None, submit_dir: Optional[str] = None) -> str:
+           env: Optional[dict[str, str]] = None, submit_dir: Optional[str] = None, cores_of=None) -> str:
     launcher = settings.get("launcher", DEFAULTS["launcher"])
     template = TEMPLATES.get(launcher)
     if template is None:
         raise SystemExit(f"swinv2-submit: launcher must be one of {list(TEMPLATES)}")
     lines = template.read_text().splitlines()
-    ours = directives(settings, passthrough)
+    env = dict(os.environ) if env is None else env
+    inject = [*pinned_environment(env, submit_dir or os.getcwd())]  # refusals come before sinfo is asked
+    ours = directives(settings, passthrough, cores_of)
     # sbatch stops reading #SBATCH at the first command, so ours go into the header; template
     # directives for the same option are dropped (ours win, and no duplicate lines confuse).
     ours_opts = {re.split(r"[ =]", d.split()[1], maxsplit=1)[0] for d in ours}
@@ -169,8 +225,8 @@ def render(settings: dict[str, str], passthrough: dict[str, str], overrides: lis
     # sbatch stores the script, so a requeued job replays exactly these.
     body_text = "\n".join(body) + "\n"
     marker = "set -euo pipefail\n"
-    env = dict(os.environ) if env is None else env
-    inject = [*pinned_environment(env, submit_dir or os.getcwd())]
+    if any(d.startswith("#SBATCH --cpus-per-task=") for d in ours):  # srun >= 22.05 does not inherit it
+        inject.append('export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK}"')
     if overrides:
         inject.append("set -- " + " ".join(shlex.quote(o) for o in overrides) + ' "$@"')
     return body_text.replace(marker, marker + "\n".join(inject) + "\n", 1)
@@ -183,6 +239,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     settings, passthrough, overrides, dry_run = parse(argv)
     script = render(settings, passthrough, overrides)
+    for note in (ln for ln in script.splitlines() if ln.startswith(NO_SHARE)):
+        print(f"swinv2-submit: no --cpus-per-task{note[len(NO_SHARE):]}: each task gets SLURM's default, "
+              f"often one core for a rank and all its data workers; set cpus_per_task=N or cores_per_node=N",
+              file=sys.stderr)
     sys.stdout.write(script)
     sys.stdout.flush()
     if dry_run:

@@ -289,3 +289,59 @@ def test_kill9_rank_fails_peer_in_bounded_time_and_resumes(tmp_path):
     resumed = steps[restart_at:]
     assert resumed == list(range(last + 1, total + 1))
     assert committed_steps(run_dir)[-1] == total
+
+
+# ----------------------------------------------------------------------------- submit: cores per task
+def _sbatch_lines(text):
+    return [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+
+
+@pytest.mark.parametrize("argv, cpus", [
+    (["nodes=2", "gpus_per_node=8", "cores_per_node=64"], "8"),            # 8 ranks a node
+    (["launcher=torchrun", "nodes=4", "gpus_per_node=8", "cores_per_node=64"], "64"),  # one torchrun a node
+    (["ntasks=2", "gpus_per_node=0", "cores_per_node=6"], "3"),            # a CPU node, 2 tasks
+    (["nodes=2", "gpus_per_node=8", "cores_per_node=64", "cpus_per_task=4"], "4"),   # the setting wins
+    (["nodes=2", "gpus_per_node=8", "cores_per_node=4"], "1")])             # never 0
+def test_submit_asks_for_each_ranks_share_of_a_nodes_cores(argv, cpus):
+    s, p, o, _ = submit.parse(argv)
+    text = submit.render(s, p, o, cores_of=lambda partition: (None, "not asked"))
+    assert f"#SBATCH --cpus-per-task={cpus}" in _sbatch_lines(text)
+    assert 'export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK}"' in text  # srun >= 22.05 does not inherit it
+    assert "--cores-per-node" not in text
+
+
+def test_submit_takes_cores_per_node_from_sinfo_or_says_why_not(capsys, monkeypatch):
+    asked = []
+
+    def cores_of(partition):
+        asked.append(partition)
+        return 48, "sinfo: smallest node of gpu"
+    s, p, o, _ = submit.parse(["nodes=2", "gpus_per_node=4", "partition=gpu"])
+    text = submit.render(s, p, o, cores_of=cores_of)
+    assert asked == ["gpu"] and "#SBATCH --cpus-per-task=12" in _sbatch_lines(text)
+    assert "# cpus_per_task: 48 cores per node (sinfo: smallest node of gpu) / 4 tasks per node" in text
+    s, p, o, _ = submit.parse(["nodes=2", "gpus_per_node=4"])
+    text = submit.render(s, p, o, cores_of=lambda partition: (None, "sinfo failed: no such file"))
+    assert not [ln for ln in _sbatch_lines(text) if "cpus-per-task" in ln] and "SRUN_CPUS_PER_TASK" not in text
+    assert "# cpus_per_task: not set (sinfo failed: no such file)" in text
+    monkeypatch.setattr(submit, "sinfo_cores", lambda partition: (None, "sinfo failed: no such file"))
+    assert submit.main(["--dry-run", "nodes=2", "gpus_per_node=4"]) == 0  # the script, and one line why
+    err = capsys.readouterr().err
+    assert err.count("no --cpus-per-task (sinfo failed: no such file)") == 1 and "cpus_per_task=N" in err
+    s, p, o, _ = submit.parse(["nodes=2", "gpus_per_node=4", "cpus_per_task=none"])
+    text = submit.render(s, p, o, cores_of=lambda partition: pytest.fail("asked sinfo"))
+    assert not [ln for ln in _sbatch_lines(text) if "cpus-per-task" in ln]
+
+
+def test_sinfo_cores_reads_the_smallest_node(tmp_path, monkeypatch):
+    """sinfo's output as SLURM prints it (-h -N -o %c: one CPU count per node, '+' for a range),
+    read by a stand-in `sinfo` on PATH that records its arguments."""
+    fake = tmp_path / "sinfo"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\nprintf '64\\n32+\\n64\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert submit.sinfo_cores("gpu") == (32, "sinfo: smallest node of gpu")
+    assert (tmp_path / "args").read_text().split() == ["-h", "-N", "-o", "%c", "-p", "gpu"]
+    fake.write_text("#!/bin/sh\necho 'sinfo: error: no controller' >&2\nexit 1\n")
+    cores, why = submit.sinfo_cores(None)
+    assert cores is None and "no controller" in why

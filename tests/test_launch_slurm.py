@@ -127,6 +127,9 @@ def test_submit_from_another_directory_runs_to_completion(slurm, tmp_path):
     job = r.stdout.strip().splitlines()[-1]
     assert job.isdigit(), r.stdout + r.stderr
     assert f"export PYTHON={sys.executable}" in r.stdout
+    # each of the 2 tasks asks for its share of the node's cores, read from this cluster's sinfo
+    assert re.search(r"^#SBATCH --cpus-per-task=\d+$", r.stdout, re.M), r.stdout
+    assert "cores per node (sinfo: smallest node of the default partition) / 2 tasks per node" in r.stdout
     info = slurm.wait_state(job, DONE, 300)
     text = out.read_text()
     assert info["JobState"] == "COMPLETED", text[-6000:]

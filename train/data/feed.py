@@ -82,8 +82,12 @@ def fill_erased(x: torch.Tensor, boxes: torch.Tensor) -> None:
         x[i, :, top:top + h, left:left + w] = part.view(x.shape[1], h, w)
 
 
-def build_feed(cfg) -> DeviceFeed:
-    return DeviceFeed(cfg.mean, cfg.std)
+def build_feed(cfg=None) -> DeviceFeed:
+    """The feed of a data config (a DataConfig, dict or DictConfig; None: the defaults' mean/std)."""
+    from .config import DataConfig, as_data_config
+
+    c = DataConfig() if cfg is None else as_data_config(cfg)
+    return DeviceFeed(c.mean, c.std)
 
 
 def default_device() -> torch.device:

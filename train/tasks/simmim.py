@@ -154,7 +154,7 @@ class SimMIMTask:
         self.device = env.device
         self.settings = SimMIMConfig.of(spec.task)
         self.masks = mask_generator(spec, self.settings)
-        self.feed = build_feed(spec.data)  # uint8 -> normalised (+ erasing if configured), on the device
+        self.feed = build_feed(getattr(spec, "data", None))  # uint8 -> normalised (+ erasing if set), on the device
         self._ratio_sum, self._ratio_batches = 0.0, 0
         self._last: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # a few images of the last batch
 
