@@ -352,6 +352,8 @@ def report(out: str, summary: dict) -> None:
         counts = ", ".join(f"{k} {v}" for k, v in s["counts"].items() if v)
         say(f"{split}: {s['samples']} samples ({counts}); skipped files listed in "
             f"{os.path.join(out, s['skipped_list'])}")
+        for line in s["damaged_inner_tars"]:
+            say(f"{split}: warning: {line}; its readable images were used")
         empty = s["classes_without_images"]
         if empty:
             say(f"{split}: {len(empty)} classes of the class list have no images ({', '.join(empty[:5])}"

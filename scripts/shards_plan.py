@@ -207,7 +207,7 @@ def build_plan(out: str, source: Source, classes: List[str], options: dict) -> P
               "base": source.base, "options": options, "classes": classes,
               "classes_without_images": [c for c in classes if c not in with_images]
               if source.kind != "list" else [],
-              "num_samples": len(samples), "splits": header_splits}
+              "damaged_inner_tars": source.damaged, "num_samples": len(samples), "splits": header_splits}
     return save_plan(out, options["split"], header, rows())
 
 

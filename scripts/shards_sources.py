@@ -28,6 +28,7 @@ IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PREPARED_DONE = "prepared.json"
 INDEX = "index.jsonl.gz"
 COPY_CHUNK = 1 << 20
+TAIL_LIMIT = 1 << 24  # the zero padding after a tar's end is one record (10 KiB by default), never this
 
 
 class SourceError(Exception):
@@ -49,6 +50,7 @@ class Source(NamedTuple):
     samples: List[Sample]
     fingerprint: dict          # what identifies the input (a changed input is refused)
     natural_classes: Optional[List[str]]  # a list file's label order ("0".."n-1"); else None
+    damaged: List[str] = []    # an archive's damaged inner tars (their images before the damage are used)
 
 
 def is_archive(path: str) -> bool:
@@ -134,17 +136,19 @@ def _class_of_member(name: str) -> Optional[str]:
     return base[:-4] if base.endswith(".tar") and len(base) > 4 else None
 
 
-def _index_inner(fileobj, shift: int, cls: str, file: str) -> Iterator[Tuple[str, str, int, int]]:
-    """(name, class, offset, size) of the images of one inner tar read from `fileobj`; offsets are
-    relative to the inner tar's start plus `shift`."""
+def _index_inner(fileobj, shift: int, cls: str, file: str, damaged: List[str]) -> List[Tuple[str, str, int, int]]:
+    """(name, file, offset, size) of the images of one inner tar read from `fileobj`; offsets are
+    relative to the inner tar's start plus `shift`. A damaged inner tar gives the images before the
+    damage, and a line in `damaged`: one bad class does not stop a 19,000-class archive."""
+    rows = []
     try:
         with tarfile.open(fileobj=fileobj, mode="r:") as inner:
             for m in inner:
                 if m.isfile() and m.name.lower().endswith(IMG_EXTS):
-                    yield (f"{cls}/{os.path.basename(m.name)}", file, shift + m.offset_data, m.size)
+                    rows.append((f"{cls}/{os.path.basename(m.name)}", file, shift + m.offset_data, m.size))
     except tarfile.TarError as e:
-        raise SourceError(f"{file}: the inner tar of class {cls} is damaged ({e}); "
-                          f"re-download the archive") from None
+        damaged.append(f"{cls}.tar: damaged after {len(rows)} images ({type(e).__name__}: {e})")
+    return rows
 
 
 class _Window:
@@ -168,16 +172,35 @@ class _Window:
         return self.pos
 
 
-def index_uncompressed(src: str) -> List[Tuple[str, str, int, int]]:
+def index_uncompressed(src: str, damaged: List[str]) -> List[Tuple[str, str, int, int]]:
     """Index the images of an uncompressed tar of per-class tars where they lie in SRC."""
-    rows = []
+    rows, end, last = [], 0, "(none)"
     file = os.path.basename(src)
     with open(src, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as outer:
         for m in outer:
+            end, last = max(end, m.offset_data + m.size), m.name
             cls = _class_of_member(m.name) if m.isfile() else None
             if cls is not None:
-                rows.extend(_index_inner(_Window(raw, m.offset_data, m.size), m.offset_data, cls, file))
+                rows.extend(_index_inner(_Window(raw, m.offset_data, m.size), m.offset_data, cls, file, damaged))
+        if end > os.path.getsize(src):
+            raise SourceError(f"{src}: ends inside its last member; a cut-off download? Download it again")
+        raw.seek(outer.offset)
+        _check_tail(raw, src, last)
     return rows
+
+
+def _check_tail(fileobj, src: str, last: str) -> None:
+    """Where tarfile stops, only the end-of-archive zeros may follow: tarfile also stops, silently,
+    at a damaged member header, and what follows it would be lost without a word."""
+    seen = 0
+    while True:
+        chunk = fileobj.read(COPY_CHUNK)
+        if not chunk:
+            return
+        if chunk.count(0) != len(chunk) or seen > TAIL_LIMIT:
+            raise SourceError(f"{src}: damaged after its member {last!r} (what follows is not a tar "
+                              f"header); download it again")
+        seen += len(chunk)
 
 
 def _open_stream(src: str):
@@ -188,14 +211,15 @@ def _open_stream(src: str):
     return gzip.open(src, "rb"), None
 
 
-def extract_gzipped(src: str, prepared: str) -> List[Tuple[str, str, int, int]]:
+def extract_gzipped(src: str, prepared: str, damaged: List[str]) -> List[Tuple[str, str, int, int]]:
     """Stream a gzipped tar of per-class tars once, writing each inner tar to `prepared/`.
     An inner tar already there with the right size (an interrupted earlier pass) is kept."""
-    rows = []
+    rows, last = [], "(none)"
     stream, proc = _open_stream(src)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as outer:
             for m in outer:
+                last = m.name
                 cls = _class_of_member(m.name) if m.isfile() else None
                 if cls is None:
                     continue
@@ -203,7 +227,8 @@ def extract_gzipped(src: str, prepared: str) -> List[Tuple[str, str, int, int]]:
                 if not (os.path.exists(dest) and os.path.getsize(dest) == m.size):
                     _copy_member(outer.extractfile(m), dest)
                 with open(dest, "rb") as f:
-                    rows.extend(_index_inner(f, 0, cls, f"{cls}.tar"))
+                    rows.extend(_index_inner(f, 0, cls, f"{cls}.tar", damaged))
+        _check_tail(stream, src, last)
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
         raise SourceError(f"{src}: cannot read it to the end ({type(e).__name__}: {e}); a cut-off "
                           f"download? Check it with `gzip -t {src}` and download it again") from None
@@ -223,9 +248,10 @@ def _copy_member(fileobj, dest: str) -> None:
     os.replace(tmp, dest)
 
 
-def prepare_archive(src: str, prepared: str, progress=print) -> Tuple[str, List[Tuple[str, str, int, int]]]:
-    """(base folder of the index's files, index rows) of an archive, preparing it if that was not
-    done for this very archive. Call it under the output's lock: parallel parts must not race."""
+def prepare_archive(src: str, prepared: str, progress=print) -> Tuple[str, list, List[str]]:
+    """(base folder of the index's files, index rows, damaged inner tars) of an archive, preparing
+    it if that was not done for this very archive. Call it under the output's lock: parallel parts
+    must not race."""
     src = os.path.abspath(src)
     fingerprint = {"archive": src, **file_fingerprint(src)}
     done_path = os.path.join(prepared, PREPARED_DONE)
@@ -233,28 +259,31 @@ def prepare_archive(src: str, prepared: str, progress=print) -> Tuple[str, List[
         with open(done_path) as f:
             done = json.load(f)
         if done["fingerprint"] == fingerprint:
-            return done["base"], _read_index(os.path.join(prepared, INDEX))
+            return done["base"], _read_index(os.path.join(prepared, INDEX)), done["damaged"]
         os.remove(done_path)  # prepared from another archive (or an older copy): redo
     os.makedirs(prepared, exist_ok=True)
+    damaged: List[str] = []
     if is_gzipped(src):
         progress(f"preparing {src}: one pass over the gzipped archive, inner tars into {prepared}")
-        base, rows = os.path.abspath(prepared), extract_gzipped(src, prepared)
+        base, rows = os.path.abspath(prepared), extract_gzipped(src, prepared, damaged)
     else:
         progress(f"preparing {src}: indexing its inner tars where they lie")
-        base, rows = os.path.dirname(src), index_uncompressed(src)
+        base, rows = os.path.dirname(src), index_uncompressed(src, damaged)
+    for line in damaged:
+        progress(f"warning: {line}; its readable images are used")
     if not rows:
         raise SourceError(f"{src}: no per-class <synset>.tar members holding images; expected a tar of "
                           f"per-class tars (fall11_whole.tar, winter21_whole.tar.gz, ILSVRC2012_img_train.tar)")
     _write_index(os.path.join(prepared, INDEX), rows)
-    atomic_json(done_path, {"fingerprint": fingerprint, "base": base, "images": len(rows)})
-    return base, rows
+    atomic_json(done_path, {"fingerprint": fingerprint, "base": base, "images": len(rows), "damaged": damaged})
+    return base, rows, damaged
 
 
 def scan_archive(src: str, prepared: str, progress=print) -> Source:
-    base, rows = prepare_archive(src, prepared, progress)
+    base, rows, damaged = prepare_archive(src, prepared, progress)
     samples = [Sample(name, name.split("/", 1)[0], file, offset, size) for name, file, offset, size in rows]
     return Source("archive", os.path.abspath(src), base, samples,
-                  {"archive": os.path.abspath(src), **file_fingerprint(src)}, None)
+                  {"archive": os.path.abspath(src), **file_fingerprint(src)}, None, damaged)
 
 
 def _write_index(path: str, rows) -> None:

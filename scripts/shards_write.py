@@ -126,10 +126,10 @@ def write_shards(out: str, plan: Plan, shard_indices: Sequence[int], workers: in
     names = plan.shard_names()
     os.makedirs(os.path.join(state_dir(out), "done"), exist_ok=True)
     todo = {k: names[k] for k in shard_indices if read_record(out, plan, names[k]) is None}
-    for name in todo.values():  # temporary files of an interrupted earlier attempt at these shards
-        for fn in os.listdir(out):
-            if fn.startswith(f".{name}.tmp-"):
-                os.remove(os.path.join(out, fn))
+    mine = {f".{name}.tmp-" for name in todo.values()}
+    for fn in os.listdir(out):  # temporary files of an interrupted earlier attempt at these shards
+        if fn.startswith(".") and ".tmp-" in fn and fn[:fn.index(".tmp-") + 5] in mine:
+            os.remove(os.path.join(out, fn))
     planned = [n for split in plan.header["splits"].values() for n in split["planned_lengths"]]
     bar = tqdm(total=sum(planned[k] for k in todo), unit="img", desc="shards", disable=not progress,
                file=sys.stderr)
@@ -276,4 +276,5 @@ def _split_summary(out: str, plan: Plan, split: str, recs: List[dict]) -> dict:
     return {"source": plan.header["source"]["path"], "planned": sum(sp for sp in
             plan.header["splits"][split]["planned_lengths"]), "samples": sum(r["samples"] for r in recs),
             "counts": {k: counts.get(k, 0) for k in KINDS}, "skipped_list": listing,
-            "classes_without_images": plan.header["classes_without_images"]}
+            "classes_without_images": plan.header["classes_without_images"],
+            "damaged_inner_tars": plan.header.get("damaged_inner_tars", [])}

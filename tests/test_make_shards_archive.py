@@ -3,6 +3,7 @@
 same shards byte for byte; shards mix classes; --classes and --holdout; the bad kinds counted exactly;
 resume and refusals; training on the result (slow)."""
 import glob
+import gzip
 import hashlib
 import io
 import json
@@ -209,14 +210,47 @@ def test_merge_names_the_missing_parts(release, tmp_path):
     assert r.returncode == 1 and "1 <= i <= n" in r.stderr
 
 
+def _damage_member_header(path, index: int, inner: bool = False) -> str:
+    """Overwrite the header of the outer archive's member `index` (or of the first member of that
+    member's inner tar) with bytes that are no tar header; returns the member's name."""
+    with tarfile.open(path) as tf:
+        m = tf.getmembers()[index]
+    data = bytearray(open(path, "rb").read())
+    at = m.offset_data if inner else m.offset
+    data[at:at + 100] = b"\x07" * 100
+    open(path, "wb").write(bytes(data))
+    return m.name
+
+
+def test_damaged_inner_tar_keeps_the_rest(tmp_path):
+    """One damaged class tar of 19,000 does not stop the run: a warning names it, the others are used."""
+    archive = str(tmp_path / "fall11_whole.tar")
+    write_archive(archive, 4, 5, gz=False)
+    damaged = _damage_member_header(archive, 2, inner=True)  # member 0 is README.txt
+    r = cli(archive, str(tmp_path / "out"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert f"warning: {damaged}: damaged after 0 images" in r.stderr
+    assert info(str(tmp_path / "out"))["splits"]["train"]["num_samples"] == 15
+    assert info(str(tmp_path / "out"))["make_shards"]["train"]["damaged_inner_tars"][0].startswith(damaged)
+
+
 def test_user_errors_are_one_message(tmp_path):
+    """A missing source, a cut-off or damaged archive, nothing to merge: one message, no traceback."""
     cut = tmp_path / "cut.tar.gz"
     write_archive(str(cut), 3, 4)
     data = cut.read_bytes()
     cut.write_bytes(data[:len(data) // 2])  # a cut-off download
+    broken = tmp_path / "broken.tar"
+    write_archive(str(broken), 4, 3, gz=False)
+    _damage_member_header(str(broken), 3)  # the third class: tarfile alone would stop there without a word
+    broken_gz = tmp_path / "broken.tar.gz"
+    broken_gz.write_bytes(gzip.compress(broken.read_bytes()))
+    stops_after = f"damaged after its member '{synset(1)}.tar'"
     cases = [([str(tmp_path / "nope.tar"), str(tmp_path / "o1")], "no such file"),
              ([str(cut), str(tmp_path / "o2")], "cannot read it to the end"),
-             ([str(tmp_path / "o3"), "--merge"], "nothing to merge")]
+             ([str(tmp_path / "o3"), "--merge"], "nothing to merge"),
+             ([str(broken), str(tmp_path / "o4")], stops_after),
+             ([str(broken_gz), str(tmp_path / "o5")], stops_after)]
     for args, words in cases:
         r = cli(*args)
         assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
