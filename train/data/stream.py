@@ -61,6 +61,7 @@ from .pipeline import (BadSampleTracker, DataGeometryError, DataPipelineError, _
                        _shuffled, _worker_id, _worker_init, mix_seed)
 from .remote import ShardIO
 from .sources import TrainCounts, resolve_sources
+from .feed import attach_erase, check_worker_cores, mover_for
 from .transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -198,20 +199,22 @@ class ShardFailureBudget:
     def __init__(self, cfg: DataConfig, planned: int, where: str):
         self.cfg, self.planned, self.where = cfg, planned, where
         self.tried = 0
-        self.failed: List[Tuple[str, int]] = []  # (url, samples it gave before failing)
+        self.failed: Dict[str, int] = {}  # url -> samples it gave before failing (once a url)
 
     def opened(self) -> None:
         self.tried += 1
 
     def fail(self, url: str, samples: int) -> None:
-        self.failed.append((url, samples))
+        if url in self.failed:
+            return  # a short stream's re-read of it, or a resampled stream's draw again
+        self.failed[url] = samples
         judged = max(self.tried, self.planned, MIN_SHARDS_JUDGED)
         if len(self.failed) > self.cfg.max_failed_shards * judged:
             raise DataPipelineError(self._message(judged))
 
     def _message(self, judged: int) -> str:
         shown = [f"{u} ({'unreadable' if n == 0 else f'cut short after {n} samples'})"
-                 for u, n in self.failed[:20]]
+                 for u, n in list(self.failed.items())[:20]]
         more = f" and {len(self.failed) - 20} more" if len(self.failed) > 20 else ""
         return (f"{len(self.failed)} of the {judged} shards {self.where} reads this epoch failed "
                 f"(remote ones after data.io_retries={self.cfg.io_retries} retries each), more "
@@ -231,7 +234,7 @@ class _StreamShards:
         self.record: FailedShards = dict(recorded)
         self.io, self.budget = io, budget
         self.opened = 0
-        self.failed_urls: set = set()
+        self.failed_urls: Dict[str, int] = {}  # this epoch's: url -> samples before the failure
 
     def read(self, urls: Sequence[str], counts: Counter) -> Iterator[dict]:
         for url in urls:
@@ -240,25 +243,25 @@ class _StreamShards:
     def read_one(self, url: str, counts: Counter) -> Iterator[dict]:
         j, self.opened = self.opened, self.opened + 1
         self.budget.opened()
+        if j not in self.record and url in self.failed_urls:
+            # failed earlier this epoch (a short stream reads its shards again): only the
+            # samples before the failure are read again, so its stall is not waited twice
+            self.record[j] = self.failed_urls[url]
         recorded = self.record.get(j)
         events: Counter = Counter()
         n = 0
         if recorded != 0:
             for sample in S.iter_shard(url, events, self.io):
-                if n == recorded:
-                    break  # where it was cut before
                 n += 1
                 yield sample
-        failed_now = any(events[r] for r in S.SHARD_REASONS)
-        if failed_now:
+                if n == recorded:
+                    break  # where it failed before: not a byte further
+        counts.update(events)  # a failure now, the retries; a recorded one was counted before
+        if any(events[r] for r in S.SHARD_REASONS):
             self.record[j] = n
         elif recorded is None:
-            counts.update(events)  # read whole: the retries that got it through
-            return
-        first_failure = url not in self.failed_urls  # not a short stream's re-read of it
-        self.failed_urls.add(url)
-        io_only = {k: v for k, v in events.items() if k in S.IO_EVENTS}
-        counts.update(events if failed_now and first_failure else io_only)
+            return  # read whole
+        self.failed_urls[url] = n
         self.budget.fail(url, n)
 
 
@@ -332,11 +335,11 @@ class _StreamReader:
             next(self.samples)
             self.consumed += 1
 
-    def chunk(self, n: int, decode: _Decoder, mask_of=None) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-        """n good samples: (images, targets, keys). Targets are the labels, or with `mask_of`
-        ((stream, index) -> (h, w) bool mask) the samples' masks, drawn for the same index the
-        augmentation is seeded with: a resumed or resized run replays them."""
-        got: List[Tuple[torch.Tensor, Any, str]] = []
+    def chunk(self, n: int, decode: _Decoder, mask_of=None) -> Tuple[torch.Tensor, torch.Tensor, List[str], torch.Tensor]:
+        """n good samples: (uint8 images, targets, keys, (n, 5) erase boxes). Targets are the
+        labels, or with `mask_of` ((stream, index) -> (h, w) bool mask) the samples' masks, drawn
+        for the same index the augmentation is seeded with: a resumed or resized run replays them."""
+        got: List[Tuple[Any, Any, str]] = []
         while len(got) < n:
             sample = next(self.samples)
             index, self.consumed = self.consumed, self.consumed + 1
@@ -350,7 +353,9 @@ class _StreamReader:
                 got.append((x, y if mask_of is None else mask_of(self.stream, index), sample["__key__"]))
         targets = (torch.tensor([y for _, y, _ in got], dtype=torch.int64) if mask_of is None
                    else torch.stack([y for _, y, _ in got]))
-        return torch.stack([x for x, _, _ in got]), targets, [k for _, _, k in got]
+        images = torch.stack([x for (x, _), _, _ in got])  # the one CHW copy of each sample
+        erase = torch.tensor([e for (_, e), _, _ in got], dtype=torch.int64)
+        return images, targets, [k for _, _, k in got], erase
 
     def read_state(self) -> Tuple[int, FailedShards]:
         """What the position keeps of this stream: encoded samples read, failed shards."""
@@ -358,7 +363,7 @@ class _StreamReader:
 
 
 class _ChunkSource(IterableDataset):
-    """Items (batch, stream, images, targets, keys, consumed, stats) of one rank's streams for
+    """Items (batch, stream, images, targets, keys, consumed, stats, erase) of one rank's streams for
     one epoch from `start_batch`, each DataLoader worker reading every W-th of them."""
 
     def __init__(self, plan: StreamPlan, cfg: DataConfig, transform, *, streams: List[int],
@@ -395,8 +400,8 @@ class _ChunkSource(IterableDataset):
         readers = [self._reader(s, tracker.counts, self._budget(w, mine)) for s in mine]
         for b in range(self.start_batch, self.plan.batches_per_epoch):
             for r in readers:
-                images, targets, keys = r.chunk(self.plan.chunk, decode, mask_of)
-                yield b, r.stream, images, targets, keys, r.read_state(), (w, dict(tracker.counts))
+                images, targets, keys, erase = r.chunk(self.plan.chunk, decode, mask_of)
+                yield b, r.stream, images, targets, keys, r.read_state(), (w, dict(tracker.counts)), erase
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -406,11 +411,16 @@ class TrainStream:
 
     `masks` (SimMIM): the samples' labels are not read (unlabeled shards work) and each sample
     gets the mask `masks(sample_mask_rng(seed, epoch, stream, index))`; micro-batches are then
-    (images, (B, h, w) bool masks)."""
+    (images, (B, h, w) bool masks).
+
+    Images are uint8 (feed.DeviceFeed normalises and erases them on the device; a micro-batch's
+    erase boxes ride on its images, feed.erase_boxes). `device`: "auto" moves each global
+    batch's chunks to the current CUDA device while the step before it runs (none on a CPU-only
+    machine), a device does so to it, None never moves."""
 
     def __init__(self, data_cfg: Any, *, img_size: int, global_batch: int, grad_accum: int,
                  rank: int, world_size: int, seed: int, position: Optional[Position] = None,
-                 masks: Optional[MaskGenerator] = None):
+                 masks: Optional[MaskGenerator] = None, device: Any = "auto"):
         pos = position or {}
         counted = TrainCounts.of_position(position, labels=masks is None)
         cfg = resolve_sources(as_data_config(data_cfg).resolved(), ("train",), counted)
@@ -426,6 +436,8 @@ class TrainStream:
         self.plan = plan_streams(cfg, global_batch, C, self.shard_lengths)
         self.streams = rank_streams(C, rank, world_size)
         self.transform = build_transform(cfg, img_size, train=True)
+        self._mover = mover_for(device)
+        check_worker_cores(cfg.num_workers)
         self.last_keys: List[str] = []  # sample keys of the micro-batch last returned
         self._counts_done: Counter = Counter()
         self._counts: Dict[int, Dict[str, int]] = {}  # this epoch's, by worker
@@ -456,8 +468,10 @@ class TrainStream:
         Draws nothing from the global RNGs (the DataLoader gets its own generator)."""
         if not self._micro:
             self._micro.extend(self._next_share())
-        images, targets, self.last_keys = self._micro.popleft()
-        return images, targets
+        images, targets, self.last_keys, erase = self._micro.popleft()
+        if not self._micro and self._mover is not None and self.batch < self.plan.batches_per_epoch:
+            self._pull(self.batch)  # the next global batch moves while this one's step runs
+        return attach_erase(images, erase), targets
 
     def position(self) -> Position:
         """This rank's data position, between global batches (offsets of its streams only)."""
@@ -526,7 +540,8 @@ class TrainStream:
                               workers=self.workers, seed=self.seed, epoch=epoch,
                               start_batch=batch, offsets=offsets, masks=self.masks,
                               failed=failed)
-        kw = dict(batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
+        pin = self.cfg.pin_memory and self._mover is not None and self._mover.side is not None
+        kw = dict(batch_size=None, num_workers=self.cfg.num_workers, pin_memory=pin,  # pinned chunks
                   worker_init_fn=_worker_init,
                   generator=torch.Generator())  # its own seed source: the global RNG is untouched
         if self.cfg.num_workers > 0:
@@ -537,21 +552,32 @@ class TrainStream:
         """This rank's share of the next global batch, cut into micro-batches."""
         if self.batch >= self.plan.batches_per_epoch:
             self._start(self.epoch + 1, 0, {s: 0 for s in self.streams})
-        if self._it is None:
-            self._it = iter(self._loader)
-        while any((self.batch, s) not in self._pending for s in self.streams):
-            b, s, images, targets, keys, consumed, (worker, counts) = next(self._it)
-            self._pending[(b, s)] = (images, targets, keys, consumed)
-            self._counts[worker] = counts
+        self._pull(self.batch)
         chunks = [self._pending.pop((self.batch, s)) for s in self.streams]
-        for s, (_, _, _, consumed) in zip(self.streams, chunks):
+        for s, (_, _, _, consumed, (worker, counts), _) in zip(self.streams, chunks):
             self.offsets[s], self.failed[s] = consumed  # (samples read, failed shards)
+            self._counts[worker] = counts  # counted as its chunk is handed out, not when pulled
         self.batch += 1
-        images = torch.cat([c[0] for c in chunks])
+        if self._mover is not None:
+            self._mover.ready([c[0] for c in chunks])
+        images = torch.cat([c[0] for c in chunks])  # on the device when moved, else on the host
         targets = torch.cat([c[1] for c in chunks])
+        erase = torch.cat([c[5] for c in chunks])
         keys = [k for c in chunks for k in c[2]]
         n = len(keys) // self.grad_accum
-        return [(images[i:i + n], targets[i:i + n], keys[i:i + n]) for i in range(0, len(keys), n)]
+        return [(images[i:i + n], targets[i:i + n], keys[i:i + n], erase[i:i + n])
+                for i in range(0, len(keys), n)]
+
+    def _pull(self, batch: int) -> None:
+        """Read loader items until every stream's chunk of `batch` is pending; with a mover, the
+        images start moving to the device at once. Position and counts are untouched."""
+        if self._it is None:
+            self._it = iter(self._loader)
+        while any((batch, s) not in self._pending for s in self.streams):
+            b, s, images, targets, keys, consumed, stats, erase = next(self._it)
+            if self._mover is not None:
+                images = self._mover.move(images)
+            self._pending[(b, s)] = (images, targets, keys, consumed, stats, erase)
 
 
 def _check_saved_batch(position: Optional[Position], global_batch: int) -> None:
