@@ -1,4 +1,5 @@
-"""make_shards round trip + resumability; synthetic default generated once and reused."""
+"""make_shards from folders and list files: round trip, resumability, workers, a later split's labels;
+the synthetic default generated once and reused. The release archives: test_make_shards_archive.py."""
 import glob
 import json
 import multiprocessing as mp
@@ -146,3 +147,26 @@ def test_synthetic_generated_once_and_reused(tmp_path):
     ev = build_eval_loader(cfg, img_size=32, batch_size=128, rank=0, world_size=2)
     ys = torch.cat([y for _, y in ev])
     assert len(ys) == 256 and set(ys.tolist()) == set(range(10))
+
+
+def test_folder_workers_same_bytes_and_a_later_split_keeps_the_labels(tmp_path):
+    src = tmp_path / "src"
+    make_folder(str(src), per_class=6)
+    outs = {}
+    for n in (1, 2):
+        outs[n] = tmp_path / f"w{n}"
+        make_shards_main([str(src), str(outs[n]), "--samples-per-shard", "5", "--workers", str(n), "--no-progress"])
+    shards = sorted(p.name for p in outs[1].glob("train-*.tar"))
+    assert len(shards) == 4 and all((outs[1] / s).read_bytes() == (outs[2] / s).read_bytes() for s in shards)
+    # a validation folder without "dog": eel keeps label 2 from the classes.json the train split wrote
+    val = tmp_path / "val"
+    make_folder(str(val), classes=("cat", "eel"), per_class=2)
+    make_shards_main([str(val), str(outs[1]), "--split", "validation", "--no-progress"])
+    import tarfile
+
+    with tarfile.open(outs[1] / "validation-000000.tar") as tf:
+        metas = [json.loads(tf.extractfile(m).read()) for m in tf if m.name.endswith(".json")]
+    labels = {meta["class_name"]: meta["label"] for meta in metas}
+    assert labels == {"cat": 0, "eel": 2}
+    assert json.load(open(outs[1] / "classes.json")) == ["cat", "dog", "eel"]
+    assert set(json.load(open(outs[1] / "_info.json"))["splits"]) == {"train", "validation"}

@@ -195,6 +195,8 @@ def test_rerun_resumes_and_a_changed_input_is_refused(release, tmp_path):
     os.utime(archive, ns=(1, 1))  # another copy of the archive
     r = cli(*args)
     assert r.returncode == 1 and "the source changed" in r.stderr and "Traceback" not in r.stderr
+    assert make_shards([*args[:2], "--samples-per-shard", "5", "--overwrite", "--no-progress"]) == 0
+    assert len(glob.glob(os.path.join(out, "train-*.tar"))) == 8 == len(info(out)["splits"]["train"]["filenames"])
 
 
 def test_merge_names_the_missing_parts(release, tmp_path):
