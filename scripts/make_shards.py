@@ -30,11 +30,11 @@ import os
 import sys
 import tarfile
 from contextlib import contextmanager
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from swinv2_tools import shards_plan as P
 from swinv2_tools.shards_sources import SourceError, atomic_json, is_archive, read_list, scan_archive, scan_folder
-from swinv2_tools.shards_write import mark_part_done, merge, parse_part, part_range, write_shards
+from swinv2_tools.shards_write import mark_part_done, merge, parse_part, part_range, record_path, write_shards
 
 
 def say(msg: str) -> None:
@@ -56,13 +56,14 @@ def plan_options(args) -> dict:
 
 
 def source_kind(args) -> str:
+    path = args.list_file or args.src
+    if not os.path.exists(path):
+        raise SourceError(f"{path}: no such file or folder")
     if args.list_file:
         return "list"
-    if os.path.isdir(args.src):
+    if os.path.isdir(path):
         return "folder"
-    if not os.path.exists(args.src):
-        raise SourceError(f"{args.src}: no such file or folder")
-    return "archive" if is_archive(args.src) else "list"
+    return "archive" if is_archive(path) else "list"
 
 
 def scan_source(args, kind: str):
@@ -169,7 +170,6 @@ def discard_split(out: str, split: str) -> None:
     plan = P.load_plan(out, split)
     if plan is None:
         return
-    from swinv2_tools.shards_write import record_path
     for name in plan.shard_names():
         for path in (os.path.join(out, name), record_path(out, name)):
             if os.path.exists(path):
@@ -367,6 +367,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(run(args)))
     except SourceError as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # e.g. a full disk or a folder without write permission
+        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}; fix that and run the same command "
+                         f"again (finished shards are kept)") from None
     return 0
 
 

@@ -99,20 +99,24 @@ def read_list(path: str, root: Optional[str], with_sizes: bool = False) -> Sourc
     path = os.path.abspath(path)
     base = os.path.abspath(root or os.path.dirname(path))
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                p, lab = line.rsplit(None, 1)
-                label = int(lab)
-            except ValueError:
-                raise SourceError(f"{path}:{n}: expected 'path label' (label an integer), got {line!r}")
-            if label < 0:
-                raise SourceError(f"{path}:{n}: negative label {label}")
-            size = os.path.getsize(os.path.join(base, p)) if with_sizes else -1
-            samples.append(Sample(p, str(label), p, 0, size))
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError:
+            raise SourceError(f"{path}: neither a folder, a tar archive nor a list file of 'path label' lines")
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            p, lab = line.rsplit(None, 1)
+            label = int(lab)
+        except ValueError:
+            raise SourceError(f"{path}:{n}: expected 'path label' (label an integer), got {line!r}")
+        if label < 0:
+            raise SourceError(f"{path}:{n}: negative label {label}")
+        size = os.path.getsize(os.path.join(base, p)) if with_sizes else -1
+        samples.append(Sample(p, str(label), p, 0, size))
     if not samples:
         raise SourceError(f"list file {path} has no entries")
     n_cls = max(int(s.cls) for s in samples) + 1

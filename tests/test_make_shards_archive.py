@@ -248,11 +248,18 @@ def test_user_errors_are_one_message(tmp_path):
     broken_gz = tmp_path / "broken.tar.gz"
     broken_gz.write_bytes(gzip.compress(broken.read_bytes()))
     stops_after = f"damaged after its member '{synset(1)}.tar'"
+    binary = tmp_path / "photo.zip"
+    binary.write_bytes(bytes(range(256)) * 4)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("OUT must be a folder")
     cases = [([str(tmp_path / "nope.tar"), str(tmp_path / "o1")], "no such file"),
              ([str(cut), str(tmp_path / "o2")], "cannot read it to the end"),
              ([str(tmp_path / "o3"), "--merge"], "nothing to merge"),
              ([str(broken), str(tmp_path / "o4")], stops_after),
-             ([str(broken_gz), str(tmp_path / "o5")], stops_after)]
+             ([str(broken_gz), str(tmp_path / "o5")], stops_after),
+             ([str(binary), str(tmp_path / "o6")], "neither a folder, a tar archive nor a list file"),
+             (["--list", str(tmp_path / "nope.txt"), str(tmp_path / "o7")], "no such file"),
+             ([str(cut), str(a_file / "out")], "Not a directory; fix that and run the same command again")]
     for args, words in cases:
         r = cli(*args)
         assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
