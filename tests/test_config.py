@@ -75,7 +75,10 @@ def test_recipe_matches_paper(name):
 
 def test_recipes_pick_the_imagenet_data_presets():
     assert _compose(["experiment=swinv2_tiny_256_w8_1k"]).data.root == "/data/imagenet1k-wds"
-    assert _compose(["experiment=swinv2_large_192_w12_22k"]).data.resampled is True
+    in22k = _compose(["experiment=swinv2_large_192_w12_22k"]).data
+    # epochs over _info.json's counts (configs/data/imagenet22k.yaml says why), not resampled
+    assert in22k.root == "/data/imagenet22k-wds" and in22k.num_classes == 21841
+    assert in22k.resampled is False and in22k.train_samples is None
 
 
 def test_default_validates_and_is_small():
