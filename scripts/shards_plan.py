@@ -157,9 +157,15 @@ class Plan(NamedTuple):
         return [s for s, split in self.header["splits"].items() for _ in split["filenames"]]
 
     def rows(self, shards: Optional[set] = None) -> Iterator[Row]:
+        """The rows of `shards` (default: all), in plan order; reading stops after the last one."""
+        if shards is not None and not shards:
+            return
+        last = max(shards) if shards else None
         with gzip.open(self.rows_path, "rt", encoding="utf-8") as f:
             for line in f:
                 row = Row(*json.loads(line))
+                if last is not None and row.shard > last:
+                    return
                 if shards is None or row.shard in shards:
                     yield row
 
