@@ -18,7 +18,7 @@ import pytest
 
 from data_helpers import jpeg_bytes, make_dataset, write_tar
 from swinv2_train.data import (DataConfig, DataPipelineError, DataSourceError, TrainStream,
-                               resolve_sources)
+                               build_eval_loader, resolve_sources)
 from swinv2_train.data import shards as S
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,6 +110,18 @@ def test_http_shards_give_the_same_batches_as_on_disk(served, server):
     from_root, _, _ = epoch(cfg_for(None, root=server.url, train_shards=None, val_shards=None))
     assert from_root == epoch(cfg_for(local))[0]
     assert ["/_info.json", "-", "200"] in server.requests()
+
+
+def test_eval_loader_over_http_with_the_run_s_retries(served, server):
+    """Two drops: data.io_retries=2 gets through, io_retries=1 (not the default 3) gives up."""
+    _, _, http, n = served
+    for retries, lost in ((2, False), (1, True)):
+        server.faults(**{"train-0004.tar": {"mode": "drop", "at": 2000, "times": 2}})
+        loader = build_eval_loader(cfg_for(http, augment="none", io_retries=retries),
+                                   img_size=16, batch_size=16, rank=0, world_size=1)
+        labels = [int(y) for _, ys in loader for y in ys]
+        assert loader.bad_samples() == ({"truncated_tar": 1} if lost else {})
+        assert (len(labels) < n) == lost and len(set(labels)) == len(labels)
 
 
 def test_pipe_shards_and_a_failing_command(served, server, tmp_path):

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import UserError
 from . import shards as S
 from .config import DataConfig, as_data_config
+from .remote import ShardIO
 from .feed import build_feed, default_device
 from .sources import resolve_sources
 from .transforms import CorruptImageError, build_transform
@@ -198,10 +199,11 @@ def assign_shards(urls: Sequence[str], rank: int, world_size: int, worker: int,
     return list(urls), g, rank * num_workers + worker
 
 
-def _read(urls: Sequence[str], counts: Counter, modulus: int, remainder: int) -> Iterator[dict]:
+def _read(urls: Sequence[str], counts: Counter, modulus: int, remainder: int,
+          io: Optional[ShardIO] = None) -> Iterator[dict]:
     i = 0
     for url in urls:
-        for s in S.iter_shard(url, counts):
+        for s in S.iter_shard(url, counts, io):
             if modulus == 1 or i % modulus == remainder:
                 yield s
             i += 1
@@ -252,11 +254,12 @@ class StreamingLoader:
                 f"(bad counts: {self.bad_samples()})")
 
     def bad_samples(self) -> Dict[str, int]:
-        """Bad-sample counts by reason, summed over workers, for the batches yielded so far."""
+        """Bad-sample counts by reason, summed over workers, for the batches yielded so far
+        (remote-read retries, which are not bad input, left out)."""
         total: Counter = Counter()
         for c in self._counts.values():
             total.update(c)
-        return dict(total)
+        return {k: v for k, v in total.items() if k not in S.IO_EVENTS}
 
     def samples_seen(self) -> int:
         return sum(self._seen.values())
@@ -286,7 +289,7 @@ class _EvalStream(IterableDataset):
             targets = torch.tensor([y for _, y in out], dtype=torch.int64)
             return images, targets, {"worker": d, "counts": dict(tracker.counts), "seen": tracker.seen}
 
-        for s in _read(mine, tracker.counts, mod, rem):
+        for s in _read(mine, tracker.counts, mod, rem, ShardIO.of(self.cfg)):
             r = decoder(s)
             if r is None:
                 continue
