@@ -1,6 +1,7 @@
 """The feed into the device: uint8 workers, normalisation and erasing on the device, the fast
 transforms against the readable reference ones, moving batches ahead, cores for the workers."""
 import io
+import json
 import os
 import random
 import subprocess
@@ -240,3 +241,37 @@ def test_num_workers_config_values():
     for bad in ("many", -1, 1.5, True):
         with pytest.raises(ValueError, match="data.num_workers"):
             DataConfig(num_workers=bad).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU test above runs the logic)")
+def test_cuda_stream_moves_batches_ahead_and_matches_the_host_path(shards):
+    pattern, _ = shards
+    cfg = stream_cfg(pattern, num_workers=2, pin_memory=True)
+    host = TrainStream(cfg, img_size=16, global_batch=8, grad_accum=2, rank=0, world_size=1, seed=1, device=None)
+    cuda = TrainStream(cfg, img_size=16, global_batch=8, grad_accum=2, rank=0, world_size=1, seed=1)  # "auto"
+    feed = build_feed(cfg)
+    for _ in range(host.batches_per_epoch * 2):
+        for micro in range(2):
+            a, b = host.next_batch(), cuda.next_batch()
+            assert b[0].is_cuda and torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1])
+            assert torch.equal(feed(a[0], torch.device("cpu")), feed(b[0]).cpu())  # erasing included
+        assert host.position() == cuda.position()
+    host.close()
+    cuda.close()
+
+
+def test_bench_loader_quick_reports_ceilings_ratios_and_bytes(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "swinv2_tools.bench_loader", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    assert res["meta"]["cpu_model"] and res["meta"]["image_size"] == "500x375" and res["meta"]["command"]
+    row = res["rows"][0]
+    for key in ("decode", "decode+resize old", "decode+resize new", "light old", "light new", "imagenet old",
+                "imagenet new", "light new/old", "imagenet new/old"):
+        assert row[key] > 0, key
+    assert sorted((r["augment"], r["workers"]) for r in res["loader"]) == [
+        ("imagenet", 1), ("imagenet", 2), ("light", 1), ("light", 2)]
+    assert all(r["bytes_per_value"] == 1 and r["old_bytes_per_value"] == 4 for r in res["loader"])
+    assert "AMD" in p.stdout or res["meta"]["cpu_model"] in p.stdout
