@@ -277,3 +277,17 @@ def test_training_on_the_archive_shards(release, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert any(m.get("step") == 3 for m in metrics)
+
+
+def test_throughput_benchmark_runs_and_projects(tmp_path):
+    """scripts/bench_make_shards.py (docs/PERFORMANCE.md section 7) at a few images: its fields."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "scripts/bench_make_shards.py", "--num-images", "24", "--classes", "3",
+                        "--samples-per-shard", "6", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(out))
+    assert res["meta"]["command"].startswith("scripts/bench_make_shards.py") and "cpu_model" in res["meta"]
+    assert set(res["images_per_s"]) == set(res["cpu_ms_per_image"]) == {"1", "2"}
+    assert 80 < res["release"]["mean_image_kb"] < 140  # ImageNet-sized files
+    assert res["projection_winter21"]["write_hours"] > 0 and "ImageNet-21K (13.2M images)" in r.stdout
