@@ -168,6 +168,37 @@ def test_404_drop_and_stall_each_counted_exactly(served, server, tmp_path):
     assert ranges[resumed_at - 1] == "-"  # the retry asked for the rest only
 
 
+def test_a_stalled_shard_costs_at_most_timeout_times_tries(served, server, tmp_path):
+    """io_timeout_s=0.3, io_retries=2: a server that sends nothing and a command that writes
+    nothing are each given up after 3 silent tries, about 0.9 s, and the command is stopped."""
+    from swinv2_train.data.remote import ShardIO
+
+    server.faults(**{"train-0007.tar": {"mode": "stall", "at": 0, "seconds": 60}})
+    pid_file = os.path.join(tmp_path, "sleep.pid")
+    sources = (f"{server.url}/train-0007.tar", f"pipe:sleep 30 & echo $! > {pid_file}; wait")
+    for url in sources:
+        counts = Counter()
+        start = time.monotonic()
+        assert list(S.iter_shard(url, counts, ShardIO(retries=2, timeout_s=0.3))) == []
+        took = time.monotonic() - start
+        assert counts == {"unreadable_shard": 1, "io_retries": 2}
+        assert 0.9 <= took < 0.9 + 1.0, (url, took)
+    assert not process_alive(int(open(pid_file).read()))  # the command's group was stopped
+
+
+def process_alive(pid, wait_s=2.0):
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):  # a zombie: dead, not yet reaped
+                    return False
+        except FileNotFoundError:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_resume_after_a_skipped_shard_replays_the_same_batches(served, server):
     _, _, http, _ = served
     server.faults(**{"train-0002.tar": {"mode": "404"}})
