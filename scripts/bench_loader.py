@@ -85,6 +85,45 @@ def ceilings(crop: int):
     return {"decode": decode, "decode+resize old": pil_resize, "decode+resize new": torch_resize}
 
 
+def levers(crop: int) -> dict:
+    """The speed levers tried, one at a time (`--levers`): each a decode + crop-resize to `crop`,
+    or the light transform with one change."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from swinv2_train.data import DataConfig
+    from swinv2_train.data.transforms import TrainTransform, _pixels, build_transform, finish_decode, open_image
+
+    def crop_of(data, rng):
+        img = finish_decode(open_image(data))
+        top, left, h, w = build_transform(DataConfig(augment="light").resolved(), crop, True).crop_box(*img.size, rng)
+        return img, (top, left, h, w)
+
+    def pil(gap):
+        def fn(data, rng):
+            img, (top, left, h, w) = crop_of(data, rng)
+            return img.resize((crop, crop), Image.BICUBIC, box=(left, top, left + w, top + h), reducing_gap=gap)
+        return fn
+
+    def torch_resize(dtype, layout):
+        def fn(data, rng):
+            img, (top, left, h, w) = crop_of(data, rng)
+            x = _pixels(img)[top:top + h, left:left + w].permute(2, 0, 1).unsqueeze(0)
+            x = x.to(dtype) if layout is None else x.to(dtype).contiguous(memory_format=layout)
+            return F.interpolate(x, size=(crop, crop), mode="bicubic", antialias=True, align_corners=False)
+        return fn
+
+    light = dict(scale=(0.67, 1.0), hflip=0.5)
+    return {"Pillow resize": pil(None), "Pillow reduce+resize (reducing_gap=2)": pil(2.0),
+            "torch uint8, strided view": torch_resize(torch.uint8, None),
+            "torch uint8, channels-last copy": torch_resize(torch.uint8, torch.channels_last),
+            "torch float32": torch_resize(torch.float32, torch.contiguous_format),
+            "light old (float32 out)": build_transform(DataConfig(augment="light").resolved(), crop, True, reference=True),
+            "light, uint8 out, Pillow resize": TrainTransform(crop, resize="pil", **light),
+            "light new": TrainTransform(crop, **light)}
+
+
 def variants(crop: int) -> dict:
     from swinv2_train.data import DataConfig
     from swinv2_train.data.transforms import build_transform
@@ -104,10 +143,10 @@ def one_pass(samples, fn) -> float:
     return len(samples) / (time.perf_counter() - t0)
 
 
-def per_core(samples, crop: int, repeats: int, block: int = 16) -> dict:
+def per_core(samples, crop: int, repeats: int, block: int = 16, fns=None) -> dict:
     """name -> [images/s of each pass]. Within a pass the variants take turns every `block`
     images, so a burst of load from other processes falls on all of them alike."""
-    fns = variants(crop)
+    fns = fns or variants(crop)
     for fn in fns.values():
         one_pass(samples[:8], fn)  # warm-up
     rates = {name: [] for name in fns}
@@ -172,6 +211,19 @@ def print_table(meta: dict, rows: list, loader_rows: list) -> None:
               f"({r['bytes_per_value']:g}) | {r['old_bytes_per_image']} ({r['old_bytes_per_value']:g}) |")
 
 
+def print_levers(meta: dict, rates: dict, json_path=None) -> int:
+    print(summary_line(meta))
+    print(f"images/s on one core, best of {meta['repeats']} passes (variants take turns every 16 images)")
+    names = list(next(iter(rates.values())))
+    print("| lever | " + " | ".join(f"{c}²" for c in rates) + " |\n|---" + "|---" * len(rates) + "|")
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{max(r[name]):.0f}" for r in rates.values()) + " |")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "levers": {str(c): r for c, r in rates.items()}}, f, indent=1)
+    return 0
+
+
 def load_samples(pattern: str, n: int) -> list:
     from swinv2_train.data.shards import expand_shards, iter_shard
 
@@ -193,6 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved passes (the best one counts)")
     ap.add_argument("--loader-workers", type=int, nargs="*", default=[1, 2], help="worker counts (none: skip)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few images, one pass, one crop")
+    ap.add_argument("--levers", action="store_true", help="time the speed levers tried, one at a time, instead")
     ap.add_argument("--json", help="write the results to this JSON file")
     args = ap.parse_args(argv)
     if args.quick:
@@ -211,6 +264,8 @@ def main(argv=None) -> int:
         meta.update(images=len(samples), repeats=args.repeats,
                     image_size="x".join(map(str, Image.open(io.BytesIO(samples[0])).size)),
                     avg_jpeg_kb=round(sum(map(len, samples)) / len(samples) / 1024, 1))
+        if args.levers:
+            return print_levers(meta, {c: per_core(samples, c, args.repeats, fns=levers(c)) for c in args.crops}, args.json)
         rows, loader_rows, raw = [], [], {}
         for crop in args.crops:
             raw[crop] = per_core(samples, crop, args.repeats)
