@@ -143,7 +143,7 @@ def pinned_classes(args, out: str):
     """--classes, else the classes.json that a run of another split left in OUT (so a validation
     folder that lacks a class still gets the train labels), else None (the source's own order)."""
     if args.classes:
-        return P.read_classes_file(args.classes), args.classes
+        return P.read_classes_file(args.classes), f"--classes {args.classes}"
     existing, info = os.path.join(out, "classes.json"), os.path.join(out, "_info.json")
     if not (os.path.exists(existing) and os.path.exists(info)):
         return None, ""

@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 from swinv2_tools.shards_sources import Source, SourceError
@@ -71,7 +72,7 @@ def read_classes_file(path: str) -> List[str]:
         ok = True
     if not ok or not classes:
         raise SourceError(f"--classes {path}: expected one class name per line, or a JSON list of names")
-    dupes = sorted({c for c in classes if classes.count(c) > 1}) if len(set(classes)) != len(classes) else []
+    dupes = sorted(c for c, n in Counter(classes).items() if n > 1)
     if dupes:
         raise SourceError(f"--classes {path}: {dupes[0]!r} is listed more than once")
     return classes
@@ -92,8 +93,10 @@ def resolve_classes(source: Source, pinned: Optional[List[str]], pinned_from: st
     unknown = [c for c in present if c not in known]
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise SourceError(f"class {unknown[0]!r}{more} of {source.path} is not in {pinned_from}; "
-                          f"give a --classes file that lists it, or --overwrite to take the source's classes")
+        way_out = ("add it there, or leave --classes out to use the source's own classes"
+                   if pinned_from.startswith("--classes") else
+                   "give a --classes file that lists the classes of every split, or use another OUT")
+        raise SourceError(f"class {unknown[0]!r}{more} of {source.path} is not in {pinned_from}; {way_out}")
     return pinned
 
 
