@@ -249,16 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write webdataset tar shards (+ classes.json, _info.json) from an ImageFolder "
                     "(class_name/*.jpg), a list file ('path label' lines) or a tar of per-class tars "
                     "(fall11_whole.tar, winter21_whole.tar.gz, ILSVRC2012_img_train.tar), read in place. "
-                    "On a cluster: --prepare once, --part i/n per array task, then OUT --merge.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "On a cluster: --prepare once, --part i/n per array task, then OUT --merge.")
     ap.add_argument("src", nargs="?", help="an ImageFolder, a list file, or a tar of per-class tars "
-                    "(.tar, .tar.gz, .tgz); omit with --merge, --info-only or --list")
+                    "(.tar, .tar.gz, .tgz); omitted with --merge, --info-only and --list")
     ap.add_argument("out", help="output folder for the shards")
-    ap.add_argument("--list", dest="list_file", help="list file with 'path label' lines (the same as SRC)")
-    ap.add_argument("--root", help="base for relative paths in a list file (default: the list file's folder)")
-    ap.add_argument("--split", default="train", help="split name recorded in _info.json "
-                    "(the trainer looks up data.train_split=train and data.val_split=validation)")
-    ap.add_argument("--workers", type=int, default=1, help="processes writing shards")
+    ap.add_argument("--list", dest="list_file", metavar="FILE", help="a list file of 'path label' lines (as SRC)")
+    ap.add_argument("--root", metavar="DIR", help="base of a list file's relative paths (default: its folder)")
+    ap.add_argument("--split", default="train", metavar="NAME", help="split name in _info.json (default train; "
+                    "the trainer looks up data.train_split=train and data.val_split=validation)")
+    ap.add_argument("--workers", type=int, default=1, metavar="N", help="processes writing shards (default 1)")
     steps = ap.add_mutually_exclusive_group()
     steps.add_argument("--prepare", action="store_true", help="only prepare the source (index an "
                        "uncompressed archive, extract a gzipped one's inner tars) and save the plan")
@@ -268,26 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--info-only", action="store_true",
                        help="write only OUT/_info.json for the .tar shards already in OUT (split = the word "
                             "before the shard number, e.g. train-000000.tar); no SRC")
-    ap.add_argument("--prepared", help="where a gzipped archive's inner tars and an archive's index go "
-                    "(default: OUT/_prepared)")
-    ap.add_argument("--classes", help="the label order: one class (synset) per line, or a JSON list; "
-                    "a source class not in it is an error (default: the source's classes, sorted)")
-    ap.add_argument("--holdout", type=int, default=0, help="set K images per class aside as split "
-                    "'validation' (chosen by key), for a release that ships none")
-    ap.add_argument("--prefix", default=None, help="shard file prefix (default: the split name)")
+    ap.add_argument("--prepared", metavar="DIR", help="where a gzipped archive's inner tars and an archive's "
+                    "index go (default OUT/_prepared)")
+    ap.add_argument("--classes", metavar="FILE", help="the label order: one class (synset) per line, or a "
+                    "JSON list; a source class not in it is an error (default: the source's classes, sorted)")
+    ap.add_argument("--holdout", type=int, default=0, metavar="K", help="set K images per class aside as "
+                    "split 'validation' (chosen by key), for a release that ships none")
+    ap.add_argument("--prefix", metavar="P", help="shard file prefix (default: the split name)")
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--samples-per-shard", type=int, default=None,
-                      help="samples per shard (default 1000 unless --max-bytes)")
-    size.add_argument("--max-bytes", type=float, default=None,
-                      help="approximate shard size in bytes (planned from source file sizes)")
-    ap.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded (CMYK, non-JPEG) inputs")
+    size.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
+    size.add_argument("--max-bytes", type=float, metavar="B",
+                      help="approximate shard size in bytes (planned from the source files' sizes)")
+    ap.add_argument("--quality", type=int, default=95, metavar="Q",
+                    help="JPEG quality of re-encoded (CMYK, non-JPEG) images (default 95)")
     ap.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
-                    help="one seeded global shuffle, so every shard mixes classes (readers only shuffle "
-                         "within a buffer)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of --shuffle")
+                    help="one seeded global shuffle, so every shard mixes classes (default on; readers "
+                         "only shuffle within a buffer)")
+    ap.add_argument("--seed", type=int, default=0, metavar="S", help="seed of --shuffle (default 0)")
     ap.add_argument("--overwrite", action="store_true",
                     help="make this split again from scratch (with --info-only: rewrite _info.json)")
-    ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
