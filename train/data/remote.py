@@ -61,7 +61,11 @@ class RemoteReadError(OSError):
 
 
 class _Permanent(RemoteReadError):
-    """A failure no retry can cure (404, a file changed between tries)."""
+    """A failure no retry can cure (404, a file changed between tries); `status`: the HTTP one."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
 
 
 def handles(url: str) -> bool:
@@ -93,7 +97,7 @@ def url_exists(url: str, io: ShardIO) -> bool:
         read_url(url, io)
         return True
     except _Permanent as e:
-        if getattr(e, "status", None) in (404, 410):
+        if e.status in (404, 410):
             return False
         raise
 
@@ -105,7 +109,7 @@ class RetryingReader:
     def __init__(self, url: str, connect: Callable[[int], "_Body"], io: ShardIO, counts: Counter):
         self.url, self.connect, self.io, self.counts = url, connect, io, counts
         self.pos, self.retries_left, self.body = 0, io.retries, None
-        self.last_byte = time.monotonic()
+        self.waiting_since = time.monotonic()  # the last byte, or the start of this try
         self._reconnect()
 
     def read(self, size: int = -1) -> bytes:
@@ -118,7 +122,7 @@ class RetryingReader:
                 continue
             if data:
                 self.pos += len(data)
-                self.last_byte = time.monotonic()
+                self.waiting_since = time.monotonic()
                 return data
             if self.body.complete(self.pos):
                 return b""
@@ -151,11 +155,11 @@ class RetryingReader:
             what = str(error) if self.url in str(error) else f"{self.url}: {error}"
             raise RemoteReadError(f"{what} (after {self.io.retries} retries)") from error
         tried = self.io.retries - self.retries_left
-        silent = time.monotonic() - self.last_byte  # this try's wait so far
+        silent = time.monotonic() - self.waiting_since  # this try's wait so far
         time.sleep(max(0.0, min(FIRST_PAUSE_S * 2 ** tried, self.io.timeout_s - silent)))
         self.retries_left -= 1
         self.counts[IO_RETRIES] += 1
-        self.last_byte = time.monotonic()  # the next try's wait starts now
+        self.waiting_since = time.monotonic()  # the next try's wait starts now
 
 
 class _Body:
@@ -192,9 +196,7 @@ class _HttpSource:
             e.close()
             if e.code in RETRYABLE_STATUS:
                 raise RemoteReadError(f"{self.url}: HTTP {e.code}") from None
-            err = _Permanent(f"{self.url}: HTTP {e.code} {e.reason}")
-            err.status = e.code
-            raise err from None
+            raise _Permanent(f"{self.url}: HTTP {e.code} {e.reason}", e.code) from None
         except urllib.error.URLError as e:  # refused, unreachable, a timeout while connecting
             raise RemoteReadError(f"{self.url}: {e.reason}") from None
         try:
