@@ -13,7 +13,7 @@ chosen paths misbehave: {"/train-0003.tar": {"mode": "404"}, ...} with mode
   norange ignore Range requests (send the whole file with 200)
 
 and "times": N to misbehave on the first N requests of that path only (default: always),
-counted from the last change of _faults.json.
+counted from the last change of _faults.json; "norange": true ignores Range on every request.
 Every request is appended to ROOT/_requests.log as "path range status" lines.
 """
 import json
@@ -43,14 +43,13 @@ class Handler(BaseHTTPRequestHandler):
             SEEN[path] += 1
             n = SEEN[path]
         fault = faults.get(path, {})
-        fault = fault if n <= fault.get("times", float("inf")) else {}
-        mode = fault.get("mode")
+        mode = fault.get("mode") if n <= fault.get("times", float("inf")) else None
         file = os.path.join(self.root, path.lstrip("/"))
         if mode in ("404", "503") or not os.path.isfile(file):
             return self._status(int(mode) if mode in ("404", "503") else 404, path)
         with open(file, "rb") as f:
             data = f.read()
-        start = self._range_start() if mode != "norange" else None
+        start = None if mode == "norange" or fault.get("norange") else self._range_start()
         status = 206 if start is not None else 200
         body = data[start or 0:]
         self._log(path, status)

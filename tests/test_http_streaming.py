@@ -219,6 +219,29 @@ def test_resume_after_a_skipped_shard_replays_the_same_batches(served, server):
     assert shard_keys(2) <= {key for b in nxt for key in b}
 
 
+def test_a_retry_from_a_server_without_range_support(served, server):
+    """The server ignores Range: the retry gets the whole file again and skips what was read."""
+    _, local, http, _ = served
+    server.faults(**{"train-0005.tar": {"mode": "drop", "at": 3000, "times": 1, "norange": True}})
+    over_http, _, st = epoch(cfg_for(http))
+    assert over_http == epoch(cfg_for(local))[0]
+    assert st.bad_samples() == {} and st.io_events() == {"retries": 1}
+    asked = [(r, status) for p, r, status in server.requests() if p == "/train-0005.tar"]
+    assert asked[-2:] == [("-", "200"), ("bytes=3000-", "200")]  # the rest asked, the whole sent
+
+
+def test_resampled_streams_record_failed_draws_and_replay_them(served, server):
+    _, _, http, n = served
+    server.faults(**{f"train-{k:04d}.tar": {"mode": "404"} for k in range(4)})
+    cfg = cfg_for(http, resampled=True, train_samples=n, canonical_streams=2, num_workers=1,
+                  max_failed_shards=1.0)
+    full, positions, st = epoch(cfg, 6)
+    assert st.bad_samples()["unreadable_shard"] >= 1 and any(positions[2]["failed_shards"].values())
+    server.faults()  # back: the resumed epoch still goes without the draws that failed
+    tail, _, _ = epoch(cfg, 3, position=json.loads(json.dumps(positions[2])))
+    assert tail == full[3:]
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_mostly_failing_source_stops_with_the_urls(served, server, workers):
     _, _, http, _ = served
