@@ -20,6 +20,7 @@ stalled server hangs a worker until the DataLoader's timeout fails the whole run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import select
 import signal
@@ -91,14 +92,16 @@ def read_url(url: str, io: ShardIO) -> bytes:
         reader.close()
 
 
-def url_exists(url: str, io: ShardIO) -> bool:
-    """False on 404/410 (the file is not there); other failures raise RemoteReadError."""
+@functools.lru_cache(maxsize=16)
+def read_small_file(url: str, io: ShardIO) -> Optional[bytes]:
+    """The body of a small file such as `_info.json`, or None when the server has none
+    (404/410); other failures raise RemoteReadError. Read once per process: the sources, the
+    class count and the stream's shard lengths all ask for the same file."""
     try:
-        read_url(url, io)
-        return True
+        return read_url(url, io)
     except _Permanent as e:
         if e.status in (404, 410):
-            return False
+            return None
         raise
 
 

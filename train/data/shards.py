@@ -85,7 +85,7 @@ def info_path(pattern: str, io: Optional[ShardIO] = None) -> Optional[str]:
     first = expand_urls(str(pattern))[0]
     if is_http(first):
         url = first.rsplit("/", 1)[0] + "/_info.json"
-        return url if remote.url_exists(url, io or ShardIO.default()) else None
+        return url if remote.read_small_file(url, io or ShardIO.default()) is not None else None
     if not is_local(first):
         return None
     p = os.path.join(os.path.dirname(_local_path(first)), "_info.json")
@@ -149,7 +149,10 @@ def read_info(path: str, io: Optional[ShardIO] = None) -> dict:
     """`_info.json` (a path or an http(s) URL) with `splits` as a {name: split} dict (a list of
     split dicts is accepted)."""
     if is_http(path):
-        info = json.loads(remote.read_url(path, io or ShardIO.default()))
+        text = remote.read_small_file(path, io or ShardIO.default())
+        if text is None:
+            raise FileNotFoundError(f"{path}: not found (HTTP 404)")
+        info = json.loads(text)
     else:
         with open(path) as f:
             info = json.load(f)

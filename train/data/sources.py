@@ -349,7 +349,7 @@ def _http_info(root: str, io: ShardIO) -> str:
     server does not have it or cannot be reached (after the retries)."""
     url = f"{root}/_info.json"
     try:
-        found = remote.url_exists(url, io)
+        found = remote.read_small_file(url, io) is not None
     except remote.RemoteReadError as e:
         _fail("root", f"{e}; check that the server is up and the URL right "
               f"(data.io_retries / data.io_timeout_s set how long it is tried)")
