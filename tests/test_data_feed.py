@@ -100,6 +100,17 @@ def test_device_normalisation_and_erasing_equal_the_reference(jpegs, augment):
     assert erased >= len(jpegs) // 2
 
 
+def test_data_resize_pil_gives_the_pixels_of_runs_begun_before(jpegs):
+    """data.resize=pil: a run begun before the uint8 feed goes on with the same tensors, bit for bit."""
+    for augment, train in (("imagenet", True), ("light", True), ("light", False)):
+        cfg = DataConfig(augment=augment, resize="pil").resolved()
+        ref, new = build_transform(cfg, 192, train, reference=True), build_transform(cfg, 192, train)
+        for i, data in enumerate(jpegs[:6]):
+            assert torch.equal(finish(new(data, random.Random(i))), ref(data, random.Random(i)))
+    with pytest.raises(ValueError, match="data.resize"):
+        DataConfig(resize="opencv").validate()
+
+
 def test_erase_box_draws_what_random_erase_draws():
     for seed in range(50):
         box = erase_box(0.5, random.Random(seed), 64, 48)

@@ -89,6 +89,9 @@ class DataConfig:
     label_smoothing: Optional[float] = None
     mixup_switch_prob: Optional[float] = None
     interpolation: str = "bicubic"
+    # the workers' crop-resize: "torch" (antialiased bicubic of the uint8 crop, ~1.4x faster a
+    # sample) or "pil" (Pillow's, the pixels of runs begun before the uint8 feed, bit for bit)
+    resize: str = "torch"
     test_crop: Optional[bool] = None     # None: crop (resize 256/224 + centre crop) iff img_size < 384
     crop_pct: float = 224.0 / 256.0
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
@@ -171,6 +174,8 @@ class DataConfig:
                 bad("rand_augment", str(e))
         if self.interpolation not in INTERPOLATIONS:
             bad("interpolation", f"must be one of {INTERPOLATIONS}")
+        if self.resize not in ("torch", "pil"):
+            bad("resize", "must be torch (fast) or pil (Pillow's pixels, as before the uint8 feed)")
         if not 0.0 < self.crop_pct <= 1.0:
             bad("crop_pct", "must be in (0, 1]")
         for k in ("mean", "std"):

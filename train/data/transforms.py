@@ -485,6 +485,8 @@ def build_transform(cfg, img_size: int, train: bool, reference: bool = False) ->
     common = dict(interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, draft=cfg.jpeg_draft)
     evaluate, train_ = ((ReferenceEvalTransform, ReferenceTrainTransform) if reference
                         else (EvalTransform, TrainTransform))
+    if not reference:
+        common["resize"] = cfg.resize
     if not train or cfg.augment == "none":
         return evaluate(img_size, test_crop=cfg.test_crop, crop_pct=cfg.crop_pct, **common)
     return train_(
