@@ -270,18 +270,24 @@ def _gather_position(rank, port, pattern, out_dir):
 
 
 @pytest.mark.slow
-def test_global_position_gathers_every_rank(data8, tmp_path):
+@pytest.mark.parametrize("info", [True, False], ids=["info", "counted"])
+def test_global_position_gathers_every_rank(data8, tmp_path, info):
+    """Without _info.json the position also keeps the counted shard lengths (not gathered: the
+    same on every rank)."""
     import socket
 
     import torch.multiprocessing as mp
 
+    pattern = data8[0] if info else make_dataset(str(tmp_path / "d"), n_shards=8, per_shard=12,
+                                                 info=False)[0]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_gather_position, args=(port, data8[0], str(tmp_path)), nprocs=2)
+    mp.spawn(_gather_position, args=(port, pattern, str(tmp_path)), nprocs=2)
     got = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
     assert got[0]["global"] == got[1]["global"] == merge_positions([g["local"] for g in got])
     assert got[0]["global"]["batch"] == 3 and sorted(got[0]["global"]["offsets"]) == [0, 1, 2, 3]
+    assert ("shard_lengths" in got[0]["global"]) == (not info)
     # it resumes a single rank where the two left off
-    _, want = run(cfg_for(data8[0], canonical_streams=4), 1, 3)
+    _, want = run(cfg_for(pattern, canonical_streams=4), 1, 3)
     assert got[0]["global"] == want[-1]

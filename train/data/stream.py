@@ -487,9 +487,11 @@ class TrainStream:
         mine = self.position()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return mine
+        lengths = mine.pop("shard_lengths", None)  # the same on every rank: not gathered
         parts: List[Optional[Position]] = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
-        return merge_positions(parts)
+        merged = merge_positions(parts)
+        return merged if lengths is None else {**merged, "shard_lengths": lengths}
 
     def bad_samples(self) -> Dict[str, int]:
         """Bad-sample counts by reason on this rank, over the chunks handed out so far (failed
