@@ -70,6 +70,15 @@ class DeviceFeed:
         return x
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor (targets, masks) to `device` without a host sync: pinned first when
+    the copy goes to a CUDA device (from pageable memory it would wait for the stream's work)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def fill_erased(x: torch.Tensor, boxes: torch.Tensor) -> None:
     """Write each box's N(0,1) noise into x (B, C, H, W) in place: drawn on the CPU from the
     box's seed (the reference's numbers), moved to x's device in one copy."""
@@ -77,7 +86,7 @@ def fill_erased(x: torch.Tensor, boxes: torch.Tensor) -> None:
     if not rows:
         return
     noises = [erase_noise(box, x.shape[1]) for _, box in rows]
-    flat = torch.cat([n.reshape(-1) for n in noises]).to(x.device, non_blocking=True)
+    flat = to_device(torch.cat([n.reshape(-1) for n in noises]), x.device)
     for (i, (top, left, h, w, _)), part in zip(rows, flat.split([n.numel() for n in noises])):
         x[i, :, top:top + h, left:left + w] = part.view(x.shape[1], h, w)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import swinv2
 from swinv2.class_map import load_class_map
 from ..data import build_mixup
-from ..data.feed import build_feed
+from ..data.feed import build_feed, to_device
 from ..evaluation import DTYPES, evaluate  # the one evaluation path (also swinv2-eval)
 from ..rundir import EXPORT_FILE, VAL_LOSS, VAL_TOP1, VAL_TOP5
 
@@ -69,7 +69,7 @@ class ClassificationTask:
     def batch(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (their erase boxes attached by the stream) -> the normalised, erased,
         mixed batch on the device; the copies are non_blocking (pinned when data.pin_memory)."""
-        x, y = self.feed(images, self.device), targets.to(self.device, non_blocking=True)
+        x, y = self.feed(images, self.device), to_device(targets, self.device)
         if self.mixup is not None:
             x, y = self.mixup(x, y, self.generator)
         return x, y

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from swinv2.simmim import (DEFAULT_NORM_TARGET_WINDOW, SimMIM, load_simmim_state_dict, normalize_targets,
                            save_simmim_state_dict, upsample_mask)
 from ..data import build_eval_loader
-from ..data.feed import build_feed
+from ..data.feed import build_feed, to_device
 from ..data.masking import MaskGenerator
 from ..data.pipeline import mix_seed
 from ..distributed import all_reduce_sum
@@ -194,7 +194,7 @@ class SimMIMTask:
         self._ratio_batches += 1
         x = self.feed(images, self.device)
         self._last = (x[:RECON_IMAGES], masks[:RECON_IMAGES])  # device images: copied back only when drawn
-        return x, masks.to(self.device, non_blocking=True)
+        return x, to_device(masks, self.device)
 
     def loss(self, model: torch.nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, mask = batch
