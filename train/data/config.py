@@ -45,7 +45,7 @@ class DataConfig:
     train_shards: Optional[str] = None   # brace pattern / '::'-joined list; wins over root per split
     val_shards: Optional[str] = None     # root and both shards null -> the built-in synthetic set
     num_classes: Optional[int] = None    # null: from _info.json (or 10 for the synthetic set)
-    train_samples: Optional[int] = None  # epoch length; None -> _info.json, else counted once
+    train_samples: Optional[int] = None  # epoch length; None -> _info.json, else usable ones counted once
     val_samples: Optional[int] = None
     class_map: Optional[str] = None      # 22K->1K map file (json list/dict or text), eval only
     synthetic_dir: Optional[str] = None  # cache dir for the generated default dataset
