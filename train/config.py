@@ -56,6 +56,22 @@ class RunConfig:
     resume: str = "auto"               # auto | never | <checkpoint dir or tag dir>
     seed: int = 0
     export_official: bool = True       # write model_official.pth at the end of the run
+    # run.plan=true: print the preflight plan and exit (swinv2_train.plan; nothing built, no process group)
+    plan: bool = False
+    plan_ranks: Optional[int] = None   # ranks the plan is for (null: the launcher's world size)
+    plan_gpu: str = "H100"             # peak and memory when no GPU is detected: A100-40GB|A100-80GB|H100|H200|L40S
+    plan_gpus_per_node: int = 8
+    plan_mfu: float = 0.4              # the model FLOPs utilisation the throughput figures assume
+    plan_loader_rate: float = 150.0    # images/s one data-loader core delivers (docs/PERFORMANCE.md, data loader)
+
+    def validate_plan(self) -> "RunConfig":
+        if self.plan_ranks is not None and self.plan_ranks < 1:
+            _fail("run.plan_ranks", f"must be >= 1 or null, got {self.plan_ranks}")
+        if not 0 < self.plan_mfu <= 1:
+            _fail("run.plan_mfu", f"must be in (0, 1], got {self.plan_mfu}")
+        if self.plan_loader_rate <= 0 or self.plan_gpus_per_node < 1:
+            _fail("run.plan_loader_rate" if self.plan_loader_rate <= 0 else "run.plan_gpus_per_node", "must be > 0")
+        return self
 
     def validate(self) -> "RunConfig":
         if not self.dir:
@@ -100,6 +116,10 @@ class TrainLoopConfig:
     stop_at_step: Optional[int] = None  # checkpoint and exit after this step (time-limited jobs)
     ema_decay: Optional[float] = None  # EMA of weights (e.g. 0.9998), val_ema/* + model_ema_official.pth; null/0 off
     ema_warmup: bool = True            # decay of update n: min(ema_decay, (1 + n) / (10 + n)) (swinv2_train.ema)
+    peak_tflops: Optional[float] = None  # per device, for MFU; null: the GPU's from swinv2_train.throughput's table
+    profile_steps: List[int] = field(default_factory=list)  # [a, b]: trace steps a..b to RUN_DIR/profile/
+    oom_snapshot: bool = False         # CUDA: record allocations; a step out of memory dumps a snapshot
+    gpu_memory_gb: Optional[float] = None  # the GPU's memory for run.plan's fit check (null: detected)
     # DEBUG ONLY: make the loss NaN on rank 0 at these optimizer steps (tests of nan_policy).
     debug_inject_nan_steps: List[int] = field(default_factory=list)
 
@@ -120,6 +140,12 @@ class TrainLoopConfig:
             _fail("train.ema_decay", f"must be in (0, 1), e.g. 0.9998 (null or 0: no EMA), got {self.ema_decay}")
         if self.eval_class_map is not None and not os.path.exists(self.eval_class_map):
             _fail("train.eval_class_map", f"file not found: {self.eval_class_map}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            _fail("train.peak_tflops", f"must be > 0 (TFLOP/s per device) or null, got {self.peak_tflops}")
+        steps = list(self.profile_steps)
+        if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            _fail("train.profile_steps", f"must be [first, last] optimizer steps with 1 <= first <= last "
+                  f"(e.g. [5,6]) or [], got {steps}")
         return self
 
     def _validate_batch(self, world: int) -> None:
@@ -352,6 +378,7 @@ class WandbConfig:
     project: str = "swinv2"
     entity: Optional[str] = None
     name: Optional[str] = None         # null: run.name
+    group: Optional[str] = None        # null: the experiment (experiment=NAME; else run.name)
     tags: List[str] = field(default_factory=list)
 
 

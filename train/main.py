@@ -29,6 +29,11 @@ PROG = "swinv2-train"
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    if cfg.run.plan:  # the preflight plan: printed before any process group or weights exist, then exit
+        from swinv2_train.plan import print_plan
+        with user_errors_as_messages(PROG, launch_rank()):
+            print_plan(cfg)
+        return
     from swinv2_train.lifecycle import run  # deferred: --help and --cfg job need none of the trainer's imports
     # A UserError (bad config, corrupt data, a checkpoint that does not fit, ...) ends as one
     # message; its traceback goes to the run's train.log (and the terminal with HYDRA_FULL_ERROR=1).
@@ -37,7 +42,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def _rank_overrides(argv: list[str]) -> list[str]:
-    """Ranks > 0 share rank 0's run dir: no .hydra/ copy and no log file of their own."""
+    """Ranks > 0 share rank 0's run dir: no .hydra/ copy and no log file of their own. A plan
+    (run.plan=true) writes nothing: Hydra gets no run dir either."""
+    if any(a.lower() == "run.plan=true" for a in argv[1:]):
+        return argv + ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.run.dir=."]
     if launch_rank() == 0:
         return argv
     return argv + ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
