@@ -286,3 +286,23 @@ def test_bench_loader_quick_reports_ceilings_ratios_and_bytes(tmp_path):
         ("imagenet", 1), ("imagenet", 2), ("light", 1), ("light", 2)]
     assert all(r["bytes_per_value"] == 1 and r["old_bytes_per_value"] == 4 for r in res["loader"])
     assert "AMD" in p.stdout or res["meta"]["cpu_model"] in p.stdout
+
+
+def test_num_workers_auto_through_the_trainer_config():
+    """`swinv2-train data.num_workers=auto`: the run spec holds this process's count (what the
+    trainer's thread count and the stream use); the saved tree keeps auto; a bad value is one
+    ConfigError naming the key."""
+    from hydra import compose, initialize_config_dir
+
+    from swinv2_train.config import ConfigError
+    from swinv2_train.spec import resolve_spec
+    from test_config import CONFIGS
+
+    def spec(value):
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            return resolve_spec(compose("train", overrides=[f"data.num_workers={value}"]), 1, resolve_data=False)
+    s = spec("auto")
+    assert s.data.num_workers == auto_workers() and s.config["data"]["num_workers"] == "auto"
+    assert spec(3).data.num_workers == 3
+    with pytest.raises(ConfigError, match="data.num_workers='many'"):
+        spec("many")
