@@ -24,7 +24,9 @@ def spec_of(*overrides, world_size=1):
     return resolve_spec(cfg, world_size, resolve_data=False)
 
 
-def result(bad_loss=False, applied=True, loss=1.0):
+def result(bad_loss=False, applied=None, loss=1.0):
+    """A step's host values; a non-finite loss makes non-finite gradients, which DeepSpeed refuses."""
+    applied = not bad_loss if applied is None else applied
     return StepResult(loss=float("nan") if bad_loss else loss, bad_loss=bad_loss, grad_norm=1.0, applied=applied,
                       time=0.5, wait=0.1)
 
@@ -366,3 +368,18 @@ def test_classification_task_loss_and_rng_state():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 10))
     loss = task.loss(model, (xb, yb))
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_log_steps_carry_time_throughput_mfu_and_a_profile(tmp_path):
+    tr = make_trainer("train.log_every=4", "train.eval_every=4", f"run.dir={tmp_path}", "train.peak_tflops=2.0",
+                      "train.profile_steps=[2,3]")
+    tr.macs = 10**9  # a SwinV2's multiply-accumulates per image (the fake engine's Linear has none)
+    tr.fit()
+    m = dict((s, r) for s, r in tr.logger.records if "train/loss" in r)[8]
+    assert m["train/total_steps"] == 8 and m["train/eta_s"] == 0 and m["train/elapsed_s"] > 0
+    assert m["train/tflops"] == pytest.approx(6e9 * m["train/images_per_s"] / 1e12)
+    assert m["train/mfu_pct"] == pytest.approx(100 * m["train/tflops"] / 2.0)
+    val = [r for s, r in tr.logger.records if "val/top1" in r]
+    assert val == [{"val/top1": 50.0, "train/samples_seen": 16}]  # W&B plots val against samples seen
+    assert tr.best_val == {"val/top1_best": 50.0} and tr.client_state()["best_val"] == tr.best_val
+    assert os.listdir(tmp_path / "profile") == ["rank0_steps_2-3.pt.trace.json"]

@@ -88,11 +88,8 @@ def draw_amplitude_panel(ax, records, stat: str, depths=None, max_curves: int = 
     return True
 
 
-def plot_amplitudes(records: Iterable[dict], out_png: str, stat: str = "rms", max_curves: int = 6,
-                    title: Optional[str] = None, depths: Optional[Sequence[int]] = None) -> Optional[str]:
-    """Amplitude vs layer index (log y), one curve per logged step (up to `max_curves`, evenly
-    spread, first and last included). Returns the path, or None when there is nothing to plot."""
-    records = list(records)
+def _amplitude_fig(records, stat: str, max_curves: int, title: Optional[str], depths):
+    """The figure of `plot_amplitudes` (None when there is nothing to plot); the caller closes it."""
     if not amplitudes_by_step(records, stat):
         return None
     plt = plt_agg()
@@ -100,6 +97,32 @@ def plot_amplitudes(records: Iterable[dict], out_png: str, stat: str = "rms", ma
     draw_amplitude_panel(ax, records, stat, depths, max_curves,
                          title=title or f"Activation amplitude per block ({stat})")
     fig.tight_layout()
+    return fig
+
+
+def plot_amplitudes(records: Iterable[dict], out_png: str, stat: str = "rms", max_curves: int = 6,
+                    title: Optional[str] = None, depths: Optional[Sequence[int]] = None) -> Optional[str]:
+    """Amplitude vs layer index (log y), one curve per logged step (up to `max_curves`, evenly
+    spread, first and last included). Returns the path, or None when there is nothing to plot."""
+    fig = _amplitude_fig(list(records), stat, max_curves, title, depths)
+    if fig is None:
+        return None
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    plt_agg().close(fig)
     return out_png
+
+
+def amplitude_figure(records: Iterable[dict], stat: str = "rms", max_curves: int = 6, title: Optional[str] = None,
+                     depths: Optional[Sequence[int]] = None):
+    """The same figure as an (H, W, 3) uint8 array, for the loggers' images (W&B, TensorBoard);
+    None when nothing was probed yet."""
+    import numpy as np
+
+    fig = _amplitude_fig(list(records), stat, max_curves, title, depths)
+    if fig is None:
+        return None
+    fig.set_dpi(80)
+    fig.canvas.draw()
+    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt_agg().close(fig)
+    return picture

@@ -23,7 +23,7 @@ from .allocator import apply_cpu_malloc_policy
 from .amplitudes import plot_amplitudes
 from .checkpoint import check_resumable, export_checkpoint, read_marker, resolve_resume
 from .errors import UserError
-from .metrics import build_logger, read_jsonl
+from .metrics import WandbIdentity, build_logger, read_jsonl
 from .preemption import PreemptionHandler
 from .rundir import EMA_EXPORT_FILE, VAL_LOSS, VAL_TOP1, VAL_TOP5, RunDir, ema_key, set_aside
 from .spec import RunSpec, resolve_spec
@@ -69,7 +69,8 @@ def train(spec: RunSpec, env, preempt, t_start: float) -> Dict[str, Any]:
     # train.epochs: the step budget is known only now (batches per epoch); train.max_steps: plan_resume decided
     if plan["resume_dir"] is not None and not trainer.budget.resumes(trainer.step, spec.run_dir):
         return _already_completed(spec, env, trainer.budget, trainer.step)
-    trainer.logger = build_logger(env.rank, spec.run_dir, spec.logger, trainer.wandb_id, config=spec.config)
+    trainer.logger = build_logger(env.rank, spec.run_dir, spec.logger, trainer.wandb_id, config=spec.config,
+                                  identity=WandbIdentity.of(spec, experiment_name()))
     _log_start(trainer)
     trainer.bar = progress_bar(spec, env, trainer.total, trainer.step)
     t_train = time.perf_counter()
@@ -87,10 +88,12 @@ def finish(trainer: Trainer, summary: Dict[str, Any], t_start: float) -> Dict[st
     spec, rank = trainer.spec, trainer.env.rank
     completed = summary["stopped"] == "completed"
     if completed:
-        trainer.evaluate()
+        trainer.evaluate()  # also logs the amplitude figure of the whole run as an image
         trainer.save()
+        if hasattr(trainer.task, "final_pictures"):  # e.g. SimMIM's reconstruction of the last step
+            trainer.task.final_pictures(trainer.step, trainer.engine.module, trainer.logger)
     summary.update(wall_time_s=time.time() - t_start, checkpoint=trainer.last_saved,
-                   nonfinite_steps=trainer.nonfinite.total, **trainer.last_val)
+                   nonfinite_steps=trainer.nonfinite.total, **trainer.last_val, **trainer.best_val)
     if rank == 0 and completed:
         run = RunDir(spec.run_dir)
         if os.path.exists(run.metrics):
@@ -142,11 +145,32 @@ def _log_start(trainer: Trainer) -> None:
     spec, env, b = trainer.spec, trainer.env, trainer.spec.batch
     n_params = sum(p.numel() for p in trainer.engine.module.parameters())
     log.info("run dir %s | %s | %.2fM params | world %d (%s) | global batch %d = %d micro x %d accum x %d ranks"
-             " | %d steps (%.1f per epoch), warmup %d | effective lr %.3g (base %.3g per %s) | task %s",
+             " | %d steps (%.1f per epoch), warmup %d | %s | task %s",
              spec.run_dir, spec.variant, n_params / 1e6, env.world_size, env.launcher, b.global_batch, b.micro,
-             b.accum, env.world_size, trainer.total, trainer.steps_per_epoch, trainer.warmup, spec.schedule.lr,
-             spec.optim.lr, spec.optim.lr_batch_ref, spec.task.name)
+             b.accum, env.world_size, trainer.total, trainer.steps_per_epoch, trainer.warmup,
+             lr_description(spec.schedule.lr, spec.optim.lr, spec.optim.lr_batch_ref, b.global_batch), spec.task.name)
     log.info("optimizer: %s", trainer.info["optimizer"])
+    if trainer.macs:
+        log.info("throughput: %.3g GMAC per image forward, x 6 FLOPs per training image (recomputation not "
+                 "counted); MFU %s", trainer.macs / 1e9,
+                 f"against {trainer.peak_tflops:g} TFLOP/s ({trainer.peak_source})" if trainer.peak_tflops
+                 else f"not logged ({trainer.peak_source})")
+
+
+def lr_description(effective: float, base: float, batch_ref: Optional[int], global_batch: int) -> str:
+    """The run log's learning-rate part: how optim.lr became the rate the schedule peaks at."""
+    if not batch_ref:
+        return f"lr {effective:.3g} (optim.lr; optim.lr_batch_ref=null: not scaled by the batch)"
+    return f"effective lr {effective:.3g} (optim.lr {base:.3g} x batch {global_batch} / optim.lr_batch_ref {batch_ref})"
+
+
+def experiment_name() -> Optional[str]:
+    """The recipe chosen with experiment=NAME (Hydra's runtime choices); None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("experiment")
 
 
 def cpu_threads(requested: Optional[int], num_workers: int) -> int:

@@ -2,7 +2,10 @@
 
 W&B runs offline by default (no network); files go to the run dir's wandb/ (names:
 swinv2_train.rundir). The run id is kept in the run dir's wandb_id (and in the checkpoint's client
-state), so a resumed run continues the same W&B run with resume="allow".
+state), so a resumed run continues the same W&B run with resume="allow". The run is named after
+run.name, grouped by experiment and tagged with variant, task and resolution (`WandbIdentity`);
+val metrics plot against the step and against train/samples_seen (define_metric); images (the
+amplitude figure, SimMIM's reconstructions) go to W&B and TensorBoard alike.
 """
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ import logging
 import math
 import os
 import secrets
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
-from .rundir import RunDir
+from .rundir import VAL, VAL_EMA, RunDir
+
+SAMPLES_SEEN = "train/samples_seen"  # the second x axis of the val metrics in W&B
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +50,27 @@ def _scalar(v: Any) -> Optional[float]:
         return None
 
 
+@dataclass(frozen=True)
+class WandbIdentity:
+    """How the W&B run is found on the dashboard: its name, its group and its tags."""
+
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, spec, experiment: Optional[str] = None) -> "WandbIdentity":
+        """logger.wandb.name (default run.name), logger.wandb.group (default `experiment`, else
+        run.name), and logger.wandb.tags plus the model variant, the task and the resolution."""
+        w = spec.logger.wandb
+        auto = [spec.variant, spec.task.name, f"{spec.model.img_size}px"]
+        return cls(name=w.name or spec.run.name, group=w.group or experiment or spec.run.name,
+                   tags=list(dict.fromkeys([*w.tags, *auto])))
+
+
 class MetricLogger(NullLogger):
-    def __init__(self, run_dir: str, cfg, wandb_id: Optional[str] = None, config: Optional[dict] = None):
+    def __init__(self, run_dir: str, cfg, wandb_id: Optional[str] = None, config: Optional[dict] = None,
+                 identity: Optional[WandbIdentity] = None):
         self.run_dir = run_dir
         run = RunDir(run_dir)
         self._jsonl = open(run.metrics, "a") if cfg.jsonl else None
@@ -56,9 +81,10 @@ class MetricLogger(NullLogger):
         self._wandb = None
         self.wandb_id = None
         if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
-            self._init_wandb(cfg.wandb, wandb_id, config)
+            self._init_wandb(cfg.wandb, wandb_id, config, identity or WandbIdentity(cfg.wandb.name, None,
+                                                                                     list(cfg.wandb.tags)))
 
-    def _init_wandb(self, wcfg, wandb_id: Optional[str], config: Optional[dict]) -> None:
+    def _init_wandb(self, wcfg, wandb_id: Optional[str], config: Optional[dict], identity: WandbIdentity) -> None:
         import wandb
 
         id_file = RunDir(self.run_dir).wandb_id
@@ -69,10 +95,14 @@ class MetricLogger(NullLogger):
             f.write(self.wandb_id)
         os.environ["WANDB_DIR"] = self.run_dir  # wandb/ (offline-run-*) inside the run dir
         self._wandb = wandb.init(
-            project=wcfg.project, entity=wcfg.entity, name=wcfg.name, tags=list(wcfg.tags),
-            id=self.wandb_id, resume="allow", mode=wcfg.mode, dir=self.run_dir, config=config,
-            settings=wandb.Settings(console="off", x_disable_stats=True))
+            project=wcfg.project, entity=wcfg.entity, name=identity.name, group=identity.group,
+            tags=identity.tags, id=self.wandb_id, resume="allow", mode=wcfg.mode, dir=self.run_dir,
+            config=config, settings=wandb.Settings(console="off", x_disable_stats=True))
         self.wandb_dir = self._wandb.dir
+        # val metrics against samples seen (logged beside them); W&B's own step axis stays available
+        self._wandb.define_metric(SAMPLES_SEEN)
+        for prefix in (VAL, VAL_EMA):
+            self._wandb.define_metric(f"{prefix}*", step_metric=SAMPLES_SEEN)
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         clean = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
@@ -113,8 +143,8 @@ class MetricLogger(NullLogger):
 
 
 def build_logger(rank: int, run_dir: str, cfg, wandb_id: Optional[str] = None,
-                 config: Optional[dict] = None) -> NullLogger:
-    return MetricLogger(run_dir, cfg, wandb_id, config) if rank == 0 else NullLogger()
+                 config: Optional[dict] = None, identity: Optional[WandbIdentity] = None) -> NullLogger:
+    return MetricLogger(run_dir, cfg, wandb_id, config, identity) if rank == 0 else NullLogger()
 
 
 def read_jsonl(path: str):

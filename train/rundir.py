@@ -9,7 +9,9 @@ are a format (runs written by earlier versions resume and evaluate), so never re
       tensorboard/  wandb/        the optional loggers' folders; wandb_id keeps the W&B run id
       amplitudes.png              activation amplitude per block (train.probe_every)
       amplitude_report/           swinv2-amplitude-report's figures and summary (by default)
-      reconstructions/step_N.png  SimMIM's reconstruction grids (task.recon_every)
+      reconstructions/step_N.png  SimMIM's reconstruction grids (task.recon_every, and the last step)
+      profile/                    train.profile_steps: torch.profiler traces (rank{r}_steps_A-B.pt.trace.json)
+                                  and, on CUDA, memory snapshots (*.pickle; train.oom_snapshot: oom_*)
       model_official.pth          the export: model_simmim.pth for SimMIM, model_ema_official.pth for the EMA
       keys_rank{r}.jsonl          DEBUG: the sample keys of every step (SWINV2_DEBUG_KEY_TRACE=1)
       checkpoints/step_{N:08d}/   one checkpoint (swinv2_train.checkpoint): DeepSpeed's files,
@@ -33,6 +35,7 @@ WANDB_ID_FILE = "wandb_id"
 AMPLITUDES_PNG = "amplitudes.png"
 AMPLITUDE_REPORT_DIR = "amplitude_report"
 RECON_DIR = "reconstructions"
+PROFILE_DIR = "profile"          # TensorBoard's profiler plugin reads *.pt.trace.json here
 EXPORT_FILE = "model_official.pth"          # the official classification format
 SIMMIM_EXPORT_FILE = "model_simmim.pth"     # the official SimMIM format (encoder.*, decoder.0.*)
 EMA_EXPORT_FILE = "model_ema_official.pth"  # the EMA of weights, in the run's export format
@@ -162,6 +165,20 @@ class RunDir:
     def key_trace(self, rank: int) -> str:
         return self.file(f"keys_rank{rank}.jsonl")
 
+    @property
+    def profile(self) -> str:
+        return self.file(PROFILE_DIR)
+
+    def profile_trace(self, rank: int, first: int, last: int) -> str:
+        """A torch.profiler trace of steps first..last (Chrome/Perfetto JSON; the suffix is the
+        one TensorBoard's profiler plugin looks for)."""
+        return os.path.join(self.profile, f"rank{rank}_steps_{first}-{last}.pt.trace.json")
+
+    def memory_snapshot(self, rank: int, what: str) -> str:
+        """A CUDA memory snapshot (torch.cuda.memory._dump_snapshot; pytorch.org/memory_viz reads it):
+        `what` is steps_A-B (train.profile_steps) or oom_step_N (train.oom_snapshot)."""
+        return os.path.join(self.profile, f"rank{rank}_memory_{what}.pickle")
+
 
 def set_aside(run_dir: str) -> Optional[str]:
     """run.resume=never in a run dir that has checkpoint folders: move its checkpoint root to
@@ -186,6 +203,26 @@ VAL_LOSS, VAL_TOP1, VAL_TOP5, VAL_SAMPLES = (f"{VAL}{k}" for k in ("loss", "top1
 AMPLITUDE_STATS = ("mean_abs", "rms", "max")
 AMPLITUDE_KEY_RE = re.compile(rf"^amplitude/(\d+)/({'|'.join(AMPLITUDE_STATS)})$")
 LOGIT_SCALE_KEY_RE = re.compile(r"^logit_scale/(\d+)$")
+
+
+AMPLITUDE_IMAGE = "amplitudes"  # the amplitude figure's image key (W&B, TensorBoard)
+RECON_IMAGE = "simmim/reconstruction"  # SimMIM's reconstruction grid's image key
+BEST_SUFFIX = "_best"
+BEST_OF = {VAL_TOP1: max, VAL_LOSS: min}  # the val metrics whose best is kept (summary, checkpoints)
+
+
+def best_key(key: str) -> str:
+    """val/top1 -> val/top1_best: the best value of `key` over the run's evaluations."""
+    return key + BEST_SUFFIX
+
+
+def best_of(best: dict, val: dict) -> dict:
+    """`best` updated with one evaluation's metrics `val` ({best_key(k): value})."""
+    out = dict(best)
+    for key, pick in BEST_OF.items():
+        if key in val:
+            out[best_key(key)] = pick(val[key], out.get(best_key(key), val[key]))
+    return out
 
 
 def val_key(name: str) -> str:

@@ -28,16 +28,18 @@ from tqdm import tqdm
 
 import swinv2
 from . import distributed
-from .amplitudes import amplitude_metrics
+from .amplitudes import amplitude_figure, amplitude_metrics
 from .checkpoint import CheckpointManager, set_rng_state
 from .data import TrainStream, saved_position
 from .ema import ModelEma, build_ema, evaluate_ema
 from .errors import NonFiniteError, ResumeMismatchError
-from .metrics import NullLogger
+from .metrics import NullLogger, read_jsonl
 from .parallelize import parallelize
+from .profiling import StepProfiler
 from .rng import seed_rank_streams
-from .rundir import EMA_FILE, RunDir
+from .rundir import AMPLITUDE_IMAGE, EMA_FILE, RunDir, best_of
 from .tasks import Task, reduced_train_metrics, task_class
+from .throughput import Meter, device_synchronize, format_duration, macs_per_image, mfu_pct, model_tflops, peak_tflops
 
 log = logging.getLogger("train")
 
@@ -48,12 +50,38 @@ WAY_OUT = ("lower optim.lr or raise sched.warmup_steps (or try train.precision=f
 # ----------------------------------------------------------------------------- policies
 @dataclass
 class StepResult:
+    """A step's values on the host (read at log steps, or when the step was not applied)."""
+
     loss: float        # mean over micro-batches and ranks (NaN when any rank saw a bad loss)
     bad_loss: bool     # a non-finite loss on any rank
     grad_norm: float
     applied: bool      # the engine applied the update
-    time: float        # this rank's seconds for the step
+    time: float        # this rank's seconds per step (at log steps: the mean since the last one)
     wait: float        # ... of which waiting for data
+
+
+@dataclass
+class DeviceStep:
+    """One optimizer step as the device left it: its losses not read yet (train_step makes no
+    host read of its own; `resolve` reads them, at log steps or for the non-finite policy)."""
+
+    loss_sum: torch.Tensor  # this rank's finite micro-batch losses, summed on the device
+    bad: torch.Tensor       # the number of its non-finite ones
+    grad_norm: Any          # DeepSpeed's (a float, or a device tensor), None when not computed
+    applied: bool           # DeepSpeed's overflow check, agreed over ranks (its own host read)
+    losses: int             # micro-batches x ranks
+    time: float             # this rank's host seconds for the step (the device may still be busy)
+    wait: float             # ... of which waiting for data
+    _resolved: Optional[StepResult] = None
+
+    def resolve(self) -> StepResult:
+        """The host values, once (collective: one all-reduce of the loss sum and the bad count)."""
+        if self._resolved is None:
+            total, bad = distributed.all_reduce_sum(torch.stack([self.loss_sum, self.bad]).tolist())
+            gn = float(self.grad_norm) if self.grad_norm is not None else float("nan")
+            self._resolved = StepResult(loss=total / self.losses if not bad else float("nan"), bad_loss=bad > 0,
+                                        grad_norm=gn, applied=self.applied, time=self.time, wait=self.wait)
+        return self._resolved
 
 
 @dataclass
@@ -69,8 +97,10 @@ class NonFinitePolicy:
     consecutive: int = 0
 
     def observe(self, step: int, r: StepResult) -> bool:
-        """Count step `step` (1-based); True when it was non-finite. Raises NonFiniteError."""
-        if not (r.bad_loss or (not self.loss_scaling and not r.applied)):
+        """Count step `step` (1-based); True when it was non-finite. Raises NonFiniteError.
+        A step DeepSpeed applied had finite gradients on every rank (its overflow check is an
+        all-reduce), hence finite losses: the trainer reads the losses of refused steps only."""
+        if r.applied or (self.loss_scaling and not r.bad_loss):
             self.consecutive = 0
             return False
         self.total += 1
@@ -176,6 +206,7 @@ class TrainState:
     data_position: Optional[Dict[str, Any]] = None  # TrainStream's world-independent position
     wandb_id: Optional[str] = None
     rng: Optional[Dict[str, Any]] = None  # this rank's RNG states (+ the task's)
+    best_val: Dict[str, float] = field(default_factory=dict)  # absent in checkpoints of earlier versions
 
 
 KEY_TRACE_ENV = "SWINV2_DEBUG_KEY_TRACE"
@@ -218,6 +249,7 @@ class Trainer:
     bar: Any = None
     key_trace: Optional[KeyTrace] = None
     ema: Optional[ModelEma] = None  # train.ema_decay (swinv2_train.ema)
+    best_val: Dict[str, float] = field(default_factory=dict)  # best_key(k): the best val/top1 (max), val/loss (min)
     info: Dict[str, Any] = field(default_factory=dict)  # what parallelize chose (optimizer, ...), for the run log
 
     def __post_init__(self):
@@ -231,6 +263,10 @@ class Trainer:
         # evaluation and checkpoint saves inside the budget; its end has its own (lifecycle.finish)
         self.eval_cadence, self.ckpt_cadence = Cadence(t.eval_every), Cadence(t.ckpt_every)
         self.probe_cadence = Cadence(t.probe_every, first=True, last=True)
+        self.meter = Meter(self.step)
+        self.profiler = StepProfiler(self.spec.run_dir, t.profile_steps, self.env.device, self.env.rank, t.oom_snapshot)
+        self.macs = macs_per_image(self.engine.module)  # None: not a SwinV2 (no TFLOP/s, no MFU)
+        self.peak_tflops, self.peak_source = peak_tflops(t.peak_tflops, self.env.device, t.precision)
 
     @property
     def total(self) -> int:
@@ -238,16 +274,18 @@ class Trainer:
         return self.budget.total
 
     # -- one optimizer step
-    def train_step(self, probe=None) -> StepResult:
-        """`accum` micro-batches through DeepSpeed (it accumulates and steps at the boundary).
-        A non-finite loss is backpropagated on purpose: its NaN gradients make ZeRO's overflow
-        check skip the update and clear its gradient partitions (was_step_applied() is then
-        False), which is how the skip policy leaves the weights untouched."""
+    def train_step(self, probe=None) -> "DeviceStep":
+        """`accum` micro-batches through DeepSpeed (it accumulates and steps at the boundary), with
+        no host read of our own: the losses are summed on the device and read at log steps (see
+        docs/DESIGN.md, "Host syncs per optimizer step"). A non-finite loss is backpropagated on
+        purpose: its NaN gradients make ZeRO's overflow check skip the update and clear its
+        gradient partitions (was_step_applied() is then False), which is how the skip policy
+        leaves the weights untouched."""
         lr = self.spec.schedule.lr_at(self.step, self.total, self.warmup)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise LR decay (swinv2.param_groups)
         accum, t0 = self.spec.batch.accum, time.perf_counter()
-        wait, loss_sum, bad = 0.0, 0.0, 0.0
+        wait, loss_sum, bad = 0.0, None, None
         for micro in range(accum):
             tw = time.perf_counter()
             batch = self.task.batch(*self.stream.next_batch())
@@ -263,28 +301,31 @@ class Trainer:
                 loss = loss * float("nan")  # DEBUG (train.debug_inject_nan_steps)
             self.engine.backward(loss)
             self.engine.step()
-            value = loss.item()
-            finite = math.isfinite(value)
-            bad += 0.0 if finite else 1.0
-            loss_sum += value if finite else 0.0
-        total_loss, total_bad = distributed.all_reduce_sum([loss_sum, bad])  # one collective per step
-        gn = self.engine.get_global_grad_norm()
-        return StepResult(loss=total_loss / (accum * self.env.world_size) if not total_bad else float("nan"),
-                          bad_loss=total_bad > 0, grad_norm=float(gn) if gn is not None else float("nan"),
-                          applied=self.engine.was_step_applied(), time=time.perf_counter() - t0, wait=wait)
+            finite = torch.isfinite(loss.detach())
+            kept = torch.where(finite, loss.detach().double(), 0.0)
+            loss_sum = kept if loss_sum is None else loss_sum + kept
+            bad = (~finite).float() if bad is None else bad + (~finite).float()
+        return DeviceStep(loss_sum=loss_sum, bad=bad, grad_norm=self.engine.get_global_grad_norm(),
+                          applied=self.engine.was_step_applied(), losses=accum * self.env.world_size,
+                          time=time.perf_counter() - t0, wait=wait)
 
     # -- the parts around it
-    def log_step(self, r: StepResult, probed: bool) -> None:
-        """Collective (the reductions over ranks): call on every rank at the same steps."""
+    def log_step(self, pending: "DeviceStep", probed: bool) -> None:
+        """Collective (the reductions over ranks): call on every rank at the same steps. Its reads
+        of the loss wait for the device, so the interval's timing ends here (throughput.Meter)."""
+        r = pending.resolve()
+        lap = self.meter.lap(self.step, self.total)
+        r.time, r.wait = lap["step_time"], lap["wait_frac"] * lap["step_time"]
         b, opt = self.spec.batch, self.engine.optimizer
         # the schedule's rate: the largest group's (with layer decay the head's, scale 1)
         m = {"train/loss": r.loss, "lr": max(g["lr"] for g in opt.param_groups), "train/grad_norm": r.grad_norm,
              "train/loss_scale": float(getattr(opt, "loss_scale", 1.0) or 1.0),
              "train/skipped_steps": self.engine.skipped_steps, "train/nonfinite_steps": self.nonfinite.total,
              "train/step_applied": float(r.applied), "train/samples_seen": self.step * b.global_batch,
-             "train/epoch": self.step / self.steps_per_epoch,
+             "train/epoch": self.step / self.steps_per_epoch, "train/total_steps": self.total,
              **rank_metrics(r, b.global_batch, self.stream.bad_samples(), io_events=self.stream.io_events()),
              **reduced_train_metrics(self.task)}
+        m.update(self.speed_metrics(m["train/images_per_s"], lap))
         if probed:
             m.update(amplitude_metrics(self.probe.stats(), swinv2.probes.logit_scales(self.engine.module)))
             self.probe.clear()
@@ -292,8 +333,17 @@ class Trainer:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{r.loss:.3f}", lr=f"{m['lr']:.2e}")
         elif self.env.rank == 0 and self.log_cadence.due(self.step, self.total):
-            log.info("step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f img/s wait %.0f%%", self.step, self.total,
-                     r.loss, m["lr"], r.grad_norm, m["train/images_per_s"], 100 * m["train/data_wait_frac"])
+            log.info("%s", log_line(self.step, self.total, m))
+
+    def speed_metrics(self, images_per_s: float, lap: Dict[str, float]) -> Dict[str, float]:
+        """Elapsed, ETA, achieved TFLOP/s per device and, with a peak, MFU (swinv2_train.throughput)."""
+        out = {"train/elapsed_s": lap["elapsed"], "train/eta_s": lap["eta"]}
+        if self.macs:
+            per_device = images_per_s / self.env.world_size
+            out["train/tflops"] = model_tflops(self.macs, per_device)
+            if self.peak_tflops:
+                out["train/mfu_pct"] = mfu_pct(self.macs, per_device, self.peak_tflops)
+        return out
 
     def evaluate(self) -> Dict[str, float]:
         self.last_val = self.task.evaluate(self.engine.module)
@@ -302,14 +352,29 @@ class Trainer:
             ema = evaluate_ema(self.ema, self.engine.module, self.task.evaluate)
             log.info("step %d: EMA weights: %s", self.step, self.task.describe(ema["val"]))
             self.last_val.update(ema["logged"])
-        self.logger.log(self.last_val, self.step)
+        self.best_val = best_of(self.best_val, self.last_val)
+        # samples seen beside the val metrics: W&B plots them against it too (metrics.MetricLogger)
+        self.logger.log({**self.last_val, "train/samples_seen": self.step * self.spec.batch.global_batch},
+                        self.step)
+        self.log_amplitude_figure()
         return self.last_val
+
+    def log_amplitude_figure(self) -> None:
+        """The amplitude-per-block figure of the probes so far, as an image (rank 0: W&B, TensorBoard)."""
+        if self.env.rank != 0 or self.probe is None:
+            return
+        metrics = RunDir(self.spec.run_dir).metrics
+        if os.path.exists(metrics):
+            picture = amplitude_figure(read_jsonl(metrics), depths=list(self.spec.model.depths),
+                                       title=f"{self.spec.run.name}: activation RMS per block (step {self.step})")
+            if picture is not None:
+                self.logger.log_image(AMPLITUDE_IMAGE, picture, self.step)
 
     def client_state(self) -> Dict[str, Any]:
         """Collective: the data position is gathered from every rank (each holds its streams' offsets)."""
         pos = self.stream.global_position()
         return {"epoch": pos["epoch"], "data_position": pos, "wandb_id": self.logger.wandb_id or self.wandb_id,
-                "config": self.spec.config}
+                "config": self.spec.config, "best_val": self.best_val}
 
     def save(self) -> str:
         """Collective: every rank writes its part; its RNG states (+ the task's) go to rng_rank{r}.pt."""
@@ -337,6 +402,7 @@ class Trainer:
         """Train to the step budget; 'completed' or 'preempted' (checkpoint saved, requeued)."""
         t = self.spec.train
         compiled_kinds: set = set()  # probed or not: the kinds of step compiled so far
+        self.meter = Meter(self.step)
         while not self.budget.reached(self.step):
             if self.preempt.should_stop():  # collective, every step boundary
                 self.save()
@@ -345,16 +411,21 @@ class Trainer:
             # the probe's hooks go in before the step they measure (the one numbered step + 1)
             probed = self.probe is not None and self.probe_cadence.due(self.step + 1, self.total)
             graphs = _compiled_graphs() if t.compile else 0
-            r = self.train_step(self.probe if probed else None)
+            self.profiler.before_step(self.step + 1)
+            with self.profiler.oom_guard(self.step + 1):
+                r = self.train_step(self.probe if probed else None)
+            self.profiler.after_step(self.step + 1)
             if t.compile:
                 self._report_compile(probed not in compiled_kinds, probed, r.time, graphs)
                 compiled_kinds.add(probed)
             self.step += 1
+            self.meter.add_step(r.wait)
             if self.ema is not None and r.applied:  # a skipped (non-finite) step leaves the weights, and the EMA
                 self.ema.update(self.engine.module)
             if self.key_trace is not None:
                 self.key_trace.write(self.step)
-            nonfinite = self.nonfinite.observe(self.step, r)
+            # an applied step had finite losses (NonFinitePolicy.observe): only a refused one is read
+            nonfinite = self.nonfinite.observe(self.step, r if r.applied else r.resolve())
             if self.log_cadence.due(self.step, self.total) or nonfinite or probed:
                 self.log_step(r, probed)
             if self.bar is not None:
@@ -363,12 +434,36 @@ class Trainer:
                 self.task.after_step(self.step, self.engine.module, self.logger)
             inside = not self.budget.reached(self.step)
             if inside and self.eval_cadence.due(self.step, self.total):
-                self.evaluate()
+                self.outside_interval(self.evaluate)
             if inside and self.ckpt_cadence.due(self.step, self.total):
-                self.save()
+                self.outside_interval(self.save)
             if self.budget.stops_early(self.step):
                 self.preempt.request_stop()  # same path as a preemption signal: save at the boundary, exit
         return "completed"
+
+    def outside_interval(self, work: Callable[[], Any]) -> Any:
+        """Run `work` (an evaluation, a checkpoint save) with its time left out of the throughput
+        interval; the device first finishes the training steps queued before it."""
+        device_synchronize(self.env.device)
+        t0 = time.perf_counter()
+        try:
+            return work()
+        finally:
+            self.meter.pause(time.perf_counter() - t0)
+
+
+def log_line(step: int, total: int, m: Dict[str, float]) -> str:
+    """The log line of a log step (rank 0): progress and time, the loss, then the speed."""
+    parts = [f"step {step}/{total}", f"elapsed {format_duration(m['train/elapsed_s'])}",
+             f"ETA {format_duration(m['train/eta_s'])}", f"loss {m['train/loss']:.4f}", f"lr {m['lr']:.3e}",
+             f"grad_norm {m['train/grad_norm']:.3f}", f"{m['train/images_per_s']:.0f} img/s",
+             f"data wait {100 * m['train/data_wait_frac']:.0f}%"]
+    if "train/tflops" in m:
+        parts.append(f"{m['train/tflops']:.3g} TFLOP/s")
+    if "train/mfu_pct" in m:
+        parts.append(f"MFU {m['train/mfu_pct']:.1f}%")
+    parts.append(f"peak mem {m['train/peak_mem_mb']:.0f} MB")
+    return " | ".join(parts)
 
 
 def _compiled_graphs() -> int:
@@ -386,7 +481,7 @@ def restore(ckpt: CheckpointManager, engine, resume_dir: Optional[str]) -> Train
     client = ckpt.load(engine, resume_dir)
     position = saved_position(client, warn=ckpt.rank == 0)
     state = TrainState(step=client["step"], data_position=position, wandb_id=client.get("wandb_id"),
-                       rng=client.get("rng"))
+                       rng=client.get("rng"), best_val=dict(client.get("best_val") or {}))
     where = position or {}
     log.info("resumed from %s (step %d, epoch %d, batch %d)", resume_dir, state.step, where.get("epoch", 0),
              where.get("batch", 0))
@@ -423,7 +518,8 @@ def build_trainer(spec, env, preempt, resume_dir: Optional[str]) -> Trainer:
     probe = swinv2.probes.AmplitudeProbe(engine.module) if spec.train.probe_every > 0 else None
     key_trace = KeyTrace(spec.run_dir, env.rank) if os.environ.get(KEY_TRACE_ENV) == "1" else None
     return Trainer(spec=spec, env=env, engine=engine, task=task, stream=stream, ckpt=ckpt, preempt=preempt,
-                   step=state.step, wandb_id=state.wandb_id, probe=probe, ema=ema, key_trace=key_trace, info=info)
+                   step=state.step, wandb_id=state.wandb_id, probe=probe, ema=ema, key_trace=key_trace, info=info,
+                   best_val=state.best_val)
 
 
 def progress_bar(spec, env, total: int, initial: int):

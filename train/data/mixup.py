@@ -6,6 +6,7 @@ area after clipping the box, so the soft targets match the pixel mixture.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Optional, Tuple
 
@@ -30,9 +31,14 @@ class Mixup:
         self.last_box: Optional[Tuple[int, int, int, int]] = None
 
     def _np_rng(self, generator: Optional[torch.Generator]) -> np.random.Generator:
-        # Beta sampling needs numpy; seed it from the torch generator so results are reproducible.
-        seed = torch.randint(0, 2**62, (1,), generator=generator).item()
-        return np.random.default_rng(seed)
+        # Beta sampling needs numpy. It is seeded from the torch generator's state (saved with the
+        # task's RNG state, so resume replays it), which then moves on: no tensor is read back, so
+        # drawing the batch's parameters never waits for the device.
+        generator = generator if generator is not None else torch.default_generator
+        digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+        rng = np.random.default_rng(int.from_bytes(digest, "little"))
+        generator.manual_seed(int(rng.integers(2**62)))
+        return rng
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, targets: torch.Tensor,

@@ -26,7 +26,7 @@ from ..data.masking import MaskGenerator
 from ..data.pipeline import mix_seed
 from ..distributed import all_reduce_sum
 from ..rng import isolated_rng
-from ..rundir import SIMMIM_EXPORT_FILE, VAL_LOSS, VAL_SAMPLES, RunDir, val_key
+from ..rundir import RECON_IMAGE, SIMMIM_EXPORT_FILE, VAL_LOSS, VAL_SAMPLES, RunDir, val_key
 
 log = logging.getLogger("train")
 
@@ -214,7 +214,20 @@ class SimMIMTask:
         batch's first images, to the run dir's reconstruction pictures (rundir) and to the logger (TensorBoard,
         W&B). Returns the PNG path when one was written."""
         every = self.settings.recon_every
-        if not every or step % every or self.env.rank != 0 or self._last is None:
+        if not every or step % every:
+            return None
+        return self._draw_reconstruction(step, model, logger)
+
+    def final_pictures(self, step: int, model: torch.nn.Module, logger: Any) -> Optional[str]:
+        """The end of the run (swinv2_train.lifecycle.finish): the last step's grid too, when
+        task.recon_every did not fall on it (0 keeps them off), so a short run has one."""
+        every = self.settings.recon_every
+        if not every or not step % every:
+            return None
+        return self._draw_reconstruction(step, model, logger)
+
+    def _draw_reconstruction(self, step: int, model: torch.nn.Module, logger: Any) -> Optional[str]:
+        if self.env.rank != 0 or self._last is None:
             return None
         images, masks = self._last
         was_training = model.training
@@ -226,7 +239,7 @@ class SimMIMTask:
         path = save_png(picture, RunDir(self.spec.run_dir).reconstruction(step))
         log_image = getattr(logger, "log_image", None)
         if log_image is not None:
-            log_image("simmim/reconstruction", picture, step)
+            log_image(RECON_IMAGE, picture, step)
         return path
 
     def evaluate(self, model: torch.nn.Module) -> Dict[str, float]:
