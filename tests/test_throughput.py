@@ -115,3 +115,34 @@ def test_profile_of_two_steps_is_chrome_trace_json(tmp_path):
     names = {e.get("name") for e in trace["traceEvents"]}
     assert "aten::addmm" in names and any(n and "backward" in n.lower() for n in names)
     assert all({"ph", "ts"} <= set(e) for e in trace["traceEvents"] if e.get("ph") == "X")
+
+
+def test_a_profile_cut_short_by_the_end_of_the_run_keeps_its_steps(tmp_path):
+    from swinv2_train.profiling import StepProfiler
+
+    prof = StepProfiler(str(tmp_path), [2, 9], torch.device("cpu"))
+    for step in (1, 2, 3):
+        prof.before_step(step)
+        torch.ones(3).sum()
+        assert prof.after_step(step) is None
+    path = prof.finish(3)
+    assert path.endswith("rank0_steps_2-3.pt.trace.json") and "traceEvents" in json.load(open(path))
+    assert prof.finish(3) is None
+
+
+def test_tensorboard_profiler_plugin_reads_the_trace(tmp_path):
+    """The parser of TensorBoard's profiler plugin (torch-tb-profiler, when installed) takes the trace."""
+    pytest.importorskip("torch_tb_profiler", reason="torch-tb-profiler (TensorBoard's profiler plugin) not installed")
+    from torch_tb_profiler.profiler.data import RunProfileData
+
+    from swinv2_train.profiling import StepProfiler
+
+    model = torch.nn.Linear(8, 8)
+    prof = StepProfiler(str(tmp_path), [1, 1], torch.device("cpu"))
+    prof.before_step(1)
+    model(torch.randn(4, 8)).sum().backward()
+    path = prof.after_step(1)
+    data = RunProfileData.parse("rank0_steps_1-1", None, path, None)
+    data.process()
+    data.analyze()
+    assert data.events

@@ -62,17 +62,25 @@ class StepProfiler:
         """Call with the number of the step that just ran; the trace's path when it was written."""
         if self._prof is None or step != self.last:
             return None
+        return self._write(step)
+
+    def finish(self, step: int) -> Optional[str]:
+        """The run stops (its budget, a preemption) at `step` while tracing: the steps so far."""
+        return self._write(step) if self._prof is not None else None
+
+    def _write(self, last: int) -> str:
         if self.cuda:
             torch.cuda.synchronize(self.device)  # the steps' kernels belong in the trace
         self._prof.__exit__(None, None, None)
-        path = self.run.profile_trace(self.rank, self.first, self.last)
+        path = self.run.profile_trace(self.rank, self.first, last)
         self._prof.export_chrome_trace(path)
         self._prof = None
         if self.cuda:
-            self.dump_memory(f"steps_{self.first}-{self.last}")
+            self.dump_memory(f"steps_{self.first}-{last}")
             self._record_memory(False)
         if self.rank == 0:
-            log.info("train.profile_steps: steps %d-%d traced to %s", self.first, self.last, path)
+            log.info("train.profile_steps: steps %d-%d traced to %s (tensorboard --logdir %s)", self.first, last,
+                     path, self.run.profile)
         return path
 
     def dump_memory(self, what: str) -> str:

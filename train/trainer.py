@@ -405,6 +405,7 @@ class Trainer:
         self.meter = Meter(self.step)
         while not self.budget.reached(self.step):
             if self.preempt.should_stop():  # collective, every step boundary
+                self.profiler.finish(self.step)
                 self.save()
                 self.preempt.requeue()
                 return "preempted"
@@ -439,6 +440,7 @@ class Trainer:
                 self.outside_interval(self.save)
             if self.budget.stops_early(self.step):
                 self.preempt.request_stop()  # same path as a preemption signal: save at the boundary, exit
+        self.profiler.finish(self.step)  # train.profile_steps past the budget: the steps traced so far
         return "completed"
 
     def outside_interval(self, work: Callable[[], Any]) -> Any:
