@@ -330,3 +330,57 @@ def test_bench_compile_smoke(tmp_path):
         assert (r["compile_s"] is not None) == ("compiled" in name)
         assert r["recompiled_after_first_step"] in ((False,) if "compiled" in name else (None,)), name
     assert set(data["meta"]["matmul_gflops"]) == {"bf16"}
+
+
+# ----------------------------------------------------------------------------- scripts/gpu_check.sh
+GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
+
+
+def _fake_wheels(folder: Path, leave_out: str = "") -> list[str]:
+    """Minimal valid wheels named as gpu_check.sh's pinned list (BINARY, SOURCE) wants them."""
+    import re
+    import zipfile
+
+    text = GPU_CHECK.read_text()
+    specs = [s for arr in ("BINARY", "SOURCE") for s in re.search(rf"^{arr}=\(([^)]*)\)", text, re.M)[1].split()]
+    names = []
+    folder.mkdir()
+    for spec in specs:
+        name, version = spec.split("==")
+        if name == leave_out:
+            continue
+        dist = name.replace("-", "_")
+        tag = "cp312-cp312-manylinux2014_x86_64" if name == "pydantic-core" else "py3-none-any"
+        info = f"{dist}-{version}.dist-info"
+        with zipfile.ZipFile(folder / f"{dist}-{version}-{tag}.whl", "w") as z:
+            z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+            z.writestr(f"{info}/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: {tag}\n")
+            z.writestr(f"{info}/RECORD", "")
+        names.append(f"{dist}-{version}-{tag}.whl")
+    return names
+
+
+def test_gpu_check_dry_run_refuses_without_its_wheels(tmp_path):
+    _fake_wheels(tmp_path / "w", leave_out="deepspeed")
+    r = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", str(tmp_path / "out")], capture_output=True, text=True,
+                       env={**os.environ, "GPU_WHEELS": str(tmp_path / "w")}, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "MISSING: one wheel of deepspeed==" in r.stdout and "--prepare-wheels" in r.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_shows_what_travels_and_runs(tmp_path):
+    wheels = _fake_wheels(tmp_path / "w")
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", str(out)], capture_output=True, text=True,
+                       env={**os.environ, "GPU_WHEELS": str(tmp_path / "w")}, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for w in wheels:
+        assert w in r.stdout
+    assert "wheels in all:" in r.stdout and "(limit 64 MiB)" in r.stdout
+    assert "the wheels install together" in r.stdout and "swinv2-train run.plan=true ran" in r.stdout
+    assert f"-m gpu -v -rs --durations=0 --junitxml {out}/tests.xml tests/test_gpu_" in r.stdout
+    assert "scripts/bench_gpu.py --parts peak,throughput --configs base256_w8 --batch 256" in r.stdout
+    import re
+    assert int(re.search(r"\b(\d+) tests collected", r.stdout)[1]) >= 10  # the tier, collected on this CPU
+    assert "plan of default" in (out / "plan.txt").read_text()
