@@ -2,6 +2,7 @@
 12 per-class tars, 300 files with every bad kind mixed in. Prepare, workers, parts and merge give the
 same shards byte for byte; shards mix classes; --classes and --holdout; the bad kinds counted exactly;
 resume and refusals; training on the result (slow)."""
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -84,6 +85,24 @@ def test_workers_and_parts_give_the_same_shards(release, tmp_path):
     for name in ("classes.json", "_skipped_train.tsv", "_skipped_validation.tsv"):
         assert open(os.path.join(out3, name), "rb").read() == open(os.path.join(release["out"], name), "rb").read()
     assert {**info(out3), "name": "w1"} == info(release["out"])  # the name is the folder's
+
+
+def test_a_part_waits_for_the_one_preparing(release, tmp_path):
+    """While another process holds OUT's lock (preparing), a part waits, then uses that work."""
+    out = tmp_path / "out"
+    (out / "_make_shards").mkdir(parents=True)
+    fd = os.open(out / "_make_shards" / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.lockf(fd, fcntl.LOCK_EX)  # this process plays the part that prepares
+    part = subprocess.Popen([sys.executable, "-m", "swinv2_tools.make_shards", release["archive"], str(out),
+                             "--part", "1/2", *OPTS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = part.stderr.readline()
+        assert first.startswith(f"waiting for another process preparing {out}"), first
+        assert part.poll() is None and not (out / "_prepared").exists()
+    finally:
+        os.close(fd)  # releases the lock
+    _, err = part.communicate(timeout=120)
+    assert part.returncode == 0 and "part 1/2 done" in err, err
 
 
 def test_uncompressed_archive_is_read_in_place(release, tmp_path):
