@@ -254,6 +254,7 @@ def test_num_workers_config_values():
             DataConfig(num_workers=bad).validate()
 
 
+@pytest.mark.gpu  # the GPU tier (python -m pytest -m gpu)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU test above runs the logic)")
 def test_cuda_stream_moves_batches_ahead_and_matches_the_host_path(shards):
     pattern, _ = shards
