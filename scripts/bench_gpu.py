@@ -5,8 +5,10 @@ Needs a CUDA GPU; on a machine without one it exits with status 2 and says so (n
 
 What it measures (bf16 autocast, fp32 master weights, AdamW on the GPU, channels as in the model):
 
-1. ``peak``: the achievable bf16 matmul rate of THIS GPU, measured (not a datasheet number) with
-   a loop of large ``torch.matmul`` calls; MFU uses it as the denominator.
+1. ``peak``: the achievable bf16 matmul rate of THIS GPU, measured with a loop of large
+   ``torch.matmul`` calls, printed beside the datasheet's dense bf16 peak (swinv2_train.gpus). MFU
+   divides by the datasheet peak (as the trainer's MFU does); where the card is not in the table, by
+   the measured rate. Both ratios are in the JSON.
 2. ``throughput``: for SwinV2-B 256/W8, SwinV2-B 256/W16 and SwinV2-L 192/W12, the largest batch
    that fits (doubling from ``--start-batch`` until CUDA OOM), then images/s of full train steps
    (forward + backward + AdamW) at that batch, with and without ``torch.compile``.
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 # setup.py's ROOTS for the packages this file imports: installed name -> folder of the checkout
-CHECKOUT_PACKAGES = {"swinv2": "swinv2", "swinv2_tools": "scripts"}
+CHECKOUT_PACKAGES = {"swinv2": "swinv2", "swinv2_tools": "scripts", "swinv2_train": "train"}
 
 
 def use_checkout_where_not_installed() -> None:
@@ -69,6 +71,7 @@ use_checkout_where_not_installed()
 import swinv2  # noqa: E402
 from swinv2_tools import bench  # noqa: E402
 from swinv2_tools.bench_meta import NOT_IMPORTABLE, bench_metadata, summary_line  # noqa: E402
+from swinv2_train.gpus import gpu_entry, gpu_key  # noqa: E402  (standard library only)
 
 THROUGHPUT = {
     "base256_w8": dict(variant="base", img=256, window=8),
@@ -86,6 +89,12 @@ def require_cuda() -> None:
     if not torch.cuda.is_available():
         print(NO_CUDA_MESSAGE.format(ver=torch.__version__), file=sys.stderr)
         sys.exit(2)
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
 
 
 def measure_matmul_peak(n: int = 8192, iters: int = 50) -> float:
@@ -211,7 +220,8 @@ def throughput_row(name: str, impl: str, compile_: bool, args, peak: float) -> d
                                                                window_size=cfg["window"]))
         ips = batch / t
         row.update(batch=batch, step_s=t, images_per_s=ips, model_flops_per_image_fwd=fl,
-                   achieved_tflops=3 * fl * ips / 1e12, mfu=3 * fl * ips / peak)
+                   achieved_tflops=3 * fl * ips / 1e12, mfu=3 * fl * ips / (args.table_peak or peak),
+                   of_measured_peak=3 * fl * ips / peak)
     del model, step
     _free()
     return row
@@ -272,16 +282,17 @@ def save(res: dict[str, Any], out: str | None) -> None:
 
 
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"GPU {res['meta'].get('gpu')}; measured bf16 matmul peak {res.get('peak_tflops', 0):.1f} TFLOP/s", "",
-             "| config | impl | compile | batch | img/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+    lines = [f"GPU {res['meta'].get('gpu')}; {peak_line(res)}", "",
+             "| config | impl | compile | batch | img/s | TFLOP/s | MFU | of measured peak |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r["part"] != "throughput":
             continue
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['impl']} | {r['compile']} | - | ERROR: {r['error'][:60]} | | |")
+            lines.append(f"| {r['config']} | {r['impl']} | {r['compile']} | - | ERROR: {r['error'][:60]} | | | |")
         else:
             lines.append(f"| {r['config']} | {r['impl']} | {r['compile']} | {r['batch']} | {r['images_per_s']:.1f} "
-                         f"| {r['achieved_tflops']:.1f} | {100 * r['mfu']:.1f}% |")
+                         f"| {r['achieved_tflops']:.1f} | {100 * r['mfu']:.1f}% | {100 * r['of_measured_peak']:.1f}% |")
     for r in res["rows"]:
         if r["part"] == "giant":
             lines.append("")
@@ -289,6 +300,15 @@ def format_table(res: dict[str, Any]) -> str:
             lines.append(f"{what}: " + (f"peak {r['peak_gb']:.1f} GB allocated ({r['reserved_gb']:.1f} GB reserved), "
                                         f"step {r.get('step1_s', 0):.1f} s" if "error" not in r else r["error"]))
     return "\n".join(lines)
+
+
+def peak_line(res: dict[str, Any]) -> str:
+    """The datasheet's dense bf16 peak beside the measured matmul rate (MFU's denominator: the first)."""
+    measured = f"measured bf16 matmul peak {res.get('peak_tflops', 0):.1f} TFLOP/s (8192^3)"
+    if not res.get("table_peak_tflops"):
+        return f"{measured}; not in the GPU table (swinv2_train.gpus): MFU against the measured peak"
+    return (f"table peak {res['table_peak_tflops']:.0f} TFLOP/s ({res['gpu_table']}, dense bf16), {measured} = "
+            f"{100 * res.get('peak_tflops', 0) / res['table_peak_tflops']:.0f}% of the table; MFU against the table")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                            "rows": []}
     print(summary_line(res["meta"]), flush=True)
     peak = measure_matmul_peak() if (parts & {"peak", "throughput"}) else float("nan")
-    res["peak_tflops"] = peak / 1e12
-    print(f"measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s", flush=True)
+    entry = gpu_entry(torch_device_name())
+    res.update(peak_tflops=peak / 1e12, gpu_table=gpu_key(torch_device_name()),
+               table_peak_tflops=entry["bf16"] if entry else None)
+    args.table_peak = entry["bf16"] * 1e12 if entry else None
+    print(peak_line(res), flush=True)
     if "throughput" in parts:
         impls = ["ours"] + (["hf"] if peer and not res["meta"]["transformers"].startswith(NOT_IMPORTABLE) else [])
         for name in [c.strip() for c in args.configs.split(",") if c.strip()]:

@@ -149,12 +149,12 @@ def test_bench_gpu_refuses_on_cpu():
 
 
 def _bare_checkout(tmp_path: Path) -> tuple[Path, list[str], dict[str, str]]:
-    """A GPU node's bare checkout: this repository's swinv2/ and scripts/ copied (the project is not
+    """A GPU node's bare checkout: this repository's swinv2/, scripts/ and train/ copied (the project is not
     installed there), and the command prefix + environment of an interpreter that has the installed
     third-party packages (torch, transformers) but not this project: `python -S` skips the .pth files
     (this checkout's editable install among them), PYTHONPATH keeps the package folders."""
     checkout = tmp_path / "checkout"
-    for folder in ("swinv2", "scripts"):
+    for folder in ("swinv2", "scripts", "train"):
         shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
     packages = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
     return checkout, [sys.executable, "-S"], {**os.environ, "PYTHONPATH": os.pathsep.join(packages)}
@@ -168,7 +168,7 @@ def test_bench_gpu_builds_both_models_from_a_bare_checkout(tmp_path):
     checkout, python, env = _bare_checkout(tmp_path)
     code = f"""
 import importlib.util, runpy, sys, torch
-assert importlib.util.find_spec("swinv2_tools") is None and importlib.util.find_spec("swinv2") is None, "installed"
+assert not any(importlib.util.find_spec(n) for n in ("swinv2_tools", "swinv2", "swinv2_train")), "installed"
 bench_gpu = runpy.run_path({str(checkout / "scripts" / "bench_gpu.py")!r})
 for impl in ("ours", "hf"):
     model = bench_gpu["build"](impl, dict(variant="tiny", img=64, window=4), "fused", device="cpu")
@@ -183,7 +183,8 @@ print(sorted(n for n in sys.modules if n.split(".")[0] in ("scripts", "train", "
     assert lines[:2] == ["ours (2, 1000)", "hf (2, 1000)"]
     assert lines[2].split() == ["swinv2_tools.bench", str(checkout / "scripts" / "bench.py"),
                                 str(checkout / "swinv2" / "__init__.py")]
-    assert lines[3] == "[]"  # one name for bench; nothing else of the checkout is imported
+    # one name for bench; of train/ only the GPU table (standard library), as swinv2_train.gpus
+    assert lines[3] == "['swinv2_train', 'swinv2_train.gpus']"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -384,3 +385,16 @@ def test_gpu_check_dry_run_shows_what_travels_and_runs(tmp_path):
     import re
     assert int(re.search(r"\b(\d+) tests collected", r.stdout)[1]) >= 10  # the tier, collected on this CPU
     assert "plan of default" in (out / "plan.txt").read_text()
+
+
+def test_bench_gpu_prints_the_table_peak_beside_the_measured_one():
+    bench_gpu = runpy.run_path(str(REPO / "scripts" / "bench_gpu.py"))
+    row = dict(part="throughput", config="base256_w8", impl="ours", compile=False, batch=256, images_per_s=2000.0,
+               achieved_tflops=300.0, mfu=300 / 989, of_measured_peak=300 / 780)
+    res = {"meta": {"gpu": "NVIDIA H100 80GB HBM3"}, "rows": [row], "peak_tflops": 780.0, "gpu_table": "H100",
+           "table_peak_tflops": 989}
+    text = bench_gpu["format_table"](res)
+    assert "table peak 989 TFLOP/s (H100, dense bf16), measured bf16 matmul peak 780.0 TFLOP/s" in text
+    assert "= 79% of the table" in text and "| 30.3% | 38.5% |" in text
+    res.update(gpu_table=None, table_peak_tflops=None)
+    assert "not in the GPU table" in bench_gpu["format_table"](res)

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 
 from swinv2_train import memory
 from swinv2_train.cli import prepare_overrides
-from swinv2_train.plan import GPUS, format_plan, gpu_entry, make_plan
+from swinv2_train.gpus import GPUS, gpu_entry
+from swinv2_train.plan import format_plan, make_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -69,6 +70,7 @@ def test_deepspeed_buffers_by_stage_and_precision():
 def test_gpu_names():
     assert gpu_entry("NVIDIA H100 80GB HBM3") is GPUS["H100"]
     assert gpu_entry("NVIDIA A100-SXM4-40GB") is GPUS["A100-40GB"]
+    assert gpu_entry("NVIDIA H100 PCIe") is GPUS["H100-PCIE"] and gpu_entry("NVIDIA A100 80GB PCIe") is GPUS["A100-80GB"]
     assert gpu_entry("NVIDIA H200") is GPUS["H200"] and gpu_entry("Tesla T4") is None
 
 

@@ -26,28 +26,10 @@ import swinv2
 from . import memory
 from .config import _fail, model_config
 from .distributed import launch_world_size
+from .gpus import GPUS, gpu_entry
 from .tasks import TASKS
 
 GB = memory.GB
-# Dense (no sparsity) tensor-core peaks, TFLOP/s, and memory (GB) of the GPUs a plan names by
-# run.plan_gpu; a detected GPU is matched by these names. fp32 is the TF32 tensor-core rate.
-GPUS: Dict[str, Dict[str, float]] = {
-    "A100-40GB": dict(bf16=312, fp16=312, fp32=156, memory_gb=40),
-    "A100-80GB": dict(bf16=312, fp16=312, fp32=156, memory_gb=80),
-    "H100": dict(bf16=989, fp16=989, fp32=495, memory_gb=80),    # SXM
-    "H200": dict(bf16=989, fp16=989, fp32=495, memory_gb=141),
-    "L40S": dict(bf16=362, fp16=362, fp32=183, memory_gb=48),
-}
-
-
-def gpu_entry(name: str) -> Optional[Dict[str, float]]:
-    """The table's entry for a GPU name as the user or CUDA spells it (e.g. 'NVIDIA H100 80GB HBM3')."""
-    up = name.upper().replace(" ", "")
-    for key in sorted(GPUS, key=len, reverse=True):
-        k = key.upper()
-        if k in up or (k.endswith("GB") and k.split("-")[0] in up and k.split("-")[1] in up):
-            return GPUS[key]
-    return None
 
 
 def _model(cfg: DictConfig, c: Any, num_classes: int) -> tuple[swinv2.SwinV2Config, int]:
