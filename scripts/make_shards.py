@@ -33,8 +33,10 @@ from contextlib import contextmanager
 from typing import Optional, Sequence, Tuple
 
 from swinv2_tools import shards_plan as P
-from swinv2_tools.shards_sources import SourceError, atomic_json, is_archive, read_list, scan_archive, scan_folder
-from swinv2_tools.shards_write import mark_part_done, merge, parse_part, part_range, record_path, write_shards
+from swinv2_tools.shards_sources import (SourceError, atomic_json, is_archive, is_gzipped, is_prepared, prepare_archive,
+                                         read_list, scan_archive, scan_folder)
+from swinv2_tools.shards_write import (mark_part_done, merge, parse_part, part_range, read_record, record_path,
+                                       write_shards)
 
 
 def say(msg: str) -> None:
@@ -137,6 +139,18 @@ def ensure_plan(args) -> P.Plan:
         classes = P.resolve_classes(source, pinned, pinned_from)
         say(f"planning {len(source.samples)} images of {len(classes)} classes from {source.path}")
         return P.build_plan(out, source, classes, options)
+
+
+def ensure_inputs(args, plan: P.Plan) -> None:
+    """A gzipped archive's images are read from its extracted inner tars: extract them again if they
+    were deleted (after a merge, say) while shards are still to be written."""
+    prepared = plan.header["base"]
+    if plan.header["source"]["kind"] != "archive" or not is_gzipped(args.src) or is_prepared(args.src, prepared):
+        return
+    with locked(args.out):
+        if not is_prepared(args.src, prepared):  # another part may have done it while this one waited
+            say(f"{prepared}: the prepared inner tars are gone; preparing again")
+            prepare_archive(args.src, prepared, progress=say)
 
 
 def pinned_classes(args, out: str):
@@ -322,19 +336,21 @@ def run(args) -> dict:
         return summary
     plan = ensure_plan(args)
     names = plan.shard_names()
+    shards = part_range(*parse_part(args.part), len(names)) if args.part else range(len(names))
+    if args.prepare or any(read_record(args.out, plan, names[k]) is None for k in shards):
+        ensure_inputs(args, plan)
     if args.prepare:
         say(f"prepared and planned: {plan.header['num_samples']} images -> {len(names)} shards in {args.out}; "
             f"next: the parts (--part i/n), then swinv2-make-shards {args.out} --merge")
         return {"planned_shards": len(names), "planned_samples": plan.header["num_samples"]}
     if args.part:
         part, parts = parse_part(args.part)
-        shards = part_range(part, parts, len(names))
         done = write_shards(args.out, plan, shards, args.workers, progress=not args.no_progress)
         mark_part_done(args.out, plan, part, parts, shards)
         say(f"part {part}/{parts} done: shards {shards.start}..{shards.stop - 1} ({done['written']} written, "
             f"{done['kept']} kept); when every part is in: swinv2-make-shards {args.out} --merge")
         return {"part": f"{part}/{parts}", **done}
-    done = write_shards(args.out, plan, range(len(names)), args.workers, progress=not args.no_progress)
+    done = write_shards(args.out, plan, shards, args.workers, progress=not args.no_progress)
     summary = merge(args.out, [plan])
     report(args.out, summary)
     split = plan.header["splits"][args.split]

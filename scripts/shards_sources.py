@@ -252,6 +252,15 @@ def _copy_member(fileobj, dest: str) -> None:
     os.replace(tmp, dest)
 
 
+def is_prepared(src: str, prepared: str) -> bool:
+    """Whether `prepared` holds a complete preparation of this very archive."""
+    try:
+        with open(os.path.join(prepared, PREPARED_DONE)) as f:
+            return json.load(f)["fingerprint"] == {"archive": os.path.abspath(src), **file_fingerprint(src)}
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def prepare_archive(src: str, prepared: str, progress=print) -> Tuple[str, list, List[str]]:
     """(base folder of the index's files, index rows, damaged inner tars) of an archive, preparing
     it if that was not done for this very archive. Call it under the output's lock: parallel parts

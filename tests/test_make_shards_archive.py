@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -209,6 +210,10 @@ def test_rerun_resumes_and_a_changed_input_is_refused(release, tmp_path):
     assert make_shards(args) == 0
     assert os.stat(shards[1]).st_ino == before[shards[1]]  # done shards kept
     assert open(shards[-1], "rb").read() == last and os.stat(shards[0]).st_ino != before[shards[0]]
+    shutil.rmtree(os.path.join(out, "_prepared"))  # deleted after the merge; then a shard is lost
+    os.remove(shards[-1])
+    assert make_shards(args) == 0  # the inner tars come back, not 10 "unreadable" images
+    assert open(shards[-1], "rb").read() == last
     r = cli(*args[:2], "--samples-per-shard", "5")
     assert r.returncode == 1 and "--samples-per-shard 10 -> 5" in r.stderr and "--overwrite" in r.stderr
     os.utime(archive, ns=(1, 1))  # another copy of the archive
