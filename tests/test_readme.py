@@ -256,9 +256,9 @@ def _sbatch_array(cmd: str) -> str:
             f"bash -c {wrapped} & pids+=($!); done; for p in ${{pids[@]}}; do wait $p || exit 1; done")
 
 
-def _as_run_here(cmd: str, tmp: Path, releases: dict = {}, port: int = 0) -> str:
+def _as_run_here(cmd: str, tmp: Path, releases: dict | None = None, port: int = 0) -> str:
     cmd = re.sub(r"(?<=\s)\.\.\.(?=\s|$)", "", cmd).strip()  # "..." stands for the reader's other overrides
-    for path, local in releases.items():
+    for path, local in (releases or {}).items():
         cmd = cmd.replace(path, local)
     cmd = (cmd.replace("/data/imagenet", str(tmp / "imagefolder")).replace("/d/", f"{tmp}/d/")
               .replace("/runs/", f"{tmp}/runs/").replace("http://fileserver:8000/", f"http://127.0.0.1:{port}/"))
