@@ -5,7 +5,6 @@ import glob
 import math
 import os
 import shutil
-import struct
 import subprocess
 import sys
 
@@ -46,34 +45,6 @@ def metrics(run_dir):
 def module_weights(tag_dir):
     sd = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
     return sd["module"]
-
-
-def wandb_history_keys(wandb_file):
-    """Keys logged to an offline W&B run, read from its .wandb transaction log (LevelDB-style
-    log: 7-byte file header, 32 KiB blocks, records = crc32 u32, length u16, type u8, data)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = open(wandb_file, "rb").read()
-    assert data[:4] == b":W&B"
-    pos, buf, keys, block = 7, b"", set(), 32768
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and n == 0:  # zero padding up to the block end
-            pos += left
-            continue
-        buf += data[pos + 7:pos + 7 + n]
-        pos += 7 + n
-        if kind in (1, 4):  # FULL or LAST fragment
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            buf = b""
-            if rec.WhichOneof("record_type") == "history":
-                keys.update(it.key or "/".join(it.nested_key) for it in rec.history.item)
-    return keys
 
 
 # ----------------------------------------------------------------------------- default run
@@ -129,7 +100,9 @@ def test_default_run_tensorboard_and_wandb(default_run):
     assert len(runs) == 1
     wid = open(os.path.join(run_dir, "wandb_id")).read().strip()
     assert runs[0].endswith(wid)
-    keys = wandb_history_keys(glob.glob(os.path.join(runs[0], "*.wandb"))[0])
+    from wandb_records import read_run
+
+    keys = set().union(*read_run(glob.glob(os.path.join(runs[0], "*.wandb"))[0]).history)
     assert {"train/loss", "val/top1", "amplitude/00/rms", "amplitude/04/mean_abs", "logit_scale/03"} <= keys
 
 

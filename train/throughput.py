@@ -5,9 +5,9 @@ MFU = 3 x 2 x MACs per image x images/s per device / peak FLOP/s of the device. 
 counts multiply-accumulates (the official formula; tests/test_throughput.py holds it to torch's
 FLOP counter), a MAC is 2 FLOPs, and the backward pass costs twice the forward. Activation
 recomputation (train.activation_checkpointing) is not counted: it is work the model does not
-need, as in torchtitan and nanoGPT. The peak is `train.peak_tflops` or, on a GPU this table knows,
-its published dense tensor-core number for the run's precision (fp32 matmuls count at the TF32
-rate when torch lets them use it). On a CPU, or a GPU the table does not know, MFU is left out
+need, as in torchtitan and nanoGPT. The peak is `train.peak_tflops` or, on a GPU that the one GPU
+table (swinv2_train.gpus) knows, its published dense tensor-core number for the run's precision
+(fp32 matmuls count at the TF32 rate when torch lets them use it). On a CPU, or a GPU the table does not know, MFU is left out
 unless train.peak_tflops is given.
 """
 from __future__ import annotations
@@ -19,40 +19,12 @@ from typing import Dict, Optional, Tuple
 import torch
 
 import swinv2
-
-# Published dense (no sparsity) peak TFLOP/s per GPU: (card, bf16, fp16, tf32, fp32). None: no
-# such tensor-core rate. Names are matched as substrings of torch.cuda.get_device_name(), in this
-# order (the more specific name first: "H100 NVL" before "H100").
-PEAK_TFLOPS: Tuple[Tuple[str, Optional[float], Optional[float], Optional[float], Optional[float]], ...] = (
-    ("B200", 2250.0, 2250.0, 1100.0, None),
-    ("H200 NVL", 835.0, 835.0, 417.5, 60.0),
-    ("H200", 989.0, 989.0, 494.5, 67.0),       # SXM
-    ("H100 NVL", 835.0, 835.0, 417.5, 60.0),
-    ("H100 PCIe", 756.0, 756.0, 378.0, 51.0),
-    ("H100", 989.0, 989.0, 494.5, 67.0),       # SXM ("NVIDIA H100 80GB HBM3")
-    ("H800", 989.0, 989.0, 494.5, 67.0),
-    ("A100", 312.0, 312.0, 156.0, 19.5),       # SXM4 and PCIe, 40 and 80 GB
-    ("A800", 312.0, 312.0, 156.0, 19.5),
-    ("L40S", 362.0, 362.0, 183.0, 91.6),
-    ("L40", 181.0, 181.0, 90.5, 90.5),
-    ("L4", 121.0, 121.0, 60.0, 30.3),
-    ("A40", 149.7, 149.7, 74.8, 37.4),
-    ("A10G", None, None, None, 31.2),          # AWS's A10 variant: no published tensor rates
-    ("A10", 125.0, 125.0, 62.5, 31.2),
-    ("V100-SXM", None, 125.0, None, 15.7),     # Tesla V100-SXM2-*: no bf16 or tf32
-    ("V100", None, 112.0, None, 14.0),         # PCIe
-    ("T4", None, 65.0, None, 8.1),
-)
-_COLUMNS = ("bf16", "fp16", "tf32", "fp32")
-
+from .gpus import gpu_entry
 
 def table_peak_tflops(device_name: str, precision: str) -> Optional[float]:
-    """The table's dense peak for a device name and a column (bf16 | fp16 | tf32 | fp32); None when
-    the card or its number for that precision is not in the table."""
-    for row in PEAK_TFLOPS:
-        if row[0] in device_name:
-            return row[1 + _COLUMNS.index(precision)]
-    return None
+    """The dense peak of a GPU, as CUDA names it, for a precision (bf16 | fp16 | tf32 | fp32), from
+    the one GPU table (swinv2_train.gpus); None when the card or that number is not there."""
+    return (gpu_entry(device_name) or {}).get(precision)
 
 
 def matmul_precision(precision: str) -> str:
@@ -73,7 +45,7 @@ def peak_tflops(configured: Optional[float], device: torch.device, precision: st
     name, column = torch.cuda.get_device_name(device), matmul_precision(precision)
     peak = table_peak_tflops(name, column)
     if peak is None:
-        return None, f"{name} {column} is not in swinv2_train.throughput.PEAK_TFLOPS: set train.peak_tflops"
+        return None, f"no dense {column} peak for {name} in swinv2_train.gpus: set train.peak_tflops"
     return peak, f"{name}, dense {column}"
 
 
