@@ -120,6 +120,9 @@ def _data(node: DictConfig, resolve: bool) -> DataConfig:
         data = check_sources(as_data_config(node).validate())
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    for which in ("train", "val"):  # the user's own config (the loaders re-resolve a resolved one)
+        if data.root is not None and getattr(data, f"{which}_shards") is not None:
+            log.info("data.%s_shards is set: it is used instead of data.root for the %s split", which, which)
     return resolve_sources(data) if resolve else data
 
 

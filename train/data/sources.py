@@ -169,10 +169,7 @@ def _resolve_split(cfg: DataConfig, which: str, info: Optional["_RootInfo"], cou
     explicit = getattr(cfg, f"{which}_samples")
     split = getattr(cfg, f"{which}_split")
     pattern = _pattern(cfg, which)
-    if pattern is not None:  # an explicit pattern wins over root for its split
-        if cfg.root is not None:
-            log.info("data.%s_shards is set: it is used instead of data.root for the %s split",
-                     which, which)
+    if pattern is not None:  # an explicit pattern wins over root for its split (spec.py says so, once)
         urls = S.expand_shards(pattern)
         samples = explicit or S.info_num_samples(pattern, split, urls, counter.io)
         counted = not samples
