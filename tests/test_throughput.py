@@ -146,3 +146,17 @@ def test_tensorboard_profiler_plugin_reads_the_trace(tmp_path):
     data.process()
     data.analyze()
     assert data.events
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.profile_steps=[3]", r"train.profile_steps: must be \[first, last\]"),
+    ("train.profile_steps=[5,2]", r"train.profile_steps: must be \[first, last\]"),
+    ("train.profile_steps=[0,2]", r"train.profile_steps: must be \[first, last\]"),
+    ("train.peak_tflops=0", r"train.peak_tflops: must be > 0")])
+def test_bad_profile_or_peak_settings_name_the_key(override, message):
+    from test_trainer_units import spec_of
+
+    from swinv2_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        spec_of(override)

@@ -8,6 +8,11 @@ put together by `build_trainer` and driven by `Trainer.fit`, a loop of small par
         ema.update() if the step was applied            # train.ema_decay (swinv2_train.ema)
         log / evaluate / save when due                  # Cadence; the end of the run is Budget's
 
+A step reads nothing from the device of its own: its losses stay there until a log step (or a
+step DeepSpeed refused); the host syncs left per step are listed in docs/DESIGN.md and counted
+by tests/test_host_syncs.py. Log steps add time, ETA, TFLOP/s and MFU (swinv2_train.throughput);
+train.profile_steps traces steps (swinv2_train.profiling).
+
 The policies (non-finite steps, cadences, the step budget, metric reductions over ranks) are plain
 functions and small classes with unit tests (tests/test_trainer_units.py); they need no engine.
 """
