@@ -5,7 +5,11 @@ For every kernel, four variants of one model (same weights): fp32 eager, fp32 co
 and bf16 compiled. bf16 is the trainer's ``train.precision=bf16`` path: weights, buffers and input
 in bf16 (DeepSpeed casts the module), no autocast. The variants are timed in turn within each
 repeat (interleaved), so a change of machine load hits all of them alike; the ratios are the
-result. Also printed: the compile time (first compiled step), whether any step after the first
+result. For each precision the compiled/eager ratio is taken per repeat (eager time over compiled
+time of the same round) and reported as its median and spread (min-max over the repeats), with a
+verdict: compile **pays** on this machine when every paired repeat is faster compiled, **costs** when
+every one is slower, and is **within noise** otherwise (docs/PERFORMANCE.md, section 4, has the
+figure per CPU; train.compile=true on a CPU logs it, train/parallelize.py). Also printed: the compile time (first compiled step), whether any step after the first
 recompiled, and the matrix-product floor of the machine: the step's matrix-product FLOPs (counted
 on the meta device with torch's FlopCounterMode, plus the QK^T recompute of the chunked kernels'
 backward) over this machine's measured 4096^3 matmul rate in that precision. And, from torch's profiler
@@ -15,6 +19,7 @@ step / products. The process runs under the trainer's CPU allocator policy (``--
 auto, as ``train.cpu_malloc``): below 1024^2 freed memory stays in glibc's heap (no page faults).
 
     python scripts/bench_compile.py                                  # tiny 256^2/W8 batch 8
+    python scripts/bench_compile.py --kernels reference --precisions fp32 --repeats 7   # does compile pay here?
     python scripts/bench_compile.py --img 1536 --window 24 --batch 1 --kernels fused --repeats 2
 """
 from __future__ import annotations
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--kernels", default="reference,fused", help="comma-separated (the default kernel is reference)")
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (after one warm-up round)")
     add_cpu_malloc_option(ap)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
                           **{k: getattr(args, k) for k in ("variant", "img", "window", "batch")})
     meta["matmul_gflops"] = {p: matmul_rate(DTYPES[p]) / 1e9 for p in precisions}
     x32 = torch.randn(args.batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(1))
-    rows = {}
+    rows, pairs = {}, {}
     for kernel in dict.fromkeys(args.kernels.split(",")):
         flops = product_flops(args, kernel)
         variants, compile_s, inputs = {}, {}, {}
@@ -131,6 +136,8 @@ def main(argv=None) -> int:
                 step(model, inputs[name.split()[0]])
                 times[name].append(time.perf_counter() - t)
         recompiled = counters["stats"]["unique_graphs"] != graphs
+        pairs[kernel] = {p: [e / c for e, c in zip(times[f"{p} eager"][1:], times[f"{p} compiled"][1:])]
+                         for p in precisions}
         products = {name: product_seconds(model, inputs[name.split()[0]]) for name, model in variants.items()}
         base = statistics.median(times["fp32 eager"][1:]) if "fp32 eager" in times else None
         for name, ts in times.items():
@@ -138,7 +145,7 @@ def main(argv=None) -> int:
             p = name.split()[0]
             floor = flops / (meta["matmul_gflops"][p] * 1e9)
             rows[f"{kernel} {name}"] = dict(
-                median_s=med, min_s=min(ts[1:]), speedup_vs_fp32_eager=base / med if base else None,
+                median_s=med, min_s=min(ts[1:]), max_s=max(ts[1:]), speedup_vs_fp32_eager=base / med if base else None,
                 floor_s=floor, time_over_floor=med / floor, compile_s=compile_s[p] if "compiled" in name else None,
                 recompiled_after_first_step=recompiled if "compiled" in name else None, gflop=flops / 1e9,
                 products_s=products[name][0], flash_attention_s=products[name][1],
@@ -149,20 +156,35 @@ def main(argv=None) -> int:
     print(f"{args.variant} {args.img}^2/W{args.window} batch {args.batch} fwd+bwd, median of {args.repeats}; "
           "matmul " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in meta["matmul_gflops"].items()))
     print_table(rows)
+    verdicts = {f"{kernel} {p}": compile_verdict(pairs[kernel][p]) for kernel in pairs for p in pairs[kernel]}
+    for name, v in verdicts.items():
+        print(f"{name}: {verdict_line(v)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "compile_vs_eager": verdicts}, indent=1))
     return 0
 
 
+def compile_verdict(ratios: list[float]) -> dict:
+    """Eager time / compiled time per interleaved repeat -> median, spread and whether compile pays."""
+    lo, hi = min(ratios), max(ratios)
+    verdict = "pays" if lo > 1.0 else "costs" if hi < 1.0 else "within noise"
+    return dict(median=statistics.median(ratios), min=lo, max=hi, repeats=len(ratios), verdict=verdict)
+
+
+def verdict_line(v: dict) -> str:
+    return (f"compiled {v['median']:.2f}x eager (median of {v['repeats']} paired repeats, spread "
+            f"{v['min']:.2f}-{v['max']:.2f}x): {v['verdict']}")
+
+
 def print_table(rows: dict) -> None:
-    print("| kernel, variant | fwd+bwd s | vs fp32 eager | product floor s | time / floor | products s "
+    print("| kernel, variant | fwd+bwd s (median) | min-max s | vs fp32 eager | product floor s | time / floor | products s "
           "| products / floor | time / products | compile s | recompiled |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         c = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"
         rc = {None: "-", True: "**yes**", False: "no"}[r["recompiled_after_first_step"]]
         sp = f"{r['speedup_vs_fp32_eager']:.2f}x" if r["speedup_vs_fp32_eager"] else "-"
-        print(f"| {name} | {r['median_s']:.3f} | {sp} | {r['floor_s']:.3f} | {r['time_over_floor']:.2f}x "
+        print(f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | {sp} | {r['floor_s']:.3f} | {r['time_over_floor']:.2f}x "
               f"| {r['products_s']:.3f} | {r['products_over_floor']:.2f}x | {r['time_over_products']:.2f}x | {c} | {rc} |")
     flash = {name: r["flash_attention_s"] for name, r in rows.items() if r["flash_attention_s"]}
     if flash:  # the fused kernel's unmasked blocks: products and softmax in one kernel, counted as other work

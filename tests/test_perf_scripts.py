@@ -398,3 +398,29 @@ def test_bench_gpu_prints_the_table_peak_beside_the_measured_one():
     assert "= 79% of the table" in text and "| 30.3% | 38.5% |" in text
     res.update(gpu_table=None, table_peak_tflops=None)
     assert "not in the GPU table" in bench_gpu["format_table"](res)
+
+
+def test_bench_compile_verdict_from_paired_repeats():
+    from swinv2_tools.bench_compile import compile_verdict, verdict_line
+
+    assert compile_verdict([1.05, 1.10, 1.02])["verdict"] == "pays"
+    assert compile_verdict([0.95, 0.99, 0.97])["verdict"] == "costs"
+    v = compile_verdict([0.95, 1.13, 1.02, 0.99, 1.01])
+    assert (v["verdict"], v["median"], v["min"], v["max"]) == ("within noise", 1.01, 0.95, 1.13)
+    assert verdict_line(v) == "compiled 1.01x eager (median of 5 paired repeats, spread 0.95-1.13x): within noise"
+
+
+def test_train_compile_on_a_cpu_says_when_it_does_not_pay(monkeypatch):
+    import swinv2_tools.bench_meta as bm
+    from swinv2_train.parallelize import COMPILE_ON_CPU, compile_note
+
+    assert compile_note(torch.device("cuda", 0)) is None
+    xeon = "Intel(R) Xeon(R) Processor"
+    monkeypatch.setattr(bm, "cpu_model", lambda: xeon)
+    note = compile_note(torch.device("cpu"))
+    assert note.startswith(f"train.compile=true on this CPU ({xeon}) does not pay: compiled")
+    assert COMPILE_ON_CPU[xeon] in note and "\n" not in note
+    monkeypatch.setattr(bm, "cpu_model", lambda: "AMD EPYC 9R14")  # measured to pay: nothing to say
+    assert COMPILE_ON_CPU["AMD EPYC"].endswith(": pays") and compile_note(torch.device("cpu")) is None
+    monkeypatch.setattr(bm, "cpu_model", lambda: "Some ARM core")
+    assert "not measured (Some ARM core)" in compile_note(torch.device("cpu"))

@@ -119,6 +119,31 @@ def describe_layer_decay(groups: list, layer_decay: float) -> str:
     return f"{len(groups)}, layer_decay {layer_decay:g}, layer id:lr_scale(tensors) {items}"
 
 
+# torch.compile against eager on CPUs, measured (scripts/bench_compile.py: tiny 256^2/W8 batch 8, fp32,
+# fwd+bwd, eager and compiled interleaved; docs/PERFORMANCE.md section 4): CPU model -> figure.
+COMPILE_ON_CPU = {
+    "AMD EPYC": "compiled 1.04x eager (median of 7 paired repeats, spread 1.02-1.05x; 2026-12-07): pays",
+    "Intel(R) Xeon(R) Processor": "compiled 0.98-1.03x eager (one process per run, 2026-12-02): within noise",
+}
+
+
+def compile_note(device: torch.device) -> str | None:
+    """One line for train.compile=true on a CPU where compile was not measured to pay (None on GPUs)."""
+    if device.type != "cpu":
+        return None
+    from swinv2_tools.bench_meta import cpu_model
+
+    cpu = cpu_model()
+    figure = next((f for name, f in COMPILE_ON_CPU.items() if cpu.startswith(name)), None)
+    if figure is None:
+        return (f"train.compile=true on a CPU not measured ({cpu}): on the CPUs measured a compiled step took 0.96-1.05x "
+                "eager's time after 1-2 minutes of compiling (docs/PERFORMANCE.md section 4); "
+                "python scripts/bench_compile.py measures this one")
+    if figure.endswith(": pays"):
+        return None
+    return f"train.compile=true on this CPU ({cpu}) does not pay: {figure} (docs/PERFORMANCE.md section 4)"
+
+
 def parallelize(spec: RunSpec, model: torch.nn.Module, backbone_prefix: str = "") -> Tuple[Any, Dict[str, Any]]:
     """Checkpointing -> fused kernels -> DeepSpeed engine (ZeRO-1) -> optional compile.
     `backbone_prefix`: the task's (build_optimizer).
@@ -147,6 +172,9 @@ def parallelize(spec: RunSpec, model: torch.nn.Module, backbone_prefix: str = ""
         # shapes are remembered across processes (its profile cache), so after an eval at another batch
         # size a resumed run would compile shape-generic kernels, round differently and lose exact resume
         engine.compile(compile_kwargs={"dynamic": False})
+        note = compile_note(next(model.parameters()).device)
+        if note:
+            log.warning(note)
     info["compiled"] = bool(spec.train.compile)
     log.info("parallelize: optimizer=%s, checkpointed blocks=%d, fused LayerNorms=%d, attention=%s, "
              "compile=%s, ZeRO stage %d, precision=%s", info["optimizer"], info["checkpointed_blocks"],
