@@ -403,11 +403,14 @@ def test_bench_gpu_prints_the_table_peak_beside_the_measured_one():
 def test_bench_compile_verdict_from_paired_repeats():
     from swinv2_tools.bench_compile import compile_verdict, verdict_line
 
-    assert compile_verdict([1.05, 1.10, 1.02])["verdict"] == "pays"
-    assert compile_verdict([0.95, 0.99, 0.97])["verdict"] == "costs"
+    assert compile_verdict([1.05, 1.10, 1.02, 1.04, 1.03])["verdict"] == "pays"
+    assert compile_verdict([1.05, 1.10, 0.55, 1.04, 1.03])["verdict"] == "pays"  # one disturbed round
+    assert compile_verdict([0.95, 0.99, 0.97, 0.96, 1.2])["verdict"] == "costs"
     v = compile_verdict([0.95, 1.13, 1.02, 0.99, 1.01])
-    assert (v["verdict"], v["median"], v["min"], v["max"]) == ("within noise", 1.01, 0.95, 1.13)
-    assert verdict_line(v) == "compiled 1.01x eager (median of 5 paired repeats, spread 0.95-1.13x): within noise"
+    assert (v["verdict"], v["median"], v["q1"], v["q3"], v["min"], v["max"]) == ("within noise", 1.01, 0.99, 1.02,
+                                                                                0.95, 1.13)
+    assert verdict_line(v) == ("compiled 1.01x eager (median of 5 paired repeats; middle half 0.99-1.02x, "
+                               "all 0.95-1.13x): within noise")
 
 
 def test_train_compile_on_a_cpu_says_when_it_does_not_pay(monkeypatch):

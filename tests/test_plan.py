@@ -1,6 +1,7 @@
 """`swinv2-train ... run.plan=true`: the preflight plan (swinv2_train.plan) and the memory model it
 uses (swinv2_train.memory): its figures are the memory model's, it answers for every recipe without
 building weights or starting a process group, and it warns when the estimate exceeds the GPU."""
+import math
 import os
 import subprocess
 
@@ -99,3 +100,24 @@ def test_plan_key_errors_name_the_key():
         _plan(["run.plan_gpu=K80"])
     with pytest.raises(ConfigError, match="run.plan_mfu: must be in"):
         _plan(["run.plan_mfu=2"])
+
+
+def test_readme_plan_table_is_what_the_plan_prints():
+    """The README's table of plans: each row's figures as make_plan computes them (8 ranks unless the
+    row says otherwise, the recipe's own batch; the giant row with its grad_accum)."""
+    import re
+
+    text = open(os.path.join(REPO, "README.md")).read()
+    rows = re.findall(r"^\| `(\w+)`(?: \(([^)]*)\))? \| (.+) \|$", text, re.M)
+    assert len(rows) == 4, rows
+    for recipe, note, cells in rows:
+        extra = ["run.plan_ranks=16"] if note == "16 ranks" else ["run.plan_ranks=8"]
+        if "grad_accum" in note:
+            extra.append(f"train.{note.strip('`')}")
+        p = _plan([f"experiment={recipe}", "model.sequential_chunk=8" if "giant" in recipe else "run.plan=true", *extra])
+        node = p["images_per_s_gpu"] * 8
+        want = [f"{p['params'] / 1e6:,.1f}M" if p["params"] < 1e9 else f"{p['params'] / 1e6:,.0f}M",
+                f"{p['macs'] / 1e9:,.2f}" if p["macs"] < 1e12 else f"{p['macs'] / 1e9:,.0f}", str(p["micro"]),
+                f"{p['memory']['total'] / GB:.1f}", f"{round(node, -2 if node > 1000 else 0):,.0f}",
+                str(math.ceil(node / 150))]
+        assert [c.strip() for c in cells.split("|")] == want, recipe
