@@ -120,23 +120,31 @@ step() {  # step NAME LOG CMD...: run, keep its output, record its exit status i
     local rc=$?
     echo "$name: exit $rc, $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
     tail -n 25 "$log"
+    [ $rc = 0 ] || FAILED=$((FAILED + 1))
+    return $rc
 }
 
 run_check() {
     OUT=$(mkdir -p "$1" && cd "$1" && pwd) || exit 1
-    exec > >(tee -a "$OUT/gpu_check.log") 2>&1
-    date -u +"gpu_check %Y-%m-%dT%H:%M:%SZ on $(hostname)"
+    check_steps 2>&1 | tee -a "$OUT/gpu_check.log"
+    exit "${PIPESTATUS[0]}"
+}
+
+check_steps() {
+    FAILED=0
+    date -u +"gpu_check %Y-%m-%dT%H:%M:%SZ on $(uname -n)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-    list_wheels "$WHEELS" || exit 1
+    list_wheels "$WHEELS" || return 1
     local site=/tmp/gpu_check_site
-    step install "$OUT/install.log" $(install_cmd "$site") && link_project "$site" || exit 1
+    step install "$OUT/install.log" $(install_cmd "$site") && link_project "$site" || return 1
     rm -f "$OUT/install.log"  # within the 8 files that come back
     export PYTHONPATH=$site PATH=$site/bin:$PATH PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/gpu_check_ext
     "$PY" -c "import torch, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)"
-    cd "$ROOT" || exit 1
+    cd "$ROOT" || return 1
     step "gpu tier" "$OUT/tests.log" $(tier_cmd "$OUT")
     step bench_gpu "$OUT/bench_gpu.log" $(bench_cmd "$OUT")
     cat "$OUT/summary.txt"
+    [ "$FAILED" = 0 ] || { echo "gpu_check: $FAILED step(s) failed (their logs are in $OUT)"; return 1; }
 }
 
 case "${1:-}" in
