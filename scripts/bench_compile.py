@@ -1,22 +1,23 @@
 #!/usr/bin/env python
 """torch.compile and bf16 against fp32 eager: one fwd+bwd of the same model, same input, one process.
 
-For every kernel, four variants of one model (same weights): fp32 eager, fp32 compiled, bf16 eager
-and bf16 compiled. bf16 is the trainer's ``train.precision=bf16`` path: weights, buffers and input
-in bf16 (DeepSpeed casts the module), no autocast. The variants are timed in turn within each
-repeat (interleaved), so a change of machine load hits all of them alike; the ratios are the
-result. For each precision the compiled/eager ratio is taken per repeat (eager time over compiled
-time of the same round) and reported as its median and spread (the middle half and the full range of
-the repeats), with a verdict: compile **pays** on this machine when the lower quartile of the pairs is
-faster compiled, **costs** when the upper quartile is slower, and is **within noise** otherwise (docs/PERFORMANCE.md, section 4, has the
-figure per CPU; train.compile=true on a CPU logs it, train/parallelize.py). Also printed: the compile time (first compiled step), whether any step after the first
-recompiled, and the matrix-product floor of the machine: the step's matrix-product FLOPs (counted
-on the meta device with torch's FlopCounterMode, plus the QK^T recompute of the chunked kernels'
-backward) over this machine's measured 4096^3 matmul rate in that precision. And, from torch's profiler
-over one more step, the time the step spends in matrix-product kernels: how far the products
-themselves are from that floor, and the most any fusion of the other work (compile) could gain,
-step / products. The process runs under the trainer's CPU allocator policy (``--cpu-malloc``, default
-auto, as ``train.cpu_malloc``): below 1024^2 freed memory stays in glibc's heap (no page faults).
+For every kernel, four variants of one model (same weights): fp32 eager, fp32 compiled, bf16 eager and
+bf16 compiled. bf16 is the trainer's ``train.precision=bf16`` path: weights, buffers and input in bf16
+(DeepSpeed casts the module), no autocast. The variants are timed in turn within each repeat
+(interleaved), so a change of machine load hits all of them alike; the ratios are the result. For each
+precision the compiled/eager ratio is taken per repeat (eager time over compiled time of the same round)
+and reported as its median and spread (the middle half and the full range of the repeats), with a
+verdict: compile **pays** on this machine when the lower quartile of the pairs is faster compiled,
+**costs** when the upper quartile is slower, and is **within noise** otherwise (docs/PERFORMANCE.md,
+section 4, has the figure per CPU; train.compile=true on a CPU logs it, train/parallelize.py). Also
+printed: the compile time (first compiled step), whether any step after the first recompiled, and the
+matrix-product floor of the machine: the step's matrix-product FLOPs (counted on the meta device with
+torch's FlopCounterMode, plus the QK^T recompute of the chunked kernels' backward) over this machine's
+measured 4096^3 matmul rate in that precision. And, from torch's profiler over one more step, the time
+the step spends in matrix-product kernels: how far the products themselves are from that floor, and the
+most any fusion of the other work (compile) could gain, step / products. The process runs under the
+trainer's CPU allocator policy (``--cpu-malloc``, default auto, as ``train.cpu_malloc``): below 1024^2
+freed memory stays in glibc's heap (no page faults).
 
     python scripts/bench_compile.py                                  # tiny 256^2/W8 batch 8
     python scripts/bench_compile.py --kernels reference --precisions fp32 --repeats 7   # does compile pay here?
@@ -168,7 +169,7 @@ def compile_verdict(ratios: list[float]) -> dict:
     """Eager time / compiled time per interleaved repeat -> median, spread and whether compile pays:
     judged on the middle half of the pairs (quartiles), so one round disturbed by other work does
     not decide it; the full range is reported beside."""
-    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
     verdict = "pays" if q1 > 1.0 else "costs" if q3 < 1.0 else "within noise"
     return dict(median=statistics.median(ratios), q1=q1, q3=q3, min=min(ratios), max=max(ratios),
                 repeats=len(ratios), ratios=ratios, verdict=verdict)

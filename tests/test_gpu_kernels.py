@@ -117,7 +117,8 @@ def test_apex_fused_layernorm_and_adam_match_torch(case):
     state, x, w, _ = case
     plain, fused = _model("fused", torch.float32, state), _model("fused", torch.float32, state)
     assert swap_fused_layernorm(fused) > 0 and fused.state_dict().keys() == plain.state_dict().keys()
-    opts = [torch.optim.AdamW(plain.parameters(), lr=1e-3), FusedAdam(fused.parameters(), lr=1e-3, adam_w_mode=True)]
+    opts = [torch.optim.AdamW(plain.parameters(), lr=1e-3),
+            FusedAdam(fused.parameters(), lr=1e-3, adam_w_mode=True)]
     for _ in range(3):
         for m, opt in zip((plain, fused), opts):
             opt.zero_grad(set_to_none=True)

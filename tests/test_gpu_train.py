@@ -12,8 +12,9 @@ from test_train import TINY, metrics
 
 pytestmark = GPU
 STEPS = 24
-GPU_RUN = [*(a for a in TINY if not a.startswith("train.eval_batch_size=")), "train.precision=bf16", "logger=none", "train.probe_every=0", "data.train_samples=160",
-           "data.augment=light", "model.drop_path_rate=0.1", "train.eval_batch_size=16"]
+GPU_RUN = [*(a for a in TINY if not a.startswith("train.eval_batch_size=")), "train.eval_batch_size=16",
+           "train.precision=bf16", "logger=none", "train.probe_every=0", "data.train_samples=160",
+           "data.augment=light", "model.drop_path_rate=0.1"]
 
 
 def train_gpu(args, cwd, cache, **env):

@@ -323,6 +323,7 @@ def test_bench_compile_smoke(tmp_path):
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert list(rows) == ["fused bf16 eager", "fused bf16 compiled"]
+    assert data["compile_vs_eager"]["fused bf16"]["repeats"] == 1
     for name, r in rows.items():
         assert r["median_s"] > 0 and r["floor_s"] > 0 and r["time_over_floor"] > 1, name
         assert r["products_s"] > 0 and r["time_over_products"] > 1, name  # a step is more than its products

@@ -122,7 +122,7 @@ def describe_layer_decay(groups: list, layer_decay: float) -> str:
 # torch.compile against eager on CPUs, measured (scripts/bench_compile.py: tiny 256^2/W8 batch 8, fp32,
 # fwd+bwd, eager and compiled interleaved; docs/PERFORMANCE.md section 4): CPU model -> figure.
 COMPILE_ON_CPU = {
-    "AMD EPYC": "compiled 1.04x eager (median of 7 paired repeats, spread 1.02-1.05x; 2026-12-07): pays",
+    "AMD EPYC": "compiled 1.04x eager (median of paired repeats in 3 runs, middle half 1.00-1.05x; 2026-12-07): pays",
     "Intel(R) Xeon(R) Processor": "compiled 0.98-1.03x eager (one process per run, 2026-12-02): within noise",
 }
 
@@ -136,8 +136,8 @@ def compile_note(device: torch.device) -> str | None:
     cpu = cpu_model()
     figure = next((f for name, f in COMPILE_ON_CPU.items() if cpu.startswith(name)), None)
     if figure is None:
-        return (f"train.compile=true on a CPU not measured ({cpu}): on the CPUs measured a compiled step took 0.96-1.05x "
-                "eager's time after 1-2 minutes of compiling (docs/PERFORMANCE.md section 4); "
+        return (f"train.compile=true on a CPU not measured ({cpu}): on the CPUs measured a compiled step took "
+                "0.98-1.04x eager's time after 1-2 minutes of compiling (docs/PERFORMANCE.md section 4); "
                 "python scripts/bench_compile.py measures this one")
     if figure.endswith(": pays"):
         return None
