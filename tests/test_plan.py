@@ -121,3 +121,46 @@ def test_readme_plan_table_is_what_the_plan_prints():
                 f"{p['memory']['total'] / GB:.1f}", f"{round(node, -2 if node > 1000 else 0):,.0f}",
                 str(math.ceil(node / 150))]
         assert [c.strip() for c in cells.split("|")] == want, recipe
+
+
+DS_BUFFERS = r"""
+import os, sys, json, torch, deepspeed
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+deepspeed.init_distributed("gloo", verbose=False)
+from swinv2_train import memory
+out = {}
+for precision in ("bf16", "fp32"):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10))
+    P = sum(p.numel() for p in model.parameters())
+    conf = {"train_batch_size": 2, "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}
+    if precision == "bf16":  # as parallelize.build_ds_config
+        conf.update(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=conf)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    if precision == "bf16":
+        real = {"fp32 gradient buffer": nbytes(opt.fp32_groups_gradients_flat)}
+    else:
+        real = {"fp32 weight partition": nbytes(opt.single_partition_of_fp32_groups)}
+    out[precision] = [type(opt).__name__, real, memory.deepspeed_buffers(P, precision, 1)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_buffers_are_a_real_engines(tmp_path):
+    """The buffers the plan adds are the ones DeepSpeed allocates (CPU engine, world 1, the trainer's
+    precision settings): BF16_Optimizer's full-size fp32 gradients in bf16, the fp32 partition in fp32."""
+    import json
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": "/tmp/ext-gpu"}
+    p = subprocess.run([sys.executable, "-c", DS_BUFFERS, str(port)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["bf16"][0] == "BF16_Optimizer" and out["bf16"][1] == out["bf16"][2]
+    assert out["fp32"][0] == "DeepSpeedZeroOptimizer" and out["fp32"][1] == out["fp32"][2]
