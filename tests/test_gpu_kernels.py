@@ -31,10 +31,19 @@ def _run(model, x: torch.Tensor, w: torch.Tensor, fn=None):
     compiled model), in float64."""
     x = x.to(next(model.parameters()).dtype).clone().requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    out = (fn or model)(x)
+    out = (model if fn is None else fn)(x)
     (out.double() * w).sum().backward()
     grads = {n: p.grad.double() for n, p in model.named_parameters()}
     return {"logits": out.double(), "input grad": x.grad.double(), **grads}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_tf32():
+    """fp32 means fp32 here: cuDNN's TF32 convolutions (on by default) would round the patch embedding."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +62,6 @@ def case():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_kernel_matches_reference_fp32(case, kernel):
     state, x, w, truth = case
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     got = _run(_model(kernel, torch.float32, state), x, w)
     assert got.keys() == truth.keys()
     bad = {k: rel_err(got[k], truth[k]) for k in truth if rel_err(got[k], truth[k]) > 1e-4}
