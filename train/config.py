@@ -59,7 +59,7 @@ class RunConfig:
     # run.plan=true: print the preflight plan and exit (swinv2_train.plan; nothing built, no process group)
     plan: bool = False
     plan_ranks: Optional[int] = None   # ranks the plan is for (null: the launcher's world size)
-    plan_gpu: str = "H100"             # peak and memory when no GPU is detected: A100-40GB|A100-80GB|H100|H200|L40S
+    plan_gpu: str = "H100"             # peak and memory when no GPU is detected: a name of swinv2_train.gpus
     plan_gpus_per_node: int = 8
     plan_mfu: float = 0.4              # the model FLOPs utilisation the throughput figures assume
     plan_loader_rate: float = 150.0    # images/s one data-loader core delivers (docs/PERFORMANCE.md, data loader)

@@ -32,7 +32,7 @@ GPUS: Dict[str, Dict[str, Optional[float]]] = {
 def _matches(key: str, device_name: str) -> bool:
     """'H100-PCIE' matches 'NVIDIA H100 PCIe'; 'A100-80GB' matches 'NVIDIA A100-SXM4-80GB'."""
     name = device_name.upper().replace("-", " ").split()
-    return all(part in name or any(w.startswith(part) for w in name) for part in key.upper().split("-"))
+    return all(part in name for part in key.upper().split("-"))  # whole words: A10 is not A100
 
 
 def gpu_entry(device_name: str) -> Optional[Dict[str, Optional[float]]]:
