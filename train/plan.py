@@ -28,6 +28,7 @@ from .config import _fail, model_config
 from .distributed import launch_world_size
 from .gpus import GPUS, gpu_entry
 from .tasks import TASKS
+from .throughput import matmul_precision
 
 GB = memory.GB
 
@@ -42,18 +43,21 @@ def _model(cfg: DictConfig, c: Any, num_classes: int) -> tuple[swinv2.SwinV2Conf
 
 
 def _gpu(c: Any) -> tuple[str, Optional[float], Optional[float], str]:
-    """(name, bf16-or-precision peak TFLOP/s, memory GB, where the memory figure comes from)."""
+    """(name, dense peak TFLOP/s in the run's matmul precision (throughput.matmul_precision: the MFU's),
+    memory GB, where the memory figure comes from)."""
     given = c.train.gpu_memory_gb
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         entry = gpu_entry(props.name) or {}
         mem = given if given else props.total_memory / GB
-        return props.name, entry.get(c.train.precision), mem, "train.gpu_memory_gb" if given else "detected"
+        peak = entry.get(matmul_precision(c.train.precision))
+        return props.name, peak, mem, "train.gpu_memory_gb" if given else "detected"
     entry = gpu_entry(c.run.plan_gpu)
     if entry is None:
         _fail("run.plan_gpu", f"{c.run.plan_gpu!r} is not one of {'|'.join(GPUS)}")
     mem = given if given else entry["memory_gb"]
-    return c.run.plan_gpu, entry[c.train.precision], mem, "train.gpu_memory_gb" if given else "run.plan_gpu"
+    peak = entry[matmul_precision(c.train.precision)]
+    return c.run.plan_gpu, peak, mem, "train.gpu_memory_gb" if given else "run.plan_gpu"
 
 
 def make_plan(cfg: DictConfig) -> Dict[str, Any]:
