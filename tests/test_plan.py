@@ -84,12 +84,16 @@ def test_plan_answers_for_every_recipe(experiment):
 
 
 def test_plan_command_prints_and_starts_nothing(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.run(["swinv2-train", *GIANT, "train.grad_accum=4096", "run.plan=true", "train.gpu_memory_gb=40",
+    """Under a launcher's environment (rank 0 of 8, no MASTER_ADDR: a process group could not start)
+    the plan is for the launcher's world size, printed once, and nothing is written."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(RANK="0", WORLD_SIZE="8", LOCAL_RANK="0")
+    p = subprocess.run(["swinv2-train", *GIANT, "train.grad_accum=512", "run.plan=true", "train.gpu_memory_gb=40",
                         f"run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "no process group started" in p.stdout and "WARNING: the estimate" in p.stdout
+    assert "no process group started" in p.stdout and "8 ranks x 512 accumulation x micro 1" in p.stdout
+    assert "GB per GPU" in p.stdout and "WARNING" not in p.stdout
     assert os.listdir(tmp_path) == []  # no run dir, no Hydra output
 
 
