@@ -24,8 +24,13 @@ CARRY_LIMIT_MIB=64
 BINARY=(hydra-core==1.3.8 omegaconf==2.3.1 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.13.4
         pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0)
 SOURCE=(deepspeed==0.19.8 antlr4-python3-runtime==4.9.3)
-TIER=(tests/test_gpu_kernels.py tests/test_gpu_memory.py tests/test_gpu_train.py tests/test_gpu_compile.py)
-TIER_LIMIT_S=230
+# the tier's files: ours in order (compile, the slowest, last), and any other test file with a gpu test
+TIER_FIRST=(tests/test_gpu_kernels.py tests/test_gpu_memory.py tests/test_gpu_train.py)
+TIER_LAST=(tests/test_gpu_compile.py)
+mapfile -t TIER_OTHER < <(cd "$ROOT" && grep -l -E 'pytest\.mark\.gpu|from gpu_helpers import' tests/test_*.py |
+                          grep -v -x -F "${TIER_FIRST[@]/#/-e}" -e "${TIER_LAST[0]}")
+TIER=("${TIER_FIRST[@]}" "${TIER_OTHER[@]}" "${TIER_LAST[@]}")
+TIER_LIMIT_S=240
 BENCH=(scripts/bench_gpu.py --parts peak,throughput --configs base256_w8 --batch 256 --steps 5 --no-compile)
 BENCH_LIMIT_S=75
 
