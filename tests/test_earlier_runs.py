@@ -7,9 +7,9 @@ run of the same command (train/loss of steps 5..8, the final validation) and its
 the step-4 checkpoint, with the commit and command that wrote them. The data is the built-in
 synthetic-v1 set, which both versions generate byte for byte.
 
-The current default data.resize=torch (the uint8 feed's resize) moves pixels by up to one level,
-so the exact continuation takes data.resize=pil, the documented switch for runs begun before
-that change (docs/data.md); the default's continuation is held to a tolerance."""
+The uint8 feed's resize (data.resize=torch, today's default) moves pixels by up to one level; a run
+whose saved config has no data.resize began with Pillow's and keeps it when it resumes or is
+evaluated (data.config.kept_from_before), so the command as the user typed it continues bit-exactly."""
 import dataclasses
 import json
 import os
@@ -24,7 +24,6 @@ TAG = os.path.join("checkpoints", "step_00000004")
 with open(os.path.join(FIXTURE, "expected.json")) as _f:
     EXPECTED = json.load(_f)
 OVERRIDES = EXPECTED["overrides"]  # the command that wrote the fixture, less train.stop_at_step / run.dir
-EXACT = ["data.resize=pil"]        # Pillow's resize: the pixels of a run begun before the uint8 feed
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
                 "SLURM_STEP_ID", "SLURM_JOB_ID", "CROSS_RANK", "LOCAL_SIZE", "TORCHELASTIC_RUN_ID")
 
@@ -86,20 +85,14 @@ def test_saved_config_composes_and_resolves_with_the_current_schema():
     """The checkpoint's config.yaml (0e790e3's schema) as swinv2-eval loads it builds the run's
     model; the command that wrote it resolves under today's schema (resolve_spec) and passes the
     trainer's resume check against that checkpoint."""
-    from omegaconf import OmegaConf
-
-    from swinv2.config import SwinV2Config
     from swinv2_train.checkpoint import resume_mismatches, saved_config
-    from swinv2_train.config import model_kwargs
     from swinv2_train.eval_command import compose_config, load_run_config
     from swinv2_train.spec import resolve_spec
 
     tag_dir = os.path.join(FIXTURE, TAG)
     saved = compose_config([], base=load_run_config(FIXTURE, tag_dir))  # swinv2-eval RUN_DIR's config
-    for node in ("run", "train", "model", "data", "optim", "sched", "deepspeed", "logger"):
-        OmegaConf.to_container(saved[node], resolve=True, throw_on_missing=True)
-    kw = model_kwargs(saved.model, saved.data.num_classes)
-    model = SwinV2Config.from_variant(kw.pop("variant"), **kw)
+    assert saved.data.resize == "pil" and saved.task.name == "classification"  # kept; its own task keys
+    model = resolve_spec(saved, world_size=1, resolve_data=False).model
     assert (model.embed_dim, list(model.depths), list(model.num_heads)) == (4, [1] * 4, [1] * 4)
     assert (model.img_size, model.window_size, model.num_classes) == (32, 4, 10)
 
@@ -111,12 +104,14 @@ def test_saved_config_composes_and_resolves_with_the_current_schema():
 
 @pytest.mark.slow
 def test_run_of_0e790e3_resumes_bit_exactly_and_evaluates(tmp_path):
+    """The command as the user typed it: the run resumes from the old checkpoint, keeps Pillow's
+    resize it began with, and goes on as 0e790e3 would have; swinv2-eval agrees before and after."""
     run_dir = _copy(tmp_path)
-    before = _eval(run_dir, EXACT, tmp_path / "step4.json")  # the old run dir as it was written
+    before = _eval(run_dir, [], tmp_path / "step4.json")  # the old run dir as it was written
     assert before["step"] == 4
     assert {k: before[k] for k in EXPECTED["eval_step4"]} == EXPECTED["eval_step4"]
 
-    losses, val = _resume(run_dir, EXACT)
+    losses, val = _resume(run_dir, [])
     assert losses == EXPECTED["train_loss"]  # bitwise: floats as read from JSON on both sides
     final = EXPECTED["final_val"]
     assert (val["step"], val["val/top1"], val["val/top5"], val["val/loss"], val["val/samples"]) == \
@@ -126,17 +121,3 @@ def test_run_of_0e790e3_resumes_bit_exactly_and_evaluates(tmp_path):
     assert after["step"] == 8
     assert (after["top1"], after["top5"], after["loss"], after["samples"]) == \
         (final["top1"], final["top5"], final["loss"], final["samples"])
-
-
-@pytest.mark.slow
-def test_run_of_0e790e3_resumes_with_the_default_resize(tmp_path):
-    """The same command as the user typed it (data.resize=torch now): it resumes from the old
-    checkpoint and continues to within the resize's one-level pixel bound of the old run."""
-    run_dir = _copy(tmp_path)
-    losses, val = _resume(run_dir, [])
-    assert sorted(losses) == sorted(EXPECTED["train_loss"])
-    for step, loss in EXPECTED["train_loss"].items():
-        assert losses[step] == pytest.approx(loss, abs=2e-3), step
-    assert val["val/loss"] == pytest.approx(EXPECTED["final_val"]["loss"], abs=2e-3)
-    assert abs(val["val/top1"] - EXPECTED["final_val"]["top1"]) <= 100 * 4 / val["val/samples"]  # 4 images
-    assert _eval(run_dir, [], tmp_path / "step8.json")["step"] == 8

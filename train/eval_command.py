@@ -29,10 +29,11 @@ from .checkpoint import find_checkpoint, fp32_state_dict, saved_config
 from .cli import prepare_overrides  # shard lists and brace patterns, as for swinv2-train
 from .config import TrainSchema, model_kwargs  # importing it registers the schema
 from .data import shards as S
-from .data.config import as_data_config
+from .data.config import as_data_config, kept_from_before
 from .data.sources import resolve_sources
 from .errors import CheckpointError, UsageError, UserError
 from .evaluation import DTYPES, evaluate
+from .tasks import TASKS
 from .rundir import (CHECKPOINTS, EXPORT_FILE, MARKER, VAL_LOSS, VAL_SAMPLES, VAL_TOP1, VAL_TOP5, RunDir, step_of,
                      tag_for)
 
@@ -144,7 +145,16 @@ def _schema_keys_only(saved: Any, schema: Any) -> Any:
     if not isinstance(saved, dict) or not isinstance(schema, DictConfig) or \
             OmegaConf.get_type(schema) in (dict, None):
         return saved
-    return {k: _schema_keys_only(v, schema[k]) for k, v in saved.items() if k in schema}
+    return {k: v if OmegaConf.is_missing(schema, k) else _schema_keys_only(v, schema[k])
+            for k, v in saved.items() if k in schema.keys()}
+
+
+def _task_keys_only(task: Any) -> Any:
+    """A saved task node without the keys its task's config no longer has (a classification run
+    written before each task had its own config also saved SimMIM's keys)."""
+    if not isinstance(task, dict) or task.get("name") not in TASKS:
+        return task
+    return _schema_keys_only(task, OmegaConf.structured(TASKS[task["name"]].Config))
 
 
 def load_run_config(run_dir: str, tag_dir: str) -> Dict[str, Any]:
@@ -156,7 +166,10 @@ def load_run_config(run_dir: str, tag_dir: str) -> Dict[str, Any]:
     if saved is None:
         raise UserError(f"{run_dir}: no config.yaml (not a swinv2-train run directory?); evaluate "
                         "its exported .pth with the model.* keys instead")
-    return _schema_keys_only(saved, OmegaConf.structured(TrainSchema))
+    saved = _schema_keys_only(saved, OmegaConf.structured(TrainSchema))
+    if isinstance(saved.get("data"), dict):  # a run keeps the settings it began with (its pixels)
+        saved["data"] = {**saved["data"], **kept_from_before(saved["data"])}
+    return {**saved, "task": _task_keys_only(saved.get("task"))} if "task" in saved else saved
 
 
 def compose_config(overrides: List[str], base: Optional[Dict[str, Any]] = None):
@@ -165,7 +178,9 @@ def compose_config(overrides: List[str], base: Optional[Dict[str, Any]] = None):
     name = "train"
     if base is not None:
         name = "swinv2_eval_run"
-        ConfigStore.instance().store(name=name, node={"defaults": ["train_schema", "_self_"], **base})
+        task = (base.get("task") or {}).get("name")  # its task's typed config, as task=NAME gives it
+        defaults = ["train_schema", *([{"task": task}] if task in TASKS else []), "_self_"]
+        ConfigStore.instance().store(name=name, node={"defaults": defaults, **base})
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):

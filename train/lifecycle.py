@@ -10,6 +10,7 @@ of the run (final evaluation, checkpoint, export, amplitude plot, summary).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -21,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import distributed
 from .allocator import apply_cpu_malloc_policy
 from .amplitudes import plot_amplitudes
-from .checkpoint import check_resumable, export_checkpoint, read_marker, resolve_resume
+from .checkpoint import check_resumable, export_checkpoint, read_marker, resolve_resume, saved_config
+from .data.config import kept_from_before
 from .errors import UserError
 from .metrics import WandbIdentity, build_logger, read_jsonl
 from .preemption import PreemptionHandler
@@ -58,6 +60,7 @@ def train(spec: RunSpec, env, preempt, t_start: float) -> Dict[str, Any]:
                  plan["set_aside"])
     if plan["completed"]:
         return _already_completed(spec, env, Budget.of(spec), plan["step"])
+    spec = _kept_from_the_run(spec, plan["kept"], env.rank)
     os.makedirs(spec.run_dir, exist_ok=True)
     if env.rank == 0:  # the resolved config, class count included (resume checks read it)
         OmegaConf.save(OmegaConf.create(spec.config), RunDir(spec.run_dir).config)
@@ -118,7 +121,7 @@ def finish(trainer: Trainer, summary: Dict[str, Any], t_start: float) -> Dict[st
 def plan_resume(spec: RunSpec, world_size: int):
     """Rank 0, before anything is built: {resume_dir, step, completed, set_aside}, or the
     exception that stops the run (returned, so that it is broadcast and raised on every rank)."""
-    plan = {"resume_dir": None, "step": 0, "completed": False, "set_aside": None}
+    plan = {"resume_dir": None, "step": 0, "completed": False, "set_aside": None, "kept": {}}
     try:
         if spec.run.resume == "never":
             plan["set_aside"] = set_aside(spec.run_dir)
@@ -127,12 +130,23 @@ def plan_resume(spec: RunSpec, world_size: int):
         if resume_dir is None:
             return plan
         check_resumable(resume_dir, spec.config, world_size, spec.run_dir, spec.num_classes)
+        plan["kept"] = kept_from_before((saved_config(resume_dir) or {}).get("data"))
         step = int(read_marker(resume_dir).get("step", 0))
         completed = not Budget.of(spec).resumes(step, spec.run_dir)  # train.epochs: decided after the build
         plan.update(resume_dir=resume_dir, step=step, completed=completed)
     except Exception as e:  # returned, not raised: the other ranks wait for this answer
         return e
     return plan
+
+
+def _kept_from_the_run(spec: RunSpec, kept: Dict[str, Any], rank: int) -> RunSpec:
+    if not kept:
+        return spec
+    if rank == 0:
+        log.info("resuming a run begun before %s existed: it keeps %s", ", ".join(f"data.{k}" for k in kept),
+                 ", ".join(f"data.{k}={v}" for k, v in kept.items()))
+    config = {**spec.config, "data": {**spec.config["data"], **kept}}
+    return dataclasses.replace(spec, data=dataclasses.replace(spec.data, **kept), config=config)
 
 
 def _already_completed(spec: RunSpec, env, budget: Budget, step: int) -> Dict[str, Any]:

@@ -187,6 +187,19 @@ class DataConfig:
         return self
 
 
+# Keys added while runs were in progress, with the value those runs had: a run whose saved config
+# lacks the key keeps that value when it resumes or is evaluated, and so goes on bit-exactly.
+BEFORE_THEIR_KEY = {"resize": "pil"}  # Pillow's resize before the uint8 feed (torch's since)
+
+
+def kept_from_before(saved_data: Optional[dict]) -> dict:
+    """The settings a run saved with `saved_data` (its config's data node) keeps from before their
+    key existed."""
+    if saved_data is None:
+        return {}
+    return {k: v for k, v in BEFORE_THEIR_KEY.items() if k not in saved_data}
+
+
 def as_data_config(cfg: Any) -> DataConfig:
     """Accept a DataConfig, a dict or an OmegaConf node (the trainer passes `cfg.data`)."""
     if isinstance(cfg, DataConfig):
