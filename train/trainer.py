@@ -211,7 +211,7 @@ class TrainState:
     data_position: Optional[Dict[str, Any]] = None  # TrainStream's world-independent position
     wandb_id: Optional[str] = None
     rng: Optional[Dict[str, Any]] = None  # this rank's RNG states (+ the task's)
-    best_val: Dict[str, float] = field(default_factory=dict)  # absent in checkpoints of earlier versions
+    best_val: Dict[str, float] = field(default_factory=dict)  # absent from what earlier versions saved
 
 
 KEY_TRACE_ENV = "SWINV2_DEBUG_KEY_TRACE"

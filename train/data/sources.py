@@ -217,7 +217,7 @@ class _SampleCounter:
         self.train.lengths = [good for good, _ in found]
         keys = sum(n for _, n in found)
         log.info("%s: %d usable train samples of %d in %d shards, counted once by decoding each "
-                    "(kept in the checkpoints' data position)", where, sum(self.train.lengths),
+                    "(kept in each checkpoint's data position)", where, sum(self.train.lengths),
                     keys, len(urls))
         return self.train.lengths
 

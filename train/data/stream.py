@@ -31,7 +31,7 @@ The idea is MosaicML Streaming's canonical partitions, done for tar shards (our 
   even if the shard reads whole again, so the skip lands where the first run was. More than
   `data.max_failed_shards` of the shards a worker reads failing stops the run
   (`ShardFailureBudget`).
-* Position (saved in checkpoints): epoch, global batch index and, per stream, how many encoded
+* Position (saved with every checkpoint): epoch, global batch index and, per stream, how many encoded
   samples its chunks so far consumed (and its failed shards; the measured shard lengths). It is world-independent: resuming at batch b on any
   (R', W') has each stream skip that many encoded samples (read, not decoded) and go on; with the
   offsets the skip is exact even past bad samples. A resize mid-epoch therefore reads every
