@@ -62,7 +62,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "swinv2-train=swinv2_train.main:main",
+            "swinv2-train=swinv2_train.main:main_and_exit",
             "swinv2-make-shards=swinv2_tools.make_shards:main",
             "swinv2-amplitude-report=swinv2_tools.amplitude_report:main",
             "swinv2-submit=swinv2_launch.submit:main",
