@@ -28,6 +28,7 @@ import re
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Dict, Optional, Sequence
@@ -220,6 +221,9 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistEnv:
     global _ENV
     if _ENV is not None and dist.is_initialized():
         return _ENV
+    # DeepSpeed's ZeRO gathers call this torch name, which warns at every optimizer step of every
+    # rank; nothing a user can change, so not worth a line per step
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
     mapped = False
     if "RANK" not in os.environ:
